@@ -1,0 +1,3 @@
+from edgevl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The ``edgevl`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from edgevl import __version__
+from edgevl.engine.loading import DEFAULT_MODEL, PRECISIONS
+from edgevl.errors import EdgevlError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgevl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgevl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer questions about image files; one JSON record per image on stdout")
+    ask.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    ask.add_argument("-q", "--question", action="append", default=[], dest="questions",
+                     help="a question: 'TEXT', 'yes_no: TEXT', 'number: TEXT', 'json: TEXT' or "
+                          "'choice(A|B|C): TEXT' (repeatable)")
+    ask.add_argument("--rules", type=Path, help="rules file to take the questions from")
+    ask.add_argument("--rule", help="name of the rule in --rules")
+    ask.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face repo id (local cache) or directory")
+    ask.add_argument("--precision", choices=PRECISIONS, default="float32")
+    ask.add_argument("--max-pixels", type=int, default=None, help="resize images to at most this many pixels")
+    ask.add_argument("--threads", type=int, default=0, help="0: one per usable core")
+    ask.add_argument("--max-batch", type=int, default=0, help="rows decoded together; 0: from the core count")
+
+    model = sub.add_parser("model", help="manage model files")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    pull = model_sub.add_parser("pull", help="download a model into the local Hugging Face cache")
+    pull.add_argument("model_id", nargs="?", default=DEFAULT_MODEL)
+
+    bench = sub.add_parser("bench", help="measure workload W4 on a random checkpoint with the real 2B shapes")
+    bench.add_argument("--precision", action="append", choices=PRECISIONS, dest="precisions")
+    bench.add_argument("--json", action="store_true", help="one JSON object per precision on stdout")
+    bench.add_argument("--checkpoint", type=Path, default=None, help="where the random checkpoint is cached")
+    bench.add_argument("--write-doc", type=Path, default=None, help="write the results as Markdown to this file")
+    bench.add_argument("--threads", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "ask":
+            from edgevl.ask import run_ask
+
+            return run_ask(args.images, args.questions, args.rules, args.rule, args.model, args.precision,
+                           args.max_pixels, args.threads, args.max_batch)
+        if args.command == "model":
+            from edgevl.engine.loading import pull_model
+
+            print(pull_model(args.model_id))
+            return 0
+        if args.command == "bench":
+            from edgevl.bench import run_bench
+
+            return run_bench(args.precisions or ["float32", "int8"], args.json, args.checkpoint,
+                             args.write_doc, args.threads)
+    except EdgevlError as exc:
+        print(f"edgevl: {exc.message}", file=sys.stderr)
+        return 2
+    return 2

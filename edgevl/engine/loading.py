@@ -1,0 +1,227 @@
+"""Finding and loading the model.
+
+Weights are streamed from the safetensors files into a model skeleton built on
+the ``meta`` device, one decoder layer at a time, and converted to the target
+precision as they arrive: the process never holds two copies of the weights
+(a float32 copy next to the int8 one, or the file mapping next to the tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from edgevl.engine.quantize import CompactEmbedding, int8_linear, quantize_linears
+from edgevl.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["float32", "bfloat16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
+DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+
+_LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded Qwen3-VL with the pieces the engine needs around it."""
+
+    model: Any  # Qwen3VLForConditionalGeneration
+    tokenizer: Any
+    image_processor: Any
+    model_id: str
+    path: Path
+    precision: Precision
+    eos_ids: frozenset[int]
+    pad_id: int
+    image_token_id: int
+    vision_end_id: int
+    load_seconds: float
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def resolve_model_path(model_id: str) -> Path:
+    """A local directory, or a Hugging Face repo id looked up in the local cache only (no network)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model directory (no config.json)", "model_missing")
+        return path
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1:
+        raise ModelError(f"model directory {model_id} does not exist", "model_missing")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model_id, local_files_only=True))
+    except Exception:
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise ModelError(
+            f"model {model_id} is not in the local Hugging Face cache ({cache}); "
+            f"fetch it on a connected machine with: edgevl model pull {model_id}",
+            "model_missing",
+        ) from None
+
+
+def pull_model(model_id: str) -> Path:
+    """Download a model into the local Hugging Face cache, with a progress bar."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    return Path(snapshot_download(repo_id=model_id, allow_patterns=patterns))
+
+
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: path / name for key, name in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ModelError(f"{path} holds no model.safetensors weights", "model_missing")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _rebuild_meta_buffers(model: nn.Module) -> None:
+    """Recreate the computed (non-checkpoint) buffers, e.g. RoPE inverse frequencies, on the CPU."""
+    for name, module in model.named_modules():
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise ModelError(f"cannot materialise the buffers of {name}", "model_unsupported")
+        with torch.device("cpu"):
+            fresh = type(module)(config)
+        for buf_name, buf in fresh.named_buffers(recurse=False):
+            module.register_buffer(buf_name, buf, persistent=buf_name not in fresh._non_persistent_buffers_set)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ModelError(f"checkpoint tensor {key} has no place in the model", "model_unsupported") from None
+    current = module._parameters.get(attr)
+    if current is None:
+        raise ModelError(f"checkpoint tensor {key} has no place in the model", "model_unsupported")
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise ModelError(
+            f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}",
+            "model_unsupported",
+        )
+    module._parameters[attr] = nn.Parameter(tensor.to(dtype, copy=True), requires_grad=False)
+
+
+def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, int8: bool) -> set[str]:
+    from safetensors import safe_open
+
+    files = _checkpoint_files(path)
+    groups: dict[tuple[Path, str], list[str]] = defaultdict(list)
+    for key, file in files.items():
+        match = _LAYER_RE.match(key)
+        groups[(file, match.group(1) if match else "")].append(key)
+    # Layers first, loose tensors (embeddings, norms, mergers) last, grouped per file.
+    for (file, layer), keys in sorted(groups.items(), key=lambda item: (item[0][1] == "", str(item[0][0]))):
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys:
+                _assign(model, key, f.get_tensor(key), dtype)
+        if int8 and layer:
+            quantize_linears(model.get_submodule(layer))
+    return set(files)
+
+
+def _finish_int8(model: Any) -> None:
+    lm = model.model.language_model
+    embed = lm.embed_tokens
+    head_weight = model.lm_head.weight
+    tied = head_weight.is_meta or head_weight is embed.weight
+    source = embed.weight if tied else head_weight
+    head = nn.Linear(source.shape[1], source.shape[0], bias=False)
+    head.weight = nn.Parameter(source, requires_grad=False)
+    model.lm_head = int8_linear(head)
+    del head
+    lm.embed_tokens = CompactEmbedding(embed.weight)
+    quantize_linears(model)  # mergers and anything else not inside a layer
+
+
+def load_model(model_id: str, precision: Precision = "float32", threads: int = 0) -> LoadedModel:
+    """Load Qwen3-VL for the CPU in the given precision; ``threads`` 0 means one per usable core."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from edgevl.engine.tuning import usable_cores
+
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}", "config_invalid")
+    started = time.monotonic()
+    torch.set_num_threads(threads or usable_cores())
+    path = resolve_model_path(model_id)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "qwen3_vl":
+        raise ModelError(f"{model_id} is a {config.model_type} model; edgevl runs Qwen3-VL", "model_unsupported")
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    _rebuild_meta_buffers(model)
+    loaded = _stream_weights(model, path, dtype, precision == "int8")
+    if "lm_head.weight" not in loaded:
+        # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    if precision == "int8":
+        _finish_int8(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}", "model_unsupported")
+    model.eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        for name in ("chat_template.jinja", "chat_template.json"):
+            file = path / name
+            if file.is_file():
+                text = file.read_text()
+                tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                break
+        else:
+            raise ModelError(f"{path} has no chat template", "model_unsupported")
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    eos = tokenizer.eos_token_id
+    if (path / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(path)
+        model.generation_config = gen
+        eos = gen.eos_token_id if gen.eos_token_id is not None else eos
+    eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    seconds = time.monotonic() - started
+    log.info("loaded %s (%s) in %.1f s", model_id, precision, seconds)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        model_id=model_id,
+        path=path,
+        precision=precision,
+        eos_ids=eos_ids,
+        pad_id=int(pad),
+        image_token_id=int(config.image_token_id),
+        vision_end_id=int(config.vision_end_token_id),
+        load_seconds=seconds,
+    )

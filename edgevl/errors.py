@@ -1,0 +1,43 @@
+"""Typed errors with stable codes; every failure a user sees carries one."""
+
+from __future__ import annotations
+
+
+class EdgevlError(Exception):
+    """An error with a stable machine-readable ``code`` and a human message."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class ImageError(EdgevlError):
+    """The image cannot be used: codes ``image_empty``, ``image_unreadable``,
+    ``unsupported_format``, ``image_too_large``, ``crop_outside_image``."""
+
+    code = "image_unreadable"
+
+
+class ModelError(EdgevlError):
+    """The model cannot be found or loaded."""
+
+    code = "model_unavailable"
+
+
+class AnswerError(EdgevlError):
+    """One question's answer could not be turned into its type (the record is kept)."""
+
+    code = "answer_invalid"
+
+
+class ConfigError(EdgevlError):
+    """Configuration or rules are invalid."""
+
+    code = "config_invalid"

@@ -1,0 +1,97 @@
+"""The rules file: which questions are asked of which images."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgevl.errors import ConfigError
+from edgevl.questions import Question
+
+
+class Rule(BaseModel):
+    """A named set of questions and the inputs whose images they are asked of."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(description="Rule name; results go under results/<name>/.",
+                      pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    folders: tuple[Path, ...] = Field(default=(), description="Watched folders whose images this rule answers.")
+    patterns: tuple[str, ...] = Field(
+        default=("*.jpg", "*.jpeg", "*.png", "*.webp", "*.bmp", "*.tif", "*.tiff", "*.gif"),
+        description="File name patterns (case-insensitive) taken from the folders.",
+    )
+    recursive: bool = Field(default=False, description="Also watch the folders' subfolders.")
+    topics: tuple[str, ...] = Field(default=(), description="MQTT topics (wildcards allowed) whose images this rule answers.")
+    crop: tuple[int, int, int, int] | None = Field(
+        default=None, description="[x, y, width, height] of the region of the upright image to look at."
+    )
+    max_pixels: int | None = Field(
+        default=None, ge=3136, le=16_777_216,
+        description="Pixels the image is resized to at most before encoding (default: the model's max_pixels).",
+    )
+    questions: tuple[Question, ...] = Field(
+        alias="question", min_length=1, description="The questions, as [[rule.question]] tables."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Rule:
+        ids = [q.id for q in self.questions]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate question ids: {', '.join(dupes)}")
+        if self.crop is not None and (self.crop[2] <= 0 or self.crop[3] <= 0 or min(self.crop[:2]) < 0):
+            raise ValueError("crop is [x, y, width, height] with x, y >= 0 and a positive width and height")
+        return self
+
+
+class RulesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    rules: tuple[Rule, ...] = Field(alias="rule", default=(), description="The rules, as [[rule]] tables.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> RulesFile:
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate rule names: {', '.join(dupes)}")
+        return self
+
+    def get(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        known = ", ".join(r.name for r in self.rules) or "none"
+        raise ConfigError(f"no rule named {name!r} (rules: {known})")
+
+
+def format_validation_error(path: Path, exc: ValidationError, aliases: dict[str, str] | None = None) -> list[str]:
+    """One line per error: ``file: key.path: message`` with the TOML names of the keys."""
+    lines = []
+    for err in exc.errors():
+        parts = []
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
+            else:
+                parts.append((aliases or {}).get(str(loc), str(loc)))
+        key = ".".join(parts) or "(top level)"
+        lines.append(f"{path}: {key}: {err['msg']}")
+    return lines
+
+
+def load_rules(path: Path) -> RulesFile:
+    """Read and validate a rules file; ``ConfigError`` lists every problem with its key path."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the rules file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return RulesFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(format_validation_error(path, exc))) from None
