@@ -33,7 +33,7 @@ def parse_question(index: int, text: str) -> Question:
         if kind.startswith("choice"):
             options = tuple(o.strip() for o in (match.group("options") or "").split("|"))
             return Question(id=f"q{index}", ask=match.group("ask"), type="choice", options=options)
-        return Question(id=f"q{index}", ask=match.group("ask"), type=kind)  # type: ignore[arg-type]
+        return Question.model_validate({"id": f"q{index}", "ask": match.group("ask"), "type": kind})
     except ValidationError as exc:
         raise ConfigError(f"question {text!r}: {exc.errors()[0]['msg']}") from None
 
@@ -48,7 +48,7 @@ def ask_rule(args_questions: list[str], rules: Path | None, rule_name: str | Non
     if not args_questions:
         raise ConfigError("no questions: give -q QUESTION or --rules FILE --rule NAME")
     questions = tuple(parse_question(i + 1, q) for i, q in enumerate(args_questions))
-    return Rule(name="cli", question=questions)  # type: ignore[call-arg]
+    return Rule.model_validate({"name": "cli", "question": questions})
 
 
 def run_ask(images: list[Path], questions: list[str], rules: Path | None, rule_name: str | None, model: str,

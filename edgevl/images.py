@@ -84,7 +84,7 @@ def decode_image(data: bytes, pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> Decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+            img: Image.Image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     except UnidentifiedImageError:
         other = _identify_other(data)
         if other:

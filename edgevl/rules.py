@@ -24,7 +24,9 @@ class Rule(BaseModel):
         description="File name patterns (case-insensitive) taken from the folders.",
     )
     recursive: bool = Field(default=False, description="Also watch the folders' subfolders.")
-    topics: tuple[str, ...] = Field(default=(), description="MQTT topics (wildcards allowed) whose images this rule answers.")
+    topics: tuple[str, ...] = Field(
+        default=(), description="MQTT topics (wildcards allowed) whose images this rule answers."
+    )
     crop: tuple[int, int, int, int] | None = Field(
         default=None, description="[x, y, width, height] of the region of the upright image to look at."
     )
@@ -72,7 +74,7 @@ def format_validation_error(path: Path, exc: ValidationError, aliases: dict[str,
     """One line per error: ``file: key.path: message`` with the TOML names of the keys."""
     lines = []
     for err in exc.errors():
-        parts = []
+        parts: list[str] = []
         for loc in err["loc"]:
             if isinstance(loc, int):
                 parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]

@@ -1,18 +1,23 @@
-"""Batched answering from a shared, cached image prefix.
+"""Answering many questions from one cached image prefix, in one packed sequence.
 
-The prefix (system/user header, the image's embeddings) is prefilled once per
-image.  Each row is one thing to compute from it: a question's next-token
-distribution (yes/no), the likelihood of one choice option, or a greedy
-generation.  Rows are right-padded to a common length and run as one batch over
-copies of the prefix cache; a 2-D attention mask hides the padding, and each
-row carries its own 3-D RoPE positions, so every row computes what its own
-unpadded full prompt would.
+The prefix (prompt header and the image's embeddings) is prefilled once.  Every
+question's suffix, every choice option and every generated token is then
+appended to that same single-row KV cache, and a tree-shaped attention mask
+lets each token see only the prefix and its own branch (its question's suffix,
+its option or its own earlier answer tokens).  Each token carries the 3-D RoPE
+position its own full prompt would give it, so every branch computes what the
+model computes on that question alone, without padding and without copying the
+prefix cache per question.
+
+Rows waiting to be generated share forward passes: up to ``max_batch`` branches
+decode together, and a finished branch's place is taken by a waiting one.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from transformers import DynamicCache
@@ -20,41 +25,90 @@ from transformers import DynamicCache
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import EncodedImage
 
-RowKind = Literal["next", "sequence", "generate"]
+BranchKind = Literal["next", "choice", "generate"]
+# Suffix tokens prefilled per forward pass at most: bounds activation memory
+# when a rule has many long questions.
+PREFILL_TOKENS = 1024
 
 
 @dataclass
-class Row:
-    """One sequence continuing the shared prefix."""
+class Branch:
+    """One question's continuation of the shared prefix."""
 
-    tokens: list[int]  # suffix tokens fed after the prefix
+    kind: BranchKind
+    tokens: list[int]  # the question's suffix
     positions: torch.Tensor  # (3, len(tokens)) RoPE positions
-    kind: RowKind
-    score_from: int = 0  # sequence rows: tokens[score_from:] are scored
-    max_new: int = 0  # generate rows
+    options: list[list[int]] = field(default_factory=list)  # choice: tokens of each option
+    max_new: int = 0
+    ignore_eos: bool = False  # benchmark: decode exactly max_new tokens
     # results
-    logprobs: torch.Tensor | None = None  # next rows: log-softmax over the vocabulary
-    score: float = 0.0  # sequence rows: summed log-likelihood
+    logprobs: torch.Tensor | None = None  # next: log-softmax after the suffix
+    scores: list[float] = field(default_factory=list)  # choice: log-likelihood per option
     generated: list[int] = field(default_factory=list)
     finished_by_eos: bool = False
+    # layout in the packed cache
+    slots: list[int] = field(default_factory=list)
 
 
 @dataclass
-class Prefix:
-    cache: DynamicCache
-    length: int
+class DecodeStats:
+    steps: int = 0
+    seconds: float = 0.0
 
 
-def _lm(lm: LoadedModel) -> Any:
-    return lm.model.model.language_model
+@dataclass
+class _Token:
+    token: int
+    position: int | torch.Tensor  # int for text (all three axes equal), else a (3,) tensor
+    context: list[int]  # cache slots it attends to besides the prefix, itself included
+
+
+class PackedSequence:
+    """The single-row KV cache: prefix first, then branches appended in any order."""
+
+    def __init__(self, lm: LoadedModel, cache: DynamicCache, prefix_length: int) -> None:
+        self.lm = lm
+        self.cache = cache
+        self.prefix_length = prefix_length
+        self.length = prefix_length
+
+    def forward(self, tokens: list[_Token]) -> torch.Tensor:
+        """Append ``tokens`` to the cache; returns their final hidden states (len(tokens), hidden)."""
+        count = len(tokens)
+        start = self.length
+        total = start + count
+        mask = torch.zeros((1, 1, count, total), dtype=torch.bool)
+        mask[..., : self.prefix_length] = True
+        positions = torch.empty((3, 1, count), dtype=torch.long)
+        for i, tok in enumerate(tokens):
+            mask[0, 0, i, tok.context] = True
+            positions[:, 0, i] = tok.position
+        # Row 0 of the position ids is the cache slot; rows 1-3 the rotary positions.
+        slots = torch.arange(start, total).view(1, 1, -1)
+        text_model = self.lm.model.model.language_model
+        out = text_model(
+            inputs_embeds=text_model.embed_tokens(torch.tensor([[t.token for t in tokens]])),
+            position_ids=torch.cat([slots, positions], dim=0),
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.length = total
+        hidden: torch.Tensor = out.last_hidden_state[0]
+        return hidden
+
+    def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.lm.model.lm_head(hidden)
+        return torch.log_softmax(logits.float(), dim=-1)
 
 
 @torch.inference_mode()
-def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], positions: torch.Tensor) -> Prefix:
+def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], positions: torch.Tensor
+                  ) -> PackedSequence:
     """Run the vision encoder and prefill the prompt up to the end of the image."""
     model = lm.model
     ids = torch.tensor([prefix_ids])
-    text_model = _lm(lm)
+    text_model = model.model.language_model
     embeds = text_model.embed_tokens(ids)
     features = model.model.get_image_features(image.pixel_values, image.grid_thw, return_dict=True)
     image_embeds = torch.cat(list(features.pooler_output), dim=0).to(embeds.dtype)
@@ -74,115 +128,99 @@ def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], p
         visual_pos_masks=mask,
         deepstack_visual_embeds=deepstack,
     )
-    return Prefix(cache, length)
+    return PackedSequence(lm, cache, length)
 
 
-def _copy_cache(prefix: Prefix, rows: int, config: Any) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    for index, layer in enumerate(prefix.cache.layers):
-        cache.update(
-            layer.keys.expand(rows, -1, -1, -1).contiguous(),
-            layer.values.expand(rows, -1, -1, -1).contiguous(),
-            index,
-        )
-    return cache
-
-
-def _forward(lm: LoadedModel, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-             cache: DynamicCache, start: int) -> torch.Tensor:
-    text_model = _lm(lm)
-    length = ids.shape[1]
-    # Row 0 of the position ids is the cache slot (used for the causal mask);
-    # rows 1-3 are the rotary positions each row's own prompt would have.
-    slots = torch.arange(start, start + length).view(1, 1, -1).expand(1, ids.shape[0], -1)
-    position_ids = torch.cat([slots, positions], dim=0)
-    out = text_model(
-        inputs_embeds=text_model.embed_tokens(ids),
-        position_ids=position_ids,
-        attention_mask=mask,
-        cache=cache,
-        use_cache=True,
-    )
-    hidden: torch.Tensor = out.last_hidden_state
-    return hidden
-
-
-def _logits(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-    logits: torch.Tensor = lm.model.lm_head(hidden)
-    return logits.float()
+def _text_position(positions: torch.Tensor, offset: int) -> int:
+    """Text after the image advances all three RoPE axes together."""
+    return int(positions[0, -1]) + offset
 
 
 @torch.inference_mode()
-def run_rows(lm: LoadedModel, prefix: Prefix, rows: list[Row], max_batch: int) -> None:
-    """Compute every row's result from the prefix, ``max_batch`` rows at a time."""
-    # Generation rows go first so that they share chunks and decode together.
-    order = sorted(range(len(rows)), key=lambda i: rows[i].kind != "generate")
-    for start in range(0, len(order), max_batch):
-        _run_chunk(lm, prefix, [rows[i] for i in order[start : start + max_batch]])
+def run_branches(seq: PackedSequence, branches: list[Branch], max_batch: int) -> DecodeStats:
+    """Prefill every branch, score yes/no and choices, then decode the generating branches."""
+    stats = DecodeStats()
+    # Suffixes and options, packed into as few passes as the token budget allows.
+    pending = list(branches)
+    while pending:
+        batch: list[Branch] = []
+        budget = PREFILL_TOKENS
+        while pending and (not batch or _prefill_size(pending[0]) <= budget):
+            budget -= _prefill_size(pending[0])
+            batch.append(pending.pop(0))
+        _prefill(seq, batch)
+    _generate(seq, [b for b in branches if b.kind == "generate" and not _done(b)], max_batch, stats)
+    return stats
 
 
-def _run_chunk(lm: LoadedModel, prefix: Prefix, rows: list[Row]) -> None:
-    batch = len(rows)
-    width = max(len(r.tokens) for r in rows)
-    ids = torch.full((batch, width), lm.pad_id, dtype=torch.long)
-    positions = torch.zeros((3, batch, width), dtype=torch.long)
-    mask = torch.zeros((batch, prefix.length + width), dtype=torch.long)
-    mask[:, : prefix.length] = 1
-    for b, row in enumerate(rows):
-        n = len(row.tokens)
-        ids[b, :n] = torch.tensor(row.tokens)
-        positions[:, b, :n] = row.positions
-        positions[:, b, n:] = row.positions[:, -1:]
-        mask[b, prefix.length : prefix.length + n] = 1
-    cache = _copy_cache(prefix, batch, lm.model.config.text_config)
-    hidden = _forward(lm, ids, positions, mask, cache, prefix.length)
+def _prefill_size(branch: Branch) -> int:
+    return len(branch.tokens) + sum(len(o) for o in branch.options)
 
-    generating: list[int] = []
-    for b, row in enumerate(rows):
-        n = len(row.tokens)
-        if row.kind == "sequence":
-            # Logits at t predict token t+1: score tokens[score_from:].
-            logp = torch.log_softmax(_logits(lm, hidden[b, row.score_from - 1 : n - 1]), dim=-1)
-            targets = torch.tensor(row.tokens[row.score_from :])
-            row.score = float(logp.gather(1, targets[:, None]).sum())
-            continue
-        logp = torch.log_softmax(_logits(lm, hidden[b, n - 1]), dim=-1)
-        if row.kind == "next":
-            row.logprobs = logp
+
+def _prefill(seq: PackedSequence, batch: list[Branch]) -> None:
+    tokens: list[_Token] = []
+    wanted: list[tuple[Branch, int, int]] = []  # (branch, option or -1, index in tokens)
+    slot = seq.length
+    for branch in batch:
+        branch.slots = list(range(slot, slot + len(branch.tokens)))
+        for j, token in enumerate(branch.tokens):
+            tokens.append(_Token(token, branch.positions[:, j], branch.slots[: j + 1]))
+        slot += len(branch.tokens)
+        wanted.append((branch, -1, len(tokens) - 1))
+        for k, option_ids in enumerate(branch.options):
+            own = list(range(slot, slot + len(option_ids)))
+            for j, token in enumerate(option_ids):
+                tokens.append(_Token(token, _text_position(branch.positions, j + 1), branch.slots + own[: j + 1]))
+                if j < len(option_ids) - 1:
+                    wanted.append((branch, k, len(tokens) - 1))
+            slot += len(option_ids)
+    hidden = seq.forward(tokens)
+    logp = seq.logprobs(hidden[[index for _, _, index in wanted]])
+    for branch in batch:
+        branch.scores = [0.0] * len(branch.options)
+    step: dict[tuple[int, int], int] = {}
+    for row, (branch, option, _) in enumerate(wanted):
+        if option < 0:
+            if branch.kind == "next":
+                branch.logprobs = logp[row]
+            elif branch.kind == "choice":
+                # The last suffix token predicts the first token of every option.
+                for k, opt in enumerate(branch.options):
+                    branch.scores[k] += float(logp[row, opt[0]])
+            else:
+                branch.generated.append(int(logp[row].argmax()))
+                branch.finished_by_eos = branch.generated[-1] in seq.lm.eos_ids and not branch.ignore_eos
         else:
-            token = int(logp.argmax())
-            row.generated.append(token)
-            row.finished_by_eos = token in lm.eos_ids
-            if not row.finished_by_eos and len(row.generated) < row.max_new:
-                generating.append(b)
-    if generating:
-        _decode(lm, rows, generating, cache, mask, prefix.length + width)
+            j = step.get((id(branch), option), 0) + 1
+            step[(id(branch), option)] = j
+            branch.scores[option] += float(logp[row, branch.options[option][j]])
 
 
-def _decode(lm: LoadedModel, rows: list[Row], active: list[int], cache: DynamicCache,
-            mask: torch.Tensor, slot: int) -> None:
-    """Greedy decoding of the active rows; finished rows leave the batch."""
-    if len(active) != len(rows):
-        cache.batch_select_indices(torch.tensor(active))
-        mask = mask[active]
-    next_pos = {b: int(rows[b].positions[0, -1]) + 1 for b in active}
-    while active:
-        ids = torch.tensor([[rows[b].generated[-1]] for b in active])
-        pos = torch.tensor([next_pos[b] for b in active]).view(1, -1, 1).expand(3, -1, -1)
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
-        hidden = _forward(lm, ids, pos, mask, cache, slot)
-        slot += 1
-        tokens = _logits(lm, hidden[:, -1]).argmax(dim=-1).tolist()
-        keep = []
-        for i, b in enumerate(active):
-            row = rows[b]
-            row.generated.append(int(tokens[i]))
-            next_pos[b] += 1
-            row.finished_by_eos = tokens[i] in lm.eos_ids
-            if not row.finished_by_eos and len(row.generated) < row.max_new:
-                keep.append(i)
-        if len(keep) != len(active):
-            if keep:
-                cache.batch_select_indices(torch.tensor(keep))
-                mask = mask[keep]
-            active = [active[i] for i in keep]
+def _done(branch: Branch) -> bool:
+    return branch.finished_by_eos or len(branch.generated) >= branch.max_new
+
+
+def _generate(seq: PackedSequence, waiting: list[Branch], max_batch: int, stats: DecodeStats) -> None:
+    """Greedy decoding; up to ``max_batch`` branches share each forward pass."""
+    active: list[Branch] = []
+    while waiting or active:
+        while waiting and len(active) < max_batch:
+            active.append(waiting.pop(0))
+        started = time.perf_counter()
+        tokens = []
+        for offset, branch in enumerate(active):
+            branch.slots.append(seq.length + offset)  # the slot of its latest token
+            tokens.append(_Token(branch.generated[-1], _text_position(branch.positions, len(branch.generated)),
+                                 branch.slots))
+        hidden = seq.forward(tokens)
+        choices = seq.logprobs(hidden).argmax(dim=-1).tolist()
+        stats.steps += 1
+        stats.seconds += time.perf_counter() - started
+        still = []
+        for branch, token in zip(active, choices, strict=True):
+            branch.generated.append(int(token))
+            branch.finished_by_eos = token in seq.lm.eos_ids and not branch.ignore_eos
+            if not _done(branch):
+                still.append(branch)
+        active = still
+

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from PIL import Image
 
 from edgevl.engine.answers import (
@@ -18,7 +17,7 @@ from edgevl.engine.answers import (
     single_token_ids,
     yes_no_answer,
 )
-from edgevl.engine.decoding import Row, encode_prefix, run_rows
+from edgevl.engine.decoding import Branch, encode_prefix, run_branches
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import QuestionPrompt, build_prompt, continuation_ids, preprocess_image
 from edgevl.engine.tuning import default_max_batch
@@ -35,6 +34,8 @@ class Answered:
     answer_ms: float
     image_tokens: int
     tokens: dict[str, list[int]]  # generated token ids of text, number and json answers
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
 
 
 class Engine:
@@ -49,7 +50,9 @@ class Engine:
         if not self.yes_ids or not self.no_ids:
             raise ModelError("the tokenizer has no single-token yes/no answers", "model_unsupported")
 
-    def answer(self, image: Image.Image, questions: Sequence[Question], max_pixels: int | None = None) -> Answered:
+    def answer(self, image: Image.Image, questions: Sequence[Question], max_pixels: int | None = None,
+               force_full_length: bool = False) -> Answered:
+        """Answer ``questions`` about ``image``; ``force_full_length`` (benchmark only) ignores end tokens."""
         started = time.perf_counter()
         encoded = preprocess_image(self.lm, image, max_pixels or self.max_pixels)
         prompts = [build_prompt(self.lm, q.prompt_text(), encoded) for q in questions]
@@ -59,45 +62,30 @@ class Engine:
         prefix = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions)
         encoded_at = time.perf_counter()
 
-        rows_by_question = [self._rows(q, p) for q, p in zip(questions, prompts, strict=True)]
-        run_rows(self.lm, prefix, [r for rows in rows_by_question for r in rows], self.max_batch)
-        answers = {q.id: self._answer(q, rows) for q, rows in zip(questions, rows_by_question, strict=True)}
-        tokens = {
-            q.id: list(rows[0].generated)
-            for q, rows in zip(questions, rows_by_question, strict=True)
-            if rows[0].kind == "generate"
-        }
+        branches = [self._branch(q, p, force_full_length) for q, p in zip(questions, prompts, strict=True)]
+        stats = run_branches(prefix, branches, self.max_batch)
+        answers = {q.id: self._answer(q, b) for q, b in zip(questions, branches, strict=True)}
+        tokens = {q.id: list(b.generated) for q, b in zip(questions, branches, strict=True) if b.kind == "generate"}
         done = time.perf_counter()
-        return Answered(answers, (encoded_at - started) * 1000, (done - encoded_at) * 1000, encoded.n_tokens, tokens)
+        return Answered(answers, (encoded_at - started) * 1000, (done - encoded_at) * 1000, encoded.n_tokens,
+                        tokens, stats.steps, stats.seconds)
 
-    def _rows(self, question: Question, prompt: QuestionPrompt) -> list[Row]:
+    def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
         if question.type == "yes_no":
-            return [Row(prompt.suffix_ids, prompt.suffix_positions, "next")]
+            return Branch("next", prompt.suffix_ids, prompt.suffix_positions)
         if question.type == "choice":
             suffix_text = self.lm.tokenizer.decode(prompt.suffix_ids, skip_special_tokens=False)
-            rows = []
-            last = int(prompt.suffix_positions[0, -1])
-            for option in question.options:
-                extra = continuation_ids(self.lm, suffix_text, option)
-                tail = torch.arange(last + 1, last + 1 + len(extra)).view(1, -1).expand(3, -1)
-                rows.append(
-                    Row(
-                        prompt.suffix_ids + extra,
-                        torch.cat([prompt.suffix_positions, tail], dim=1),
-                        "sequence",
-                        score_from=len(prompt.suffix_ids),
-                    )
-                )
-            return rows
-        return [Row(prompt.suffix_ids, prompt.suffix_positions, "generate", max_new=question.token_budget)]
+            options = [continuation_ids(self.lm, suffix_text, option) for option in question.options]
+            return Branch("choice", prompt.suffix_ids, prompt.suffix_positions, options=options)
+        return Branch("generate", prompt.suffix_ids, prompt.suffix_positions, max_new=question.token_budget,
+                      ignore_eos=force_full_length)
 
-    def _answer(self, question: Question, rows: list[Row]) -> dict[str, Any]:
+    def _answer(self, question: Question, branch: Branch) -> dict[str, Any]:
         if question.type == "yes_no":
-            assert rows[0].logprobs is not None
-            return yes_no_answer(question, rows[0].logprobs, self.yes_ids, self.no_ids)
+            assert branch.logprobs is not None
+            return yes_no_answer(question, branch.logprobs, self.yes_ids, self.no_ids)
         if question.type == "choice":
-            return choice_answer(question, [r.score for r in rows])
-        row = rows[0]
-        tokens = [t for t in row.generated if t not in self.lm.eos_ids]
+            return choice_answer(question, branch.scores)
+        tokens = [t for t in branch.generated if t not in self.lm.eos_ids]
         text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return generated_answer(question, text, truncated=not row.finished_by_eos)
+        return generated_answer(question, text, truncated=not branch.finished_by_eos)

@@ -8,6 +8,7 @@ precision as they arrive: the process never holds two copies of the weights
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from edgevl.engine.quantize import CompactEmbedding, int8_linear, quantize_linears
+from edgevl.engine.kernels import CompactEmbedding, convert_linears, int8_linear
 from edgevl.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,15 @@ Precision = Literal["float32", "bfloat16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
-_LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+_LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks|deepstack_merger_list)\.\d+)\.")
+# Tensors larger than this are read in row chunks, so that the file's dtype and
+# the target dtype never both hold the whole tensor (the 2B embedding is 1.2 GB
+# in float32).
+_CHUNK_BYTES = 64 << 20
+# Allocations above this size get their own mapping and go back to the system
+# when freed; otherwise glibc keeps freed load-time buffers and the resident
+# size stays at its loading peak for the life of the process.
+_MMAP_THRESHOLD = 1 << 20
 
 
 @dataclass
@@ -113,7 +122,31 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
             module.register_buffer(buf_name, buf, persistent=buf_name not in fresh._non_persistent_buffers_set)
 
 
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+def _return_freed_memory_to_the_system() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also stops its dynamic growth
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _read(f: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor from an open safetensors file, converted to ``dtype``, without a full-size temporary."""
+    piece = f.get_slice(key)
+    shape = piece.get_shape()
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if not shape or numel * 4 <= _CHUNK_BYTES:
+        return f.get_tensor(key).to(dtype, copy=True)  # type: ignore[no-any-return]
+    out = torch.empty(shape, dtype=dtype)
+    step = max(1, shape[0] * _CHUNK_BYTES // (numel * 4))
+    for start in range(0, shape[0], step):
+        out[start : start + step] = piece[start : start + step].to(dtype)
+    return out
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -127,24 +160,26 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype
             f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}",
             "model_unsupported",
         )
-    module._parameters[attr] = nn.Parameter(tensor.to(dtype, copy=True), requires_grad=False)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, int8: bool) -> set[str]:
+def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision) -> set[str]:
     from safetensors import safe_open
 
     files = _checkpoint_files(path)
+    # One group per layer, or per module outside the layers; each group is
+    # converted to its kernels as soon as it is loaded.
     groups: dict[tuple[Path, str], list[str]] = defaultdict(list)
     for key, file in files.items():
         match = _LAYER_RE.match(key)
-        groups[(file, match.group(1) if match else "")].append(key)
-    # Layers first, loose tensors (embeddings, norms, mergers) last, grouped per file.
-    for (file, layer), keys in sorted(groups.items(), key=lambda item: (item[0][1] == "", str(item[0][0]))):
+        groups[(file, match.group(1) if match else key.rpartition(".")[0].rpartition(".")[0])].append(key)
+    for (file, owner), keys in sorted(groups.items(), key=lambda item: (str(item[0][0]), item[0][1])):
         with safe_open(str(file), framework="pt") as f:
             for key in keys:
-                _assign(model, key, f.get_tensor(key), dtype)
-        if int8 and layer:
-            quantize_linears(model.get_submodule(layer))
+                # int8 keeps the token embedding in bfloat16 (see CompactEmbedding).
+                target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
+                _assign(model, key, _read(f, key, target))
+        convert_linears(model.get_submodule(owner), precision)
     return set(files)
 
 
@@ -154,12 +189,12 @@ def _finish_int8(model: Any) -> None:
     head_weight = model.lm_head.weight
     tied = head_weight.is_meta or head_weight is embed.weight
     source = embed.weight if tied else head_weight
-    head = nn.Linear(source.shape[1], source.shape[0], bias=False)
+    with torch.device("meta"):
+        head = nn.Linear(source.shape[1], source.shape[0], bias=False)
     head.weight = nn.Parameter(source, requires_grad=False)
     model.lm_head = int8_linear(head)
     del head
     lm.embed_tokens = CompactEmbedding(embed.weight)
-    quantize_linears(model)  # mergers and anything else not inside a layer
 
 
 def load_model(model_id: str, precision: Precision = "float32", threads: int = 0) -> LoadedModel:
@@ -172,6 +207,7 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}", "config_invalid")
     started = time.monotonic()
+    _return_freed_memory_to_the_system()
     torch.set_num_threads(threads or usable_cores())
     path = resolve_model_path(model_id)
     config = AutoConfig.from_pretrained(path)
@@ -181,12 +217,16 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     _rebuild_meta_buffers(model)
-    loaded = _stream_weights(model, path, dtype, precision == "int8")
+    loaded = _stream_weights(model, path, dtype, precision)
     if "lm_head.weight" not in loaded:
         # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     if precision == "int8":
         _finish_int8(model)
+    else:
+        # Mergers and other loose Linear layers; a tied output head stays a dense
+        # nn.Linear because packing it would duplicate the embedding matrix.
+        convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}", "model_unsupported")

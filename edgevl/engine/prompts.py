@@ -63,7 +63,8 @@ def rope_positions(model: Any, ids: list[int], image_token_id: int, grid_thw: to
     input_ids = torch.tensor([ids])
     types = (input_ids == image_token_id).int()
     positions, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid_thw)
-    return positions[:, 0, :]
+    result: torch.Tensor = positions[:, 0, :]
+    return result
 
 
 def build_prompt(lm: LoadedModel, question_text: str, image: EncodedImage) -> QuestionPrompt:

@@ -1,0 +1,116 @@
+"""Matrix-product kernels for the CPU: oneDNN-packed float32 and fbgemm int8 Linear layers.
+
+Measured on the 2-core appliance (the Kernels table of docs/performance.md):
+``F.linear`` reads float32 weights at ~19 GB/s for one token, while oneDNN with
+weights reordered once into its blocked layout reads them at ~27 GB/s, and is
+as fast or faster at every batch size (3x at 4 rows). fbgemm's dynamically
+quantized Linear (int8 weights per output channel, activations quantized per
+call) is the fastest for int8; ``torch._int_mm`` and ``torch._weight_int8pack_mm``
+ran at 1.4 and 4 GFLOP/s here and are not used.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+# Rows quantized at a time, so that a 151936 x 2048 output head never exists in
+# float32 in memory (1.2 GB) while it is converted.
+_CHUNK_ROWS = 8192
+
+
+def _per_channel_qint8(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 quantization, done in row chunks."""
+    rows = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(rows, dtype=torch.float64)
+    for start in range(0, rows, _CHUNK_ROWS):
+        block = weight[start : start + _CHUNK_ROWS].float()
+        scale = (block.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
+        zeros = torch.zeros(block.shape[0], dtype=torch.int64)
+        q[start : start + _CHUNK_ROWS] = torch.quantize_per_channel(block, scale, zeros, 0, torch.qint8).int_repr()
+        scales[start : start + _CHUNK_ROWS] = scale
+    return torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(rows, dtype=torch.int64), 0)
+
+
+def int8_linear(linear: nn.Linear) -> nn.Module:
+    """An fbgemm dynamic-int8 replacement for ``linear`` (the float weight can be freed afterwards)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch announces the move of this API to torchao
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
+
+        # Built at 1x1 and then given its weight: the constructor would
+        # otherwise allocate and pack a full-size empty weight first.
+        qlinear = DynamicQuantLinear(1, 1, bias_=linear.bias is not None, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+    qlinear.in_features, qlinear.out_features = linear.in_features, linear.out_features
+    bias = linear.bias.detach().float() if linear.bias is not None else None
+    qlinear.set_weight_bias(_per_channel_qint8(linear.weight.detach()), bias)
+    return qlinear
+
+
+class PackedLinear(nn.Module):
+    """A float32 Linear whose weight is kept in oneDNN's blocked layout.
+
+    Same arithmetic as ``nn.Linear`` (float32 products and sums), faster
+    kernels; the weight is reordered once at load time and the dense copy freed.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        weight = linear.weight.detach().float()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn_packed=True"
+
+
+def packing_available() -> bool:
+    available = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+    return available and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class CompactEmbedding(nn.Module):
+    """Token embedding stored in bfloat16 and returned in float32.
+
+    A lookup only copies rows, so the halved table costs no speed; it saves
+    0.6 GB on the 2B model in int8 mode, where the table is the largest tensor left.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).float()
+
+
+def convert_linears(module: nn.Module, precision: str) -> int:
+    """Replace every loaded ``nn.Linear`` below ``module`` by the fast kernel of ``precision``; returns the count.
+
+    float32 uses oneDNN-packed weights, int8 fbgemm; bfloat16 keeps ``nn.Linear``.
+    """
+    if precision == "int8":
+        convert = int8_linear
+    elif precision == "float32" and packing_available():
+        convert = PackedLinear
+    else:
+        return 0
+    if isinstance(module, nn.Linear):
+        raise TypeError("convert the parent of a Linear layer")
+    count = 0
+    for name, child in list(module.named_children()):
+        if not isinstance(child, nn.Linear):
+            count += convert_linears(child, precision)
+        elif not child.weight.is_meta and (child.bias is None or not child.bias.is_meta):
+            setattr(module, name, convert(child))
+            count += 1
+    return count

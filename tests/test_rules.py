@@ -1,0 +1,64 @@
+"""The rules file: valid files load, every invalid key is named with its file and path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgevl.errors import ConfigError
+from edgevl.rules import load_rules
+
+GOOD = """
+[[rule]]
+name = "weld-seam"
+folders = ["/srv/inbox/station-3"]
+patterns = ["*.jpg", "*.png"]
+crop = [100, 50, 800, 600]
+max_pixels = 100000
+  [[rule.question]]
+  id = "defect"
+  ask = "Is there a visible defect on the weld seam?"
+  type = "yes_no"
+  alarm_above = 0.5
+  [[rule.question]]
+  id = "label"
+  ask = "Read the text on the part label."
+  max_tokens = 32
+"""
+
+
+def test_good_rules_load(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(GOOD)
+    rules = load_rules(path)
+    rule = rules.get("weld-seam")
+    assert rule.crop == (100, 50, 800, 600)
+    assert [q.id for q in rule.questions] == ["defect", "label"]
+    assert rule.questions[1].type == "text"
+    assert rule.questions[1].token_budget == 32
+    with pytest.raises(ConfigError, match="no rule named 'x'"):
+        rules.get("x")
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda s: s.replace('type = "yes_no"', 'type = "maybe"'), "rule[0].question[0].type"),
+    (lambda s: s.replace("max_pixels = 100000", "max_pixels = 100000\nbogus = 1"), "rule[0].bogus"),
+    (lambda s: s.replace('id = "label"', 'id = "defect"'), "duplicate question ids: defect"),
+    (lambda s: s.replace("alarm_above = 0.5", "alarm_above = 2"), "rule[0].question[0].alarm_above"),
+    (lambda s: s.replace('name = "weld-seam"', 'name = "../etc"'), "rule[0].name"),
+    (lambda s: s + "[[rule]]\nname = 'x'\n", "rule[1].question"),
+    (lambda s: s.replace("[[rule.question]]", "[[rule.question]", 1), "not valid TOML"),
+])
+def test_errors_name_file_and_key(tmp_path: Path, edit, expected: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "rules.toml"
+    path.write_text(edit(GOOD))
+    with pytest.raises(ConfigError) as err:
+        load_rules(path)
+    assert str(path) in err.value.message
+    assert expected in err.value.message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the rules file"):
+        load_rules(tmp_path / "absent.toml")
