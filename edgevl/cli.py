@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -31,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--threads", type=int, default=0, help="0: one per usable core")
     ask.add_argument("--max-batch", type=int, default=0, help="rows decoded together; 0: from the core count")
 
+    run = sub.add_parser("run", help="the daemon: watch the rules' folders and answer every image")
+    run.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"))
+    chk = sub.add_parser("check", help="validate the configuration and the rules; every error with file and key")
+    chk.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"))
+
     model = sub.add_parser("model", help="manage model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     pull = model_sub.add_parser("pull", help="download a model into the local Hugging Face cache")
@@ -47,12 +51,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from edgevl.logsetup import setup_logging
+
+    setup_logging(args.verbose)
     try:
+        if args.command == "run":
+            from edgevl.daemon import run
+
+            return run(args.config)
+        if args.command == "check":
+            from edgevl.config import check
+
+            config, rules = check(args.config)
+            print(f"{args.config}: ok; {config.rules}: {len(rules.rules)} rules "
+                  f"({', '.join(r.name for r in rules.rules)})")
+            return 0
         if args.command == "ask":
             from edgevl.ask import run_ask
 

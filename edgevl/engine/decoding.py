@@ -16,6 +16,7 @@ decode together, and a finished branch's place is taken by a waiting one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,11 +67,13 @@ class _Token:
 class PackedSequence:
     """The single-row KV cache: prefix first, then branches appended in any order."""
 
-    def __init__(self, lm: LoadedModel, cache: DynamicCache, prefix_length: int) -> None:
+    def __init__(self, lm: LoadedModel, cache: DynamicCache, prefix_length: int,
+                 on_step: Callable[[], None] = lambda: None) -> None:
         self.lm = lm
         self.cache = cache
         self.prefix_length = prefix_length
         self.length = prefix_length
+        self.on_step = on_step
 
     def forward(self, tokens: list[_Token]) -> torch.Tensor:
         """Append ``tokens`` to the cache; returns their final hidden states (len(tokens), hidden)."""
@@ -94,6 +97,7 @@ class PackedSequence:
             use_cache=True,
         )
         self.length = total
+        self.on_step()
         hidden: torch.Tensor = out.last_hidden_state[0]
         return hidden
 
@@ -103,14 +107,15 @@ class PackedSequence:
 
 
 @torch.inference_mode()
-def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], positions: torch.Tensor
-                  ) -> PackedSequence:
+def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], positions: torch.Tensor,
+                  on_step: Callable[[], None] = lambda: None) -> PackedSequence:
     """Run the vision encoder and prefill the prompt up to the end of the image."""
     model = lm.model
     ids = torch.tensor([prefix_ids])
     text_model = model.model.language_model
     embeds = text_model.embed_tokens(ids)
     features = model.model.get_image_features(image.pixel_values, image.grid_thw, return_dict=True)
+    on_step()
     image_embeds = torch.cat(list(features.pooler_output), dim=0).to(embeds.dtype)
     deepstack = [torch.cat(list(f), dim=0).to(embeds.dtype) for f in features.deepstack_features]
     mask = ids == lm.image_token_id
@@ -128,7 +133,8 @@ def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], p
         visual_pos_masks=mask,
         deepstack_visual_embeds=deepstack,
     )
-    return PackedSequence(lm, cache, length)
+    on_step()
+    return PackedSequence(lm, cache, length, on_step)
 
 
 def _text_position(positions: torch.Tensor, offset: int) -> int:

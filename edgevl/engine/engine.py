@@ -45,6 +45,9 @@ class Engine:
         self.lm = lm
         self.max_batch = max_batch or default_max_batch()
         self.max_pixels = max_pixels
+        # Monotonic time of the model's last finished forward pass: lets a
+        # supervisor tell a long job from a hung one.
+        self.last_progress = time.monotonic()
         self.yes_ids = single_token_ids(lm.tokenizer, YES_VARIANTS)
         self.no_ids = single_token_ids(lm.tokenizer, NO_VARIANTS)
         if not self.yes_ids or not self.no_ids:
@@ -59,7 +62,7 @@ class Engine:
         shared = prompts[0]
         if any(p.prefix_ids != shared.prefix_ids for p in prompts[1:]):
             raise ModelError("the chat template puts question text before the image", "model_unsupported")
-        prefix = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions)
+        prefix = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions, self._progress)
         encoded_at = time.perf_counter()
 
         branches = [self._branch(q, p, force_full_length) for q, p in zip(questions, prompts, strict=True)]
@@ -69,6 +72,9 @@ class Engine:
         done = time.perf_counter()
         return Answered(answers, (encoded_at - started) * 1000, (done - encoded_at) * 1000, encoded.n_tokens,
                         tokens, stats.steps, stats.seconds)
+
+    def _progress(self) -> None:
+        self.last_progress = time.monotonic()
 
     def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
         if question.type == "yes_no":
