@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class ModelRunner:
         self._closing = False
         self.started_at = 0.0  # monotonic start of the current job
         self.up_since = time.time()
+        # Test-only switch: while this file exists, a job is held before the
+        # model runs (no progress), to test stops, stalls and the watchdog.
+        self._hold = os.environ.get("EDGEVL_TEST_HOLD_FILE")
 
     def __enter__(self) -> ModelRunner:
         lm = load_model(self.config.model.id, self.config.model.precision, self.config.model.threads)
@@ -95,6 +99,8 @@ class ModelRunner:
                     return
                 work = self._work
             assert work is not None
+            while self._hold and os.path.exists(self._hold) and not self._closing:
+                time.sleep(0.05)
             try:
                 record = answer_image(self.engine, work.job, work.data, work.rule.questions, work.rule.crop,
                                       work.rule.max_pixels)

@@ -50,7 +50,10 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         if event.event_type == "moved":
-            self.watcher.note(Path(os.fsdecode(event.dest_path)), renamed=True)
+            # inotify reports the writer's rename itself; a polling observer only
+            # guesses moves from reused inode numbers, so there only settling counts.
+            renamed = self.watcher.poll_interval == 0
+            self.watcher.note(Path(os.fsdecode(event.dest_path)), renamed=renamed)
         elif event.event_type in ("created", "modified", "closed"):
             self.watcher.note(Path(os.fsdecode(event.src_path)))
 

@@ -1,0 +1,149 @@
+"""A real ``edgevl run`` process with its own notify socket, folders and test model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RULES = """
+[[rule]]
+name = "cam"
+folders = ["{inbox}"]
+patterns = ["*.jpg", "*.png"]
+  [[rule.question]]
+  id = "defect"
+  ask = "Is there a visible defect?"
+  type = "yes_no"
+  alarm_above = 0.5
+  [[rule.question]]
+  id = "label"
+  ask = "Read the label."
+  max_tokens = 6
+"""
+
+
+class DaemonProcess:
+    def __init__(self, root: Path, model_dir: Path, config_extra: str = "", rules: str = RULES,
+                 env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.results = root / "results"
+        self.archive = root / "archive"
+        self.failed = root / "failed"
+        self.state = root / "state"
+        self.rules_path = root / "rules.toml"
+        self.rules_path.write_text(rules.format(inbox=self.inbox))
+        self.config = root / "edgevl.toml"
+        self.config.write_text(f"""
+device_id = "test-station"
+rules = "rules.toml"
+state_dir = "{self.state}"
+[model]
+id = "{model_dir}"
+max_pixels = 40000
+threads = 1
+[folders]
+results = "{self.results}"
+archive = "{self.archive}"
+failed = "{self.failed}"
+settle_ms = 300
+rescan_interval = 2
+[daemon]
+status_interval = 0.5
+stop_timeout = 30
+{config_extra}
+""")
+        self.sock_path = root / "notify.sock"
+        self.log_path = root / "daemon.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.messages: list[str] = []
+
+    def start(self) -> DaemonProcess:
+        self.sock_path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.sock_path))
+        self.messages = []
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "WATCHDOG_USEC": "1000000", **self.env}
+        env.pop("JOURNAL_STREAM", None)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgevl", "run", "-c", str(self.config)],
+                                         stdout=log, stderr=log, env=env)
+        return self
+
+    def read_notify(self, timeout: float) -> None:
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+                self.sock.settimeout(0)
+        except (TimeoutError, BlockingIOError):
+            pass
+
+    def wait_notify(self, needle: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.messages:
+                if needle in m:
+                    return m
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                self.read_notify(0.01)
+                if any(needle in m for m in self.messages):
+                    return next(m for m in self.messages if needle in m)
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {needle!r}: {self.log()}")
+            self.read_notify(0.2)
+        raise AssertionError(f"no {needle!r} from the daemon within {timeout} s; log:\n{self.log()}")
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for folder, pattern in ((self.results, "*.json"), (self.failed, "*.error.json")):
+            for path in sorted(folder.rglob(pattern)) if folder.exists() else []:
+                out.append(json.loads(path.read_text()))
+        return out
+
+    def wait_records(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = self.records()
+            if len(records) >= count:
+                return records
+            self.read_notify(0.1)
+        raise AssertionError(f"{len(self.records())} of {count} records after {timeout} s; log:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.read_notify(0.05)
+        self.close()
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

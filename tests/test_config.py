@@ -1,0 +1,60 @@
+"""Configuration: TOML plus environment, unknown keys rejected, errors with file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgevl.config import check, load_config
+from edgevl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_examples_pass_check() -> None:
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(ROOT / "etc/edgevl/edgevl.toml")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 rules" in proc.stdout
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "edgevl.toml"
+    path.write_text('rules = "r.toml"\n[model]\nprecision = "float32"\nmemory_limit = "4GiB"\n'
+                    '[folders]\narchive = ""\n')
+    monkeypatch.setenv("EDGEVL_MODEL__PRECISION", "int8")
+    config = load_config(path)
+    assert config.model.precision == "int8"
+    assert config.model.memory_limit == 4 << 30
+    assert config.folders.archive is None
+    assert config.rules == tmp_path / "r.toml"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[model]\nprecison = 'int8'\n", "model.precison: Extra inputs are not permitted"),
+    ("[folders]\nsettle_ms = -1\n", "folders.settle_ms"),
+    ("bogus = 1\n", "bogus: Extra inputs"),
+    ("[model\n", "not valid TOML"),
+])
+def test_errors_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "edgevl.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in err.value.message
+    assert expected in err.value.message
+
+
+def test_check_command_reports_rules_errors_and_fails(tmp_path: Path) -> None:
+    (tmp_path / "edgevl.toml").write_text('rules = "rules.toml"\n')
+    (tmp_path / "rules.toml").write_text(
+        "[[rule]]\nname = 'a'\n[[rule.question]]\nid = 'x'\nask = 'y'\ntype = 'nope'\n")
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(tmp_path / "edgevl.toml")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'rules.toml'}: rule[0].question[0].type" in proc.stderr
+    with pytest.raises(ConfigError, match="cannot read the configuration"):
+        check(tmp_path / "absent.toml")
