@@ -112,3 +112,18 @@ def test_choice_probabilities_are_the_full_sequence_likelihoods(fp32_model) -> N
         assert answer["probabilities"][option] == pytest.approx(p, abs=1e-4)
     assert answer["value"] == q.options[max(range(3), key=lambda i: scores[i])]
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_engine_matches_the_stock_model_card_path(test_model_dir, fp32_model) -> None:  # type: ignore[no-untyped-def]
+    """Stock ``from_pretrained`` + ``generate()``: the loader and the packed kernels change no greedy token."""
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+
+    stock = Qwen3VLForConditionalGeneration.from_pretrained(test_model_dir, dtype=torch.float32)
+    stock.generation_config = GenerationConfig.from_pretrained(test_model_dir)
+    image = noise_image(224, 160, seed=11)
+    questions = [Question(id=f"q{i}", ask=a, type="text", max_tokens=m) for i, (a, m) in enumerate(QUESTIONS[:4])]
+    answered = Engine(fp32_model, max_batch=8).answer(image, questions, 112 * 112)
+    for q in questions:
+        inputs = _full_inputs(fp32_model, q.prompt_text(), image, 112 * 112)
+        out = stock.generate(**inputs, max_new_tokens=q.token_budget, do_sample=False)
+        assert answered.tokens[q.id] == out[0, inputs["input_ids"].shape[1]:].tolist(), q.id

@@ -36,10 +36,13 @@ _LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks|deepstack_merger_list)\.\d+)\."
 # the target dtype never both hold the whole tensor (the 2B embedding is 1.2 GB
 # in float32).
 _CHUNK_BYTES = 64 << 20
-# Allocations above this size get their own mapping and go back to the system
-# when freed; otherwise glibc keeps freed load-time buffers and the resident
-# size stays at its loading peak for the life of the process.
-_MMAP_THRESHOLD = 1 << 20
+# While loading, allocations above 1 MiB get their own mapping and go back to
+# the system when freed; otherwise glibc keeps the freed load-time buffers and
+# the resident size stays at its loading peak.  Afterwards the threshold goes
+# back to glibc's ceiling (32 MiB), so that inference reuses its buffers instead
+# of mapping and faulting in fresh pages for every activation.
+_LOAD_MMAP_THRESHOLD = 1 << 20
+_RUN_MMAP_THRESHOLD = 32 << 20
 
 
 @dataclass
@@ -122,10 +125,10 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
             module.register_buffer(buf_name, buf, persistent=buf_name not in fresh._non_persistent_buffers_set)
 
 
-def _return_freed_memory_to_the_system() -> None:
+def _set_mmap_threshold(size: int) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; also stops its dynamic growth
+        libc.mallopt(-3, size)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -207,7 +210,6 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}", "config_invalid")
     started = time.monotonic()
-    _return_freed_memory_to_the_system()
     torch.set_num_threads(threads or usable_cores())
     path = resolve_model_path(model_id)
     config = AutoConfig.from_pretrained(path)
@@ -217,16 +219,20 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     _rebuild_meta_buffers(model)
-    loaded = _stream_weights(model, path, dtype, precision)
-    if "lm_head.weight" not in loaded:
-        # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
-        model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    if precision == "int8":
-        _finish_int8(model)
-    else:
-        # Mergers and other loose Linear layers; a tied output head stays a dense
-        # nn.Linear because packing it would duplicate the embedding matrix.
-        convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
+    _set_mmap_threshold(_LOAD_MMAP_THRESHOLD)
+    try:
+        loaded = _stream_weights(model, path, dtype, precision)
+        if "lm_head.weight" not in loaded:
+            # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
+            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        if precision == "int8":
+            _finish_int8(model)
+        else:
+            # Mergers and other loose Linear layers; a tied output head stays a dense
+            # nn.Linear because packing it would duplicate the embedding matrix.
+            convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
+    finally:
+        _set_mmap_threshold(_RUN_MMAP_THRESHOLD)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}", "model_unsupported")
