@@ -185,6 +185,10 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
             lines.append(f"- {r['precision']}: {d['differing']} of {d['of']} answers differ")
     lines += [
         "",
+        "Absolute times depend on how busy the host is (these machines are shared virtual machines; the",
+        "kernel rates below were measured in the same run and show its speed). Every ratio above compares",
+        "runs made one after the other in the same command.",
+        "",
         "## Kernels",
         "",
         "GFLOP/s of one 2048x6144 projection (a Qwen3-VL-2B MLP matrix), measured by the same command:",

@@ -126,9 +126,13 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
 
 
 def _set_mmap_threshold(size: int) -> None:
+    # Fixing M_MMAP_THRESHOLD also freezes glibc's trim threshold, which it would
+    # otherwise keep at twice the mmap threshold; it is set alongside, or freed
+    # activation memory would be returned and faulted in again at every step.
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, size)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 * size)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 
