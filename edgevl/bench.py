@@ -46,15 +46,16 @@ def kernel_rates(threads: int) -> dict[str, float]:
     """GFLOP/s of a 2048x6144 projection: float32 against fbgemm dynamic int8, one row and 256 rows."""
     import torch
 
-    from edgevl.engine.kernels import int8_linear
+    from edgevl.engine.kernels import PackedLinear, int8_linear
 
     torch.set_num_threads(threads)
     linear = torch.nn.Linear(2048, 6144, bias=False)
+    packed = PackedLinear(linear)
     qlinear = int8_linear(linear)
     rates: dict[str, float] = {}
     for rows in (1, 256):
         x = torch.randn(rows, 2048)
-        for name, fn in (("float32", linear), ("int8", qlinear)):
+        for name, fn in (("float32", linear), ("packed", packed), ("int8", qlinear)):
             with torch.inference_mode():
                 fn(x)
                 reps = 20 if rows == 1 else 5
@@ -195,7 +196,8 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "| kernel | 1 row (decode) | 256 rows (prefill) |",
         "|---|---|---|",
-        f"| float32 `F.linear` | {kernels['float32_m1']} | {kernels['float32_m256']} |",
+        f"| float32 `F.linear` (stock) | {kernels['float32_m1']} | {kernels['float32_m256']} |",
+        f"| float32 oneDNN packed weights (engine) | {kernels['packed_m1']} | {kernels['packed_m256']} |",
         f"| int8 fbgemm dynamic (per-channel weights) | {kernels['int8_m1']} | {kernels['int8_m256']} |",
         "",
     ]

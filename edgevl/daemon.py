@@ -9,7 +9,6 @@ SIGTERM stops at once. Whatever is unfinished stays in the spool for the next st
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -134,10 +133,9 @@ class Daemon:
         return 120.0 * max(1.0, self.config.model.max_pixels / 200_704)
 
     def status_text(self) -> str:
-        current = self.runner.current if hasattr(self, "runner") else None
-        waiting = self.watcher.waiting() if hasattr(self, "watcher") else 0
-        spooled = self.spool.count() if hasattr(self, "spool") else 0
-        text = (f"queued {waiting + spooled}, done {self.counts['done']}, failed {self.counts['failed']}")
+        current = self.runner.current
+        queued = self.watcher.waiting() + self.spool.count()
+        text = f"queued {queued}, done {self.counts['done']}, failed {self.counts['failed']}"
         if current:
             text += f", working on {current} for {time.monotonic() - self.runner.started_at:.0f} s"
         return text
@@ -182,10 +180,10 @@ class Daemon:
         self.runner.submit(Work(job.job_id, spooled, data, rule))
 
     def _deliver(self, job_id: str, record: dict[str, Any] | None) -> None:
-        job = SpoolJob(self.spool.root / job_id, {})
+        """Save the job's record (None: it is already saved) and deliver it; retried later on I/O errors."""
         extra = {"EDGEVL_JOB": job_id}
         try:
-            job = SpoolJob(job.dir, json.loads((job.dir / "job.json").read_bytes()))
+            job = self.spool.load(job_id)
             extra.update(EDGEVL_RULE=job.rule, EDGEVL_IMAGE=str(job.meta["source"]["path"]))
             if record is not None:
                 job.save_record(record)

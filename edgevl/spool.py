@@ -129,6 +129,10 @@ class Spool:
         atomic_write(job.image, held.read_bytes())
         held.unlink()
 
+    def load(self, job_id: str) -> SpoolJob:
+        folder = self.root / job_id
+        return SpoolJob(folder, json.loads((folder / "job.json").read_bytes()))
+
     def pending(self) -> list[SpoolJob]:
         """Claimed jobs not yet finished, oldest first."""
         jobs = []

@@ -1,12 +1,13 @@
 """Matrix-product kernels for the CPU: oneDNN-packed float32 and fbgemm int8 Linear layers.
 
-Measured on the 2-core appliance (the Kernels table of docs/performance.md):
-``F.linear`` reads float32 weights at ~19 GB/s for one token, while oneDNN with
-weights reordered once into its blocked layout reads them at ~27 GB/s, and is
-as fast or faster at every batch size (3x at 4 rows). fbgemm's dynamically
-quantized Linear (int8 weights per output channel, activations quantized per
-call) is the fastest for int8; ``torch._int_mm`` and ``torch._weight_int8pack_mm``
-ran at 1.4 and 4 GFLOP/s here and are not used.
+The choice was measured on the 2-core appliance (``edgevl bench`` writes the
+Kernels table of docs/performance.md): oneDNN with float32 weights reordered once
+into its blocked layout beats ``F.linear`` at every batch size, most for one to a
+few rows (decoding), where ``F.linear`` reads the weights well below the memory
+bandwidth. fbgemm's dynamically quantized Linear (int8 weights per output
+channel, activations quantized per call) is the fast int8 kernel; the other int8
+paths of this torch build (``torch._int_mm``, ``torch._weight_int8pack_mm``) were
+slower than float32 here and are not used.
 """
 
 from __future__ import annotations

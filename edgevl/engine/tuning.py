@@ -16,9 +16,9 @@ def usable_cores() -> int:
 def default_max_batch(cores: int | None = None) -> int:
     """Rows decoded together.
 
-    Decoding one token is bound by reading the weights from memory (~31 GB/s
-    here), so rows ride along almost free until the matrix products become
-    compute-bound: about 8 rows on 2 cores, more with more cores.
+    Decoding one token is bound by reading the weights from memory, so rows
+    ride along almost free until the matrix products become compute-bound:
+    about 8 rows on 2 cores, more with more cores.
     """
     cores = cores or usable_cores()
     if cores <= 2:
