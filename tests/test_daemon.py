@@ -201,3 +201,29 @@ def test_kill_9_at_random_points_loses_and_doubles_nothing(tmp_path: Path, test_
     assert archived == sorted(n for i, n in enumerate(names) if i % 7)
     assert not list(d.inbox.iterdir())
     assert not list((d.state / "spool").iterdir())
+
+
+def test_two_daemons_sharing_a_folder_answer_each_image_once(tmp_path: Path, test_model_dir: Path) -> None:
+    a = DaemonProcess(tmp_path / "a", test_model_dir)
+    b = DaemonProcess(tmp_path / "b", test_model_dir)
+    shared = tmp_path / "shared-inbox"
+    shared.mkdir()
+    for d in (a, b):
+        d.rules_path.write_text(d.rules_path.read_text().replace(str(d.inbox), str(shared)))
+    names = [f"f{i:02d}.jpg" for i in range(16)]
+    for i, name in enumerate(names):
+        (shared / name).write_bytes(_jpeg(i))
+    a.start()
+    b.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(a.records()) + len(b.records()) < len(names) and time.monotonic() < deadline:
+            a.read_notify(0.1)
+            b.read_notify(0.1)
+    finally:
+        assert a.stop() == 0
+        assert b.stop() == 0
+    sources = Counter(Path(r["source"]["path"]).name for r in a.records() + b.records())
+    assert sources == Counter(names)
+    assert a.records(), "both daemons took work"
+    assert b.records(), "both daemons took work"

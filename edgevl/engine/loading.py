@@ -8,6 +8,7 @@ precision as they arrive: the process never holds two copies of the weights
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -137,6 +138,12 @@ def _set_mmap_threshold(size: int) -> None:
         pass
 
 
+def _trim_heap() -> None:
+    """Give the heap space freed while loading back to the system before inference starts."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _read(f: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
     """A tensor from an open safetensors file, converted to ``dtype``, without a full-size temporary."""
     piece = f.get_slice(key)
@@ -237,6 +244,7 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
             convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
     finally:
         _set_mmap_threshold(_RUN_MMAP_THRESHOLD)
+        _trim_heap()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}", "model_unsupported")
