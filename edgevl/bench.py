@@ -150,7 +150,7 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         f"Measured {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} on: {_machine()}; {threads} threads.",
         "",
-        "Workload W4: one 1280x720 JPEG frame at max_pixels 448x448 (196 image tokens), four questions:",
+        "Workload W4: a 1280x720 JPEG frame at max_pixels 448x448 (180 image tokens), four questions:",
         "two yes_no, one choice of three options, one text answer forced to 24 tokens. The checkpoint has",
         "random weights with the exact shapes of Qwen/Qwen3-VL-2B-Instruct (same compute and memory).",
         "The naive baseline is one `generate()` per question on its full prompt (4 new tokens for the short",
@@ -158,7 +158,8 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "frames: same weights and kernels, so the speedup is the engine's alone. The stock column is the",
         "model card's way end to end in a process of its own: stock `from_pretrained` in the same",
         "precision (int8: torch's `quantize_dynamic` recipe) and the same `generate()` calls. Peak RSS is",
-        "the engine process's high-water mark, loading included, before the naive runs.",
+        "the engine process's high-water mark, loading included, before the naive runs. Seconds per image",
+        "are the median of four frames after a warm-up frame.",
         "",
         "| precision | s / image | naive s / image | speedup vs naive | stock s / image | speedup vs stock |"
         " speedup vs float32 | peak RSS | prefill (vision + prefix) s | decode s / token | load s |",
