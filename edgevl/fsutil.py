@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -88,7 +89,7 @@ def move_new(src: Path, folder: Path, names: Callable[[int], str]) -> Path:
         except FileExistsError:
             continue
         except OSError as exc:
-            if exc.errno != 18:  # EXDEV: different filesystems, copy instead
+            if exc.errno != errno.EXDEV:  # on another filesystem: copy instead
                 raise
             data = src.read_bytes()
             try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import socket
-import uuid
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,7 +20,8 @@ def now_rfc3339() -> str:
 
 
 def new_job_id() -> str:
-    return uuid.uuid4().hex
+    """Unique across processes and appliances, and sortable by creation time (the spool's FIFO order)."""
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
 def default_device_id() -> str:

@@ -9,28 +9,21 @@ exactly one result or one error record.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import secrets
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgevl.fsutil import atomic_write, candidate_names, fsync_dir, json_bytes, move_new, place_new
-from edgevl.records import Job
+from edgevl.records import Job, new_job_id
 
 log = logging.getLogger(__name__)
 
-EXDEV = 18
 CLAIM_DIR = ".edgevl-claim"  # beside the inbox, for inboxes on another filesystem
-
-
-def new_job_id() -> str:
-    """Sortable by claim time, unique across daemons."""
-    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -100,7 +93,7 @@ class Spool:
             try:
                 os.rename(source, job.image)
             except OSError as exc:
-                if exc.errno != EXDEV:
+                if exc.errno != errno.EXDEV:
                     raise
                 self._claim_across_filesystems(source, job)
             fsync_dir(job.dir)
