@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from edgevl.engine.engine import Engine
-from edgevl.engine.kernels import CompactEmbedding, PackedLinear
+from edgevl.engine.kernels import Int8Embedding, PackedLinear
 from edgevl.engine.loading import load_model, resolve_model_path
 from edgevl.errors import ModelError
 from edgevl.questions import Question
@@ -41,7 +41,15 @@ def test_other_precisions_answer(test_model_dir: Path, fp32_model, precision: st
 
         assert isinstance(lm.model.lm_head, DynamicQuantLinear)
         assert isinstance(lm.model.model.language_model.layers[1].self_attn.o_proj, DynamicQuantLinear)
-        assert isinstance(lm.model.model.language_model.embed_tokens, CompactEmbedding)
+        embedding = lm.model.model.language_model.embed_tokens
+        assert isinstance(embedding, Int8Embedding)
+        assert embedding.qweight.dtype == torch.int8
+        # the int8 rows stay within half a quantization step (plus the bfloat16
+        # rounding of the row read for quantization) of the float32 embedding
+        reference = fp32_model.model.model.language_model.embed_tokens.weight
+        ids = torch.arange(reference.shape[0])
+        bound = embedding.scales / 2 + reference.abs() * 2**-8 + 1e-6
+        assert bool(((embedding(ids) - reference).abs() <= bound).all())
     else:
         assert lm.model.model.language_model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     image = noise_image(96, 96, seed=5)

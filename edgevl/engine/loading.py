@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from edgevl.engine.kernels import CompactEmbedding, convert_linears, int8_linear
+from edgevl.engine.kernels import Int8Embedding, convert_linears, int8_linear, quantize_rows
 from edgevl.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     for (file, owner), keys in sorted(groups.items(), key=lambda item: (str(item[0][0]), item[0][1])):
         with safe_open(str(file), framework="pt") as f:
             for key in keys:
-                # int8 keeps the token embedding in bfloat16 (see CompactEmbedding).
+                # int8 quantizes the token embedding from the file's rows (see Int8Embedding).
                 target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
                 _assign(model, key, _read(f, key, target))
         convert_linears(model.get_submodule(owner), precision)
@@ -198,17 +198,19 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
 
 
 def _finish_int8(model: Any) -> None:
+    """int8 token embedding and output head; the float table is freed before the head is packed."""
     lm = model.model.language_model
-    embed = lm.embed_tokens
-    head_weight = model.lm_head.weight
-    tied = head_weight.is_meta or head_weight is embed.weight
-    source = embed.weight if tied else head_weight
+    tied = model.lm_head.weight is lm.embed_tokens.weight
+    vocab, hidden = lm.embed_tokens.weight.shape
+    rows = quantize_rows(lm.embed_tokens.weight.detach())
+    lm.embed_tokens = Int8Embedding(*rows)
+    if not tied:
+        model.lm_head = int8_linear(model.lm_head)
+        return
+    model.lm_head = nn.Identity()  # drops the last reference to the float table
     with torch.device("meta"):
-        head = nn.Linear(source.shape[1], source.shape[0], bias=False)
-    head.weight = nn.Parameter(source, requires_grad=False)
-    model.lm_head = int8_linear(head)
-    del head
-    lm.embed_tokens = CompactEmbedding(embed.weight)
+        head = nn.Linear(hidden, vocab, bias=False)
+    model.lm_head = int8_linear(head, rows)
 
 
 def load_model(model_id: str, precision: Precision = "float32", threads: int = 0) -> LoadedModel:
