@@ -132,10 +132,15 @@ def load_config(path: Path) -> Config:
     return config
 
 
+def load_daemon_rules(path: Path) -> RulesFile:
+    """The rules file as the daemon needs it: valid, with at least one rule."""
+    rules = load_rules(path)
+    if not rules.rules:
+        raise ConfigError(f"{path}: no [[rule]] defined")
+    return rules
+
+
 def check(path: Path) -> tuple[Config, RulesFile]:
     """Validate the configuration and its rules file, as ``edgevl check`` and ExecStartPre do."""
     config = load_config(path)
-    rules = load_rules(config.rules)
-    if not rules.rules:
-        raise ConfigError(f"{config.rules}: no [[rule]] defined")
-    return config, rules
+    return config, load_daemon_rules(config.rules)

@@ -20,11 +20,11 @@ from types import FrameType
 from typing import Any
 
 from edgevl import __version__
-from edgevl.config import Config, check
+from edgevl.config import Config, check, load_daemon_rules
 from edgevl.errors import ConfigError
 from edgevl.notify import Notifier
 from edgevl.records import now_rfc3339
-from edgevl.rules import Rule, RulesFile, load_rules
+from edgevl.rules import Rule, RulesFile
 from edgevl.runner import ModelRunner, Work
 from edgevl.spool import Spool, SpoolJob
 from edgevl.watcher import FolderWatcher
@@ -45,9 +45,8 @@ class Daemon:
         self.reload_requested = False
         self.counts: Counter[str] = Counter()
         self.notifier = Notifier()
-        self.retry_at: dict[str, float] = {}  # job id -> monotonic time before which it is not retried
-        self.retry_delay: dict[str, float] = {}
-        self.since = now_rfc3339()
+        # job id -> (monotonic time before which it is not retried, its current backoff)
+        self.retry: dict[str, tuple[float, float]] = {}
 
     # signal handlers: flags only
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
@@ -143,7 +142,7 @@ class Daemon:
     def _start_next(self) -> None:
         now = time.monotonic()
         for job in self.spool.pending():
-            if self.retry_at.get(job.job_id, 0.0) > now:
+            if self.retry.get(job.job_id, (0.0, 0.0))[0] > now:
                 continue
             self._run(job)
             return
@@ -168,14 +167,13 @@ class Daemon:
         spooled = job.job(self.config.device_id)
         rule = self.rule(job.rule)
         if rule is None:
-            job.save_record(spooled.error("rule_missing", f"rule {job.rule!r} is no longer in the rules file"))
-            self._deliver(job.job_id, None)
+            missing = spooled.error("rule_missing", f"rule {job.rule!r} is no longer in the rules file")
+            self._deliver(job.job_id, missing)
             return
         try:
             data = job.image.read_bytes()
         except OSError as exc:
-            job.save_record(spooled.error("file_unreadable", f"cannot read the spooled image: {exc}"))
-            self._deliver(job.job_id, None)
+            self._deliver(job.job_id, spooled.error("file_unreadable", f"cannot read the spooled image: {exc}"))
             return
         self.runner.submit(Work(job.job_id, spooled, data, rule))
 
@@ -185,20 +183,19 @@ class Daemon:
         try:
             job = self.spool.load(job_id)
             extra.update(EDGEVL_RULE=job.rule, EDGEVL_IMAGE=str(job.meta["source"]["path"]))
-            if record is not None:
+            if record is None:
+                record = job.record()
+            else:
                 job.save_record(record)
-            record = job.record()
             folders = self.config.folders
             target = self.spool.finish(job, folders.results, folders.archive, folders.failed)
         except OSError as exc:
-            delay = min(RETRY_MAX, self.retry_delay.get(job_id, RETRY_MIN / 2) * 2)
-            self.retry_delay[job_id] = delay
-            self.retry_at[job_id] = time.monotonic() + delay
+            delay = min(RETRY_MAX, self.retry.get(job_id, (0.0, RETRY_MIN / 2))[1] * 2)
+            self.retry[job_id] = (time.monotonic() + delay, delay)
             log.error("cannot deliver job %s: %s (%s); it stays in the spool, retrying in %.0f s",
                       job_id, exc.strerror or exc, getattr(exc, "filename", "") or "", delay, extra=extra)
             return
-        self.retry_at.pop(job_id, None)
-        self.retry_delay.pop(job_id, None)
+        self.retry.pop(job_id, None)
         failed = record is not None and record["schema"] != "edgevl.result/1"
         self.counts["failed" if failed else "done"] += 1
         if failed and record is not None:
@@ -210,9 +207,7 @@ class Daemon:
     def _reload(self) -> None:
         self.notifier.reloading()
         try:
-            rules = load_rules(self.config.rules)
-            if not rules.rules:
-                raise ConfigError(f"{self.config.rules}: no [[rule]] defined")
+            rules = load_daemon_rules(self.config.rules)
         except ConfigError as exc:
             log.error("reload refused, keeping the current rules:\n%s", exc.message)
             self.notifier.reloaded(self.status_text())

@@ -39,7 +39,6 @@ class ModelRunner:
         self._thread: threading.Thread | None = None
         self._closing = False
         self.started_at = 0.0  # monotonic start of the current job
-        self.up_since = time.time()
         # Test-only switch: while this file exists, a job is held before the
         # model runs (no progress), to test stops, stalls and the watchdog.
         self._hold = os.environ.get("EDGEVL_TEST_HOLD_FILE")

@@ -165,41 +165,44 @@ def _prefill_size(branch: Branch) -> int:
 
 def _prefill(seq: PackedSequence, batch: list[Branch]) -> None:
     tokens: list[_Token] = []
-    wanted: list[tuple[Branch, int, int]] = []  # (branch, option or -1, index in tokens)
+    # Rows whose logits are needed: (branch, option index or -1 for the suffix's end, index in tokens,
+    # the option token that row predicts).
+    wanted: list[tuple[Branch, int, int, int]] = []
     slot = seq.length
     for branch in batch:
         branch.slots = list(range(slot, slot + len(branch.tokens)))
         for j, token in enumerate(branch.tokens):
             tokens.append(_Token(token, branch.positions[:, j], branch.slots[: j + 1]))
         slot += len(branch.tokens)
-        wanted.append((branch, -1, len(tokens) - 1))
+        wanted.append((branch, -1, len(tokens) - 1, -1))
         for k, option_ids in enumerate(branch.options):
             own = list(range(slot, slot + len(option_ids)))
             for j, token in enumerate(option_ids):
                 tokens.append(_Token(token, _text_position(branch.positions, j + 1), branch.slots + own[: j + 1]))
-                if j < len(option_ids) - 1:
-                    wanted.append((branch, k, len(tokens) - 1))
+                if j + 1 < len(option_ids):
+                    wanted.append((branch, k, len(tokens) - 1, option_ids[j + 1]))
             slot += len(option_ids)
     hidden = seq.forward(tokens)
-    logp = seq.logprobs(hidden[[index for _, _, index in wanted]])
+    logp = seq.logprobs(hidden[[index for _, _, index, _ in wanted]])
     for branch in batch:
         branch.scores = [0.0] * len(branch.options)
-    step: dict[tuple[int, int], int] = {}
-    for row, (branch, option, _) in enumerate(wanted):
-        if option < 0:
-            if branch.kind == "next":
-                branch.logprobs = logp[row]
-            elif branch.kind == "choice":
-                # The last suffix token predicts the first token of every option.
-                for k, opt in enumerate(branch.options):
-                    branch.scores[k] += float(logp[row, opt[0]])
-            else:
-                branch.generated.append(int(logp[row].argmax()))
-                branch.finished_by_eos = branch.generated[-1] in seq.lm.eos_ids and not branch.ignore_eos
+    for row, (branch, option, _, target) in enumerate(wanted):
+        if option >= 0:
+            branch.scores[option] += float(logp[row, target])
+        elif branch.kind == "next":
+            branch.logprobs = logp[row]
+        elif branch.kind == "choice":
+            # The last suffix token predicts the first token of every option.
+            for k, opt in enumerate(branch.options):
+                branch.scores[k] += float(logp[row, opt[0]])
         else:
-            j = step.get((id(branch), option), 0) + 1
-            step[(id(branch), option)] = j
-            branch.scores[option] += float(logp[row, branch.options[option][j]])
+            _take(seq.lm, branch, int(logp[row].argmax()))
+
+
+def _take(lm: LoadedModel, branch: Branch, token: int) -> None:
+    """Record a generated token; an end token finishes the branch unless the benchmark forces full length."""
+    branch.generated.append(token)
+    branch.finished_by_eos = token in lm.eos_ids and not branch.ignore_eos
 
 
 def _done(branch: Branch) -> bool:
@@ -224,8 +227,7 @@ def _generate(seq: PackedSequence, waiting: list[Branch], max_batch: int, stats:
         stats.seconds += time.perf_counter() - started
         still = []
         for branch, token in zip(active, choices, strict=True):
-            branch.generated.append(int(token))
-            branch.finished_by_eos = token in seq.lm.eos_ids and not branch.ignore_eos
+            _take(seq.lm, branch, int(token))
             if not _done(branch):
                 still.append(branch)
         active = still
