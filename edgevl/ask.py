@@ -10,9 +10,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edgevl.engine.engine import DEFAULT_MAX_PIXELS, Engine
-from edgevl.engine.loading import Precision, load_model
+from edgevl.engine.engine import Engine
+from edgevl.engine.loading import load_model
 from edgevl.errors import ConfigError
+from edgevl.images import DEFAULT_MAX_PIXELS
+from edgevl.model_files import Precision
 from edgevl.pipeline import answer_image
 from edgevl.questions import Question
 from edgevl.records import Job, default_device_id

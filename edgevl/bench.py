@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgevl import footprint
 from edgevl.errors import ModelError
+from edgevl.images import DEFAULT_MAX_PIXELS
 
 W4_TEXT_TOKENS = 24
 W4_SHORT_TOKENS = 4
@@ -82,6 +84,8 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
         result["stock_seconds_per_image"] = baseline["stock_seconds_per_image"]
         result["speedup_vs_stock"] = round(baseline["stock_seconds_per_image"] / result["seconds_per_image"], 2)
         result["text_identical_to_stock"] = result["text_tokens"] == baseline["text_tokens"]
+        estimate = footprint.estimate(path, precision, result["max_batch"], DEFAULT_MAX_PIXELS)  # type: ignore[arg-type]
+        result["estimated_bytes"] = estimate.total
         results.append(result)
     by_precision = {r["precision"]: r for r in results}
     if "float32" in by_precision:
@@ -165,6 +169,18 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         " speedup vs float32 | peak RSS | prefill (vision + prefix) s | decode s / token | load s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    memory = [
+        "",
+        "## Memory",
+        "",
+        "What the daemon estimates before it starts a worker (from the config and tensor shapes; a worker",
+        "that would not fit under `model.memory_limit` is refused), the measured resident peak, and the",
+        "peak virtual size of the same process. The virtual size is why the worker's cap is the kernel's",
+        "memory accounting (a cgroup) or a resident-size watchdog, never an address-space rlimit.",
+        "",
+        "| precision | estimate before loading | peak RSS | peak virtual size |",
+        "|---|---|---|---|",
+    ]
     for r in results:
         lines.append(
             f"| {r['precision']} | {r['seconds_per_image']:.2f} | {r['naive_seconds_per_image']:.2f} | "
@@ -173,6 +189,8 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
             f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['prefill_seconds']:.2f} | "
             f"{r['decode_seconds_per_token']:.3f} | {r['load_seconds']:.1f} |"
         )
+        memory.append(f"| {r['precision']} | {r['estimated_bytes'] / 1e9:.2f} GB | "
+                      f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_virtual_bytes'] / 1e9:.2f} GB |")
     lines += ["", "Text answer token-identical to `generate()` on the same frame (naive: same model; stock:",
               "the stock model and kernels):", ""]
     for r in results:
@@ -190,6 +208,7 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "Absolute times depend on how busy the host is (these machines are shared virtual machines; the",
         "kernel rates below were measured in the same run and show its speed). Every ratio above compares",
         "runs made one after the other in the same command.",
+        *memory,
         "",
         "## Kernels",
         "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import resource
 import statistics
 import sys
 import time
@@ -44,8 +43,7 @@ def naive_generate(model: Any, tokenizer: Any, processor: Any) -> tuple[float, l
     """One ``generate()`` per question on its full prompt, as the model card does."""
     import torch
 
-    from edgevl.engine.engine import DEFAULT_MAX_PIXELS
-    from edgevl.images import decode_image
+    from edgevl.images import DEFAULT_MAX_PIXELS, decode_image
 
     image_token = model.config.image_token_id
     image = decode_image(frame_bytes(1)).image
@@ -95,9 +93,9 @@ def main() -> int:
         stock_seconds, stock_text = stock(checkpoint, precision, threads)
         print(json.dumps({"stock_seconds_per_image": round(stock_seconds, 3), "text_tokens": stock_text}))
         return 0
-    from edgevl.engine.engine import DEFAULT_MAX_PIXELS, Engine
+    from edgevl.engine.engine import Engine
     from edgevl.engine.loading import load_model
-    from edgevl.images import decode_image
+    from edgevl.images import DEFAULT_MAX_PIXELS, decode_image
 
     lm = load_model(checkpoint, precision, threads)  # type: ignore[arg-type]
     engine = Engine(lm)
@@ -120,7 +118,8 @@ def main() -> int:
         if frame == 1:
             ours_text = answered.tokens["label"]
         print(f"  frame {frame}: {elapsed:.2f} s", file=sys.stderr)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    virtual_peak = _status_bytes("VmPeak")
     per_image = statistics.median(seconds)
     # The baseline on this very model (same weights, same kernels): the speedup
     # is then the engine's alone.
@@ -133,6 +132,8 @@ def main() -> int:
         "naive_seconds_per_image": round(naive_seconds, 3),
         "speedup": round(naive_seconds / per_image, 2),
         "peak_rss_bytes": peak,
+        "peak_virtual_bytes": virtual_peak,
+        "max_batch": engine.max_batch,
         "prefill_seconds": round(statistics.median(prefill), 3),
         "decode_seconds_per_token": round(decode_seconds / max(steps, 1), 4),
         "load_seconds": round(lm.load_seconds, 1),
@@ -140,6 +141,17 @@ def main() -> int:
         "text_identical_to_naive": ours_text == naive_text,
         "answers": answers,
     }))
+    return 0
+
+
+def _status_bytes(field: str) -> int:
+    """A peak of this process from /proc/self/status: VmHWM (resident) or VmPeak (address space, what
+    RLIMIT_AS would have to allow).  Not getrusage's ru_maxrss: Linux carries that over from the
+    parent across exec, so a benchmark started by a big parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
     return 0
 
 

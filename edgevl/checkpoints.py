@@ -155,15 +155,10 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024, seed: int = 0) -> Any
     return qwen
 
 
-def build_checkpoint(out_dir: Path, shapes: Shapes = TINY, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a random-weight Qwen3-VL model directory (config, weights, tokenizer, preprocessor)."""
-    import torch
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def qwen3_vl_config(shapes: Shapes, ids: dict[str, int], vocab: int) -> Any:
+    """The Qwen3VLConfig of ``shapes`` with the special token ids of the project's tokenizer."""
+    from transformers import Qwen3VLConfig
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(out_dir, seed=seed)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab = shapes.vocab or len(tok)
     text = {
         "hidden_size": shapes.hidden,
         "num_hidden_layers": shapes.layers,
@@ -207,6 +202,19 @@ def build_checkpoint(out_dir: Path, shapes: Shapes = TINY, seed: int = 0, dtype:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
+    return config
+
+
+def build_checkpoint(out_dir: Path, shapes: Shapes = TINY, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a random-weight Qwen3-VL model directory (config, weights, tokenizer, preprocessor)."""
+    import torch
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out_dir, seed=seed)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab = shapes.vocab or len(tok)
+    config = qwen3_vl_config(shapes, ids, vocab)
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch_dtype)

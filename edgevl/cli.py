@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from edgevl import __version__
-from edgevl.engine.loading import DEFAULT_MODEL, PRECISIONS
 from edgevl.errors import EdgevlError
+from edgevl.model_files import DEFAULT_MODEL, PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_ask(args.images, args.questions, args.rules, args.rule, args.model, args.precision,
                            args.max_pixels, args.threads, args.max_batch)
         if args.command == "model":
-            from edgevl.engine.loading import pull_model
+            from edgevl.model_files import pull_model
 
             print(pull_model(args.model_id))
             return 0

@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edgevl.engine.engine import DEFAULT_MAX_PIXELS
-from edgevl.engine.loading import DEFAULT_MODEL, Precision
 from edgevl.errors import ConfigError
+from edgevl.images import DEFAULT_MAX_PIXELS
+from edgevl.memcap import Enforcement
+from edgevl.model_files import DEFAULT_MODEL, Precision
 from edgevl.records import default_device_id
 from edgevl.rules import RulesFile, format_validation_error, load_rules
 
@@ -36,9 +37,19 @@ class ModelSettings(BaseModel):
         description="Pixels an image is resized to at most before encoding (rules may override).",
     )
     memory_limit: ByteSize = Field(default=ByteSize(10 << 30), description='Memory ceiling of the model, e.g. "10GiB".')
+    memory_enforcement: Enforcement = Field(
+        default="auto",
+        description='How memory_limit is enforced on the worker: "cgroup" (the kernel\'s accounting; needs a '
+                    'delegated cgroup), "rss" (the daemon samples and kills), "auto" (cgroup where possible).',
+    )
     stall_timeout: float = Field(
         default=0, ge=0, description="Seconds without model progress before it counts as hung; 0 = from the work."
     )
+    load_timeout: float = Field(default=600, gt=0, description="Seconds the worker may take to load the model.")
+    max_restarts: int = Field(
+        default=5, ge=0, description="Worker replacements allowed within restart_window before the daemon exits."
+    )
+    restart_window: float = Field(default=60, gt=0, description="Seconds over which max_restarts is counted.")
 
 
 class FolderSettings(BaseModel):
@@ -77,6 +88,111 @@ class DaemonSettings(BaseModel):
     status_interval: float = Field(default=10, gt=0, description="Seconds between status updates.")
 
 
+class MqttSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="", description='Broker host name or address; "" turns MQTT off.')
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description='MQTT protocol version: "5" or "3.1.1".')
+    client_id: str = Field(default="", max_length=128, description="Client id; default edgevl-<device_id>.")
+    username: str = Field(default="", description="User name; empty: no authentication.")
+    password_file: Path | None = Field(
+        default=None,
+        description="File holding the password; default $CREDENTIALS_DIRECTORY/mqtt-password when it exists "
+                    "(systemd LoadCredential=).",
+    )
+    tls: bool = Field(default=False, description="Connect over TLS.")
+    ca_file: Path | None = Field(default=None, description="CA certificate(s) of the broker; default: the system's.")
+    cert_file: Path | None = Field(default=None, description="Client certificate, for brokers that require one.")
+    key_file: Path | None = Field(default=None, description="Private key of cert_file.")
+    topic_prefix: str = Field(
+        default="edgevl", min_length=1, pattern=r"^[^#+$\x00][^#+\x00]*$",
+        description="Base topic of everything edgevl publishes: <topic_prefix>/<device_id>.",
+    )
+    qos: Literal[0, 1, 2] = Field(default=1, description="QoS of the input subscriptions and of the results.")
+    max_payload: ByteSize = Field(default=ByteSize(20 << 20), description="Larger input messages are rejected.")
+    share_group: str = Field(
+        default="", pattern=r"^[^/#+\x00]*$",
+        description="Non-empty: subscribe the inputs as $share/<group>/<topic>, so that appliances split the work.",
+    )
+    keepalive: int = Field(default=30, ge=5, le=65535, description="Seconds between keepalive pings.")
+    session_expiry: int = Field(
+        default=86400, ge=0,
+        description="Seconds the broker keeps this client's session (and queues its input) while it is offline.",
+    )
+    reconnect_max: float = Field(default=60, ge=1, description="Longest wait between reconnection attempts.")
+    status_interval: float = Field(default=30, gt=0, description="Seconds between retained status updates.")
+    ha_discovery: bool = Field(default=False, description="Publish Home Assistant discovery for every question.")
+    ha_prefix: str = Field(default="homeassistant", min_length=1, description="Home Assistant's discovery prefix.")
+
+    @field_validator("password_file", "ca_file", "cert_file", "key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> MqttSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.password_file is not None and not self.username:
+            raise ValueError("password_file needs a username")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+class HttpSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field(
+        default="127.0.0.1:8080",
+        description='host:port of the local HTTP API and commissioning page; "" turns it off. Binding beyond '
+                    "loopback is the operator's explicit choice.",
+    )
+    token_file: Path | None = Field(
+        default=None, description='File holding a token; when set, the API needs "Authorization: Bearer <token>".'
+    )
+    max_upload: ByteSize = Field(default=ByteSize(20 << 20), description="Larger requests are refused (413).")
+    max_waiting: int = Field(
+        default=4, ge=1, le=256, description="HTTP requests waiting for the model at once; more get 429."
+    )
+    request_timeout: float = Field(default=300, gt=0, description="Seconds a request waits for its answer (503).")
+    recent_results: int = Field(default=200, ge=1, le=100_000, description="Records kept for GET /v1/results.")
+    threads: int = Field(default=4, ge=1, le=64, description="Threads of the HTTP server.")
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError('listen is "host:port", e.g. "127.0.0.1:8080"')
+        return value
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise ConfigError(f"http.token_file: {self.token_file} is empty")
+        return token
+
+
 class Config(BaseSettings):
     """edgevl.toml"""
 
@@ -93,6 +209,8 @@ class Config(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings, description="The model.")
     folders: FolderSettings = Field(default_factory=FolderSettings, description="Folder inputs and outputs.")
     daemon: DaemonSettings = Field(default_factory=DaemonSettings, description="Process behaviour.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT inputs and outputs.")
+    http: HttpSettings = Field(default_factory=HttpSettings, description="Local HTTP API and commissioning page.")
 
     @classmethod
     def settings_customise_sources(
@@ -143,4 +261,13 @@ def load_daemon_rules(path: Path) -> RulesFile:
 def check(path: Path) -> tuple[Config, RulesFile]:
     """Validate the configuration and its rules file, as ``edgevl check`` and ExecStartPre do."""
     config = load_config(path)
-    return config, load_daemon_rules(config.rules)
+    rules = load_daemon_rules(config.rules)
+    if config.mqtt.enabled:
+        from edgevl.mqtt_link import read_password, tls_context
+
+        read_password(config.mqtt)
+        if config.mqtt.tls:
+            tls_context(config.mqtt)
+    if config.http.listen:
+        config.http.token()
+    return config, rules

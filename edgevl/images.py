@@ -21,6 +21,9 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 # 100 megapixels covers the largest industrial line-scan and document cameras;
 # a 1 KB PNG claiming more is a decompression bomb.
 DEFAULT_PIXEL_LIMIT = 100_000_000
+# What an image is resized to at most before encoding: 448x448 keeps a frame to
+# a few seconds on two cores (the processor's own default is ~16 M pixels).
+DEFAULT_MAX_PIXELS = 448 * 448
 MAX_SIDE = 65_500
 
 
@@ -139,3 +142,20 @@ def crop_image(img: Image.Image, box: tuple[int, int, int, int] | None) -> Image
             "crop_outside_image",
         )
     return img.crop((left, top, right, bottom))
+
+
+def image_suffix(data: bytes) -> str | None:
+    """The file suffix of a format edgevl reads, from the leading bytes; None for anything else."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return ".jpg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ".png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return ".gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    if data[:2] == b"BM":
+        return ".bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return ".tif"
+    return None

@@ -5,10 +5,13 @@ Without ``NOTIFY_SOCKET`` (not started by systemd) every call does nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 import systemd.daemon
+
+log = logging.getLogger(__name__)
 
 
 class Notifier:
@@ -20,8 +23,19 @@ class Notifier:
         self._last_watchdog = 0.0
 
     def send(self, *fields: str) -> None:
-        if self.enabled:
-            systemd.daemon.notify("\n".join(fields))
+        if not self.enabled:
+            return
+        # sd_notify does not retry a send that a signal interrupted (SIGTERM, SIGHUP
+        # arrive any time); a lost status line must never end the daemon.
+        for _ in range(3):
+            try:
+                systemd.daemon.notify("\n".join(fields))
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                log.warning("cannot notify the service manager: %s", exc)
+                return
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")

@@ -11,6 +11,21 @@ from edgevl.errors import ConfigError
 from edgevl.questions import Question
 
 
+def topic_filter_problem(topic: str) -> str | None:
+    """Why ``topic`` is not a valid MQTT subscription filter, or None."""
+    if not topic or len(topic.encode()) > 65535 or "\x00" in topic:
+        return "not a valid MQTT topic"
+    if topic.startswith("$share/"):
+        return "shared subscriptions are set with mqtt.share_group, not in the rules"
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be a whole level and the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
+
+
 class Rule(BaseModel):
     """A named set of questions and the inputs whose images they are asked of."""
 
@@ -44,6 +59,10 @@ class Rule(BaseModel):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"duplicate question ids: {', '.join(dupes)}")
+        for topic in self.topics:
+            problem = topic_filter_problem(topic)
+            if problem:
+                raise ValueError(f"topic {topic!r}: {problem}")
         if self.crop is not None and (self.crop[2] <= 0 or self.crop[3] <= 0 or min(self.crop[:2]) < 0):
             raise ValueError("crop is [x, y, width, height] with x, y >= 0 and a positive width and height")
         return self

@@ -1,7 +1,9 @@
 """The durable job spool under ``state_dir/spool``.
 
-A job is one folder, ``spool/<job_id>/``, holding ``job.json`` (where the image
-came from), the image itself, and once answered ``record.json``.  Each step is
+A job is one folder, ``spool/<key>/``, holding ``job.json`` (where the image
+came from), the image itself, and once answered ``record.json``.  The key sorts
+by arrival (the spool's FIFO order); the job id in the records is the key, or
+the id an MQTT sender gave its image.  Each step is
 an atomic rename or write, and delivery recognises its own earlier output, so a
 ``kill -9`` at any instant followed by a restart ends every claimed image with
 exactly one result or one error record.
@@ -30,6 +32,10 @@ CLAIM_DIR = ".edgevl-claim"  # beside the inbox, for inboxes on another filesyst
 class SpoolJob:
     dir: Path
     meta: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.dir.name
 
     @property
     def job_id(self) -> str:
@@ -65,6 +71,19 @@ class SpoolJob:
     def save_record(self, record: dict[str, Any]) -> None:
         atomic_write(self.record_path, json_bytes(record))
 
+    def worker_failures(self) -> list[str]:
+        """Codes of the worker deaths this job was present at; kept across daemon restarts."""
+        try:
+            data: list[str] = json.loads((self.dir / "failures.json").read_bytes())["worker"]
+            return data
+        except (FileNotFoundError, ValueError, KeyError):
+            return []
+
+    def add_worker_failure(self, code: str) -> list[str]:
+        failures = [*self.worker_failures(), code]
+        atomic_write(self.dir / "failures.json", json_bytes({"worker": failures}))
+        return failures
+
 
 def _is_job_output(job_id: str) -> Any:
     def check(path: Path) -> bool:
@@ -76,10 +95,42 @@ def _is_job_output(job_id: str) -> Any:
     return check
 
 
+INCOMING = ".incoming-"
+
+
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        for entry in root.glob(INCOMING + "*"):
+            # Written by a daemon that died before the rename: never acknowledged, so redelivered.
+            shutil.rmtree(entry, ignore_errors=True)
+
+    def accept(self, data: bytes, suffix: str, rule: str, source: dict[str, Any], received_at: str,
+               job_id: str | None = None, reply: dict[str, Any] | None = None) -> SpoolJob:
+        """Take an image that arrived as bytes: durable (fsynced) when this returns.
+
+        The job is assembled in a hidden folder and renamed into place, so the
+        loop never sees half of it.
+        """
+        key = new_job_id()
+        job_id = job_id or key
+        meta: dict[str, Any] = {"job_id": job_id, "rule": rule, "name": f"{job_id}{suffix}",
+                                "received_at": received_at, "source": source}
+        if reply:
+            meta["reply"] = reply
+        staging = self.root / f"{INCOMING}{key}"
+        staging.mkdir()
+        try:
+            job = SpoolJob(staging, meta)
+            atomic_write(job.image, data)
+            atomic_write(staging / "job.json", json_bytes(meta))
+            os.rename(staging, self.root / key)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(self.root)
+        return SpoolJob(self.root / key, meta)
 
     def claim(self, source: Path, rule: str, received_at: str) -> SpoolJob | None:
         """Take ``source`` by renaming it into the spool; None if it vanished or another daemon took it."""
@@ -113,7 +164,7 @@ class Spool:
         # the spool can then be repeated after a crash (see recover()).
         hold = source.parent / CLAIM_DIR
         hold.mkdir(exist_ok=True)
-        held = hold / f"{job.job_id}{source.suffix.lower()}"
+        held = hold / f"{job.key}{source.suffix.lower()}"
         os.rename(source, held)
         self._copy_in(held, job)
 
@@ -122,8 +173,8 @@ class Spool:
         atomic_write(job.image, held.read_bytes())
         held.unlink()
 
-    def load(self, job_id: str) -> SpoolJob:
-        folder = self.root / job_id
+    def load(self, key: str) -> SpoolJob:
+        folder = self.root / key
         return SpoolJob(folder, json.loads((folder / "job.json").read_bytes()))
 
     def pending(self) -> list[SpoolJob]:
@@ -142,8 +193,9 @@ class Spool:
                 continue
             job = SpoolJob(entry, meta)
             if not job.image.exists() and job.record() is None:
-                held = Path(meta["source"]["path"]).parent / CLAIM_DIR / f"{job.job_id}{Path(job.name).suffix.lower()}"
-                if held.exists():
+                path = meta["source"].get("path")
+                held = Path(path).parent / CLAIM_DIR / f"{job.key}{Path(job.name).suffix.lower()}" if path else None
+                if held is not None and held.exists():
                     self._copy_in(held, job)
                 else:
                     # Crashed before the rename: the image is still in its inbox.

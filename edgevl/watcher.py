@@ -97,6 +97,10 @@ class FolderWatcher:
                 raise RuntimeError("the folder observer did not stop")
             self._observer = None
 
+    @property
+    def alive(self) -> bool:
+        return self._observer is not None and bool(self._observer.is_alive())
+
     def set_rules(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         self._observer.unschedule_all()

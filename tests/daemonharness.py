@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ patterns = ["*.jpg", "*.png"]
 
 class DaemonProcess:
     def __init__(self, root: Path, model_dir: Path, config_extra: str = "", rules: str = RULES,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, http: str = "", http_extra: str = "") -> None:
         self.root = root
         self.inbox = root / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,9 @@ rescan_interval = 2
 [daemon]
 status_interval = 0.5
 stop_timeout = 30
+[http]
+listen = "{http}"
+{http_extra}
 {config_extra}
 """)
         self.sock_path = root / "notify.sock"
@@ -72,7 +77,11 @@ stop_timeout = 30
         self.sock_path.unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
+        self.sock.settimeout(0.1)
         self.messages = []
+        # Drained all the time, as systemd does: a full socket would block the daemon's sd_notify.
+        self._reader = threading.Thread(target=self._drain, args=(self.sock,), daemon=True)
+        self._reader.start()
         env = {**os.environ, "NOTIFY_SOCKET": str(self.sock_path), "WATCHDOG_USEC": "1000000", **self.env}
         env.pop("JOURNAL_STREAM", None)
         with self.log_path.open("ab") as log:
@@ -80,15 +89,18 @@ stop_timeout = 30
                                          stdout=log, stderr=log, env=env)
         return self
 
+    def _drain(self, sock: socket.socket) -> None:
+        while self.sock is sock:
+            try:
+                self.messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
     def read_notify(self, timeout: float) -> None:
-        assert self.sock is not None
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                self.messages.append(self.sock.recv(4096).decode())
-                self.sock.settimeout(0)
-        except (TimeoutError, BlockingIOError):
-            pass
+        """Give the daemon ``timeout`` seconds to say more (the reader thread collects it)."""
+        time.sleep(timeout)
 
     def wait_notify(self, needle: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
@@ -104,6 +116,31 @@ stop_timeout = 30
                 raise AssertionError(f"daemon exited ({self.proc.returncode}) before {needle!r}: {self.log()}")
             self.read_notify(0.2)
         raise AssertionError(f"no {needle!r} from the daemon within {timeout} s; log:\n{self.log()}")
+
+    def worker(self) -> tuple[int, str, int]:
+        """(pid, state, restarts) of the model worker, from the latest STATUS= that names it."""
+        for m in reversed(self.messages):
+            found = re.search(r"worker (\d+) (\w+), up \d+ s, restarts (\d+)", m)
+            if found:
+                return int(found.group(1)), found.group(2), int(found.group(3))
+        raise AssertionError(f"no worker status in {self.messages[-5:]}")
+
+    def wait_worker(self, state: str, restarts: int | None = None, timeout: float = 60) -> int:
+        """Wait until the worker is in ``state`` (with ``restarts`` replacements so far); its pid."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.read_notify(0.2)
+            try:
+                pid, now, count = self.worker()
+            except AssertionError:
+                continue
+            if now == state and (restarts is None or count == restarts):
+                return pid
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}); log:\n{self.log()}")
+        raise AssertionError(f"worker not {state} (restarts {restarts}) within {timeout} s: "
+                             f"{self.messages[-3:]}; log:\n{self.log()}")
 
     def records(self) -> list[dict[str, Any]]:
         out = []
@@ -141,9 +178,10 @@ stop_timeout = 30
         self.close()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self._reader.join(5)
+            sock.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -83,6 +83,7 @@ def test_sighup_reloads_valid_rules_and_keeps_them_on_invalid(tmp_path: Path, te
     d = DaemonProcess(tmp_path, test_model_dir).start()
     try:
         d.wait_notify("READY=1")
+        worker = d.wait_worker("ready")
         d.rules_path.write_text("[[rule]]\nname = 'cam'\nbogus = true\n")
         d.signal(signal.SIGHUP)
         d.wait_notify("RELOADING=1")
@@ -98,6 +99,7 @@ def test_sighup_reloads_valid_rules_and_keeps_them_on_invalid(tmp_path: Path, te
         d.signal(signal.SIGHUP)
         d.wait_notify("RELOADING=1")
         d.wait_notify("READY=1")
+        assert d.wait_worker("ready", restarts=0) == worker, "a rules reload keeps the loaded model"
         (d.inbox / "b.jpg").write_bytes(_jpeg(2))
         records = d.wait_records(2)
         second = next(r for r in records if r["source"]["path"].endswith("b.jpg"))
@@ -115,7 +117,7 @@ def test_sigterm_finishes_the_current_image_and_a_second_one_stops_at_once(tmp_p
     (d.inbox / "b.jpg").write_bytes(_jpeg(2))
     d.start()
     d.wait_notify("READY=1")
-    d.wait_notify("working on")
+    d.wait_notify(" busy,")
     d.signal(signal.SIGTERM)
     d.wait_notify("STOPPING=1")
     assert d.proc is not None
@@ -137,7 +139,7 @@ def test_sigterm_finishes_the_current_image_and_a_second_one_stops_at_once(tmp_p
     d.read_notify(0.6)
     d.messages.clear()
     (d.inbox / "c.jpg").write_bytes(_jpeg(3))
-    d.wait_notify("working on")
+    d.wait_notify(" busy,")
     d.signal(signal.SIGTERM)
     d.wait_notify("STOPPING=1")
     hold.unlink()
@@ -145,32 +147,6 @@ def test_sigterm_finishes_the_current_image_and_a_second_one_stops_at_once(tmp_p
     d.close()
     assert len(d.records()) == 3
     assert "stopped cleanly" in d.log()
-
-
-def test_watchdog_is_fed_only_while_the_model_makes_progress(tmp_path: Path, test_model_dir: Path) -> None:
-    hold = tmp_path / "hold"
-    d = DaemonProcess(tmp_path, test_model_dir, config_extra="", env={"EDGEVL_TEST_HOLD_FILE": str(hold)})
-    d.config.write_text(d.config.read_text().replace("threads = 1", "threads = 1\nstall_timeout = 1"))
-    d.start()
-    try:
-        d.wait_notify("READY=1")
-        d.wait_notify("WATCHDOG=1")
-        hold.touch()
-        (d.inbox / "a.jpg").write_bytes(_jpeg(1))
-        d.wait_notify("working on")
-        time.sleep(1.5)  # past the 1 s stall timeout
-        d.read_notify(0.01)  # drain what was sent before the stall
-        d.messages.clear()
-        d.read_notify(2.0)
-        assert d.messages, "status updates continue"
-        assert not any("WATCHDOG=1" in m for m in d.messages), "a stuck model must starve the watchdog"
-        hold.unlink()
-        d.wait_records(1)
-        d.messages.clear()
-        d.wait_notify("WATCHDOG=1")
-    finally:
-        hold.unlink(missing_ok=True)
-        assert d.stop() == 0
 
 
 def test_kill_9_at_random_points_loses_and_doubles_nothing(tmp_path: Path, test_model_dir: Path) -> None:
@@ -211,11 +187,16 @@ def test_two_daemons_sharing_a_folder_answer_each_image_once(tmp_path: Path, tes
     for d in (a, b):
         d.rules_path.write_text(d.rules_path.read_text().replace(str(d.inbox), str(shared)))
     names = [f"f{i:02d}.jpg" for i in range(16)]
-    for i, name in enumerate(names):
-        (shared / name).write_bytes(_jpeg(i))
     a.start()
     b.start()
     try:
+        # Both must be able to work before the frames arrive; otherwise the first
+        # model loaded may answer every frame before the second is up, which is fine
+        # for the product but proves nothing about sharing.
+        a.wait_notify("READY=1")
+        b.wait_notify("READY=1")
+        for i, name in enumerate(names):
+            (shared / name).write_bytes(_jpeg(i))
         deadline = time.monotonic() + 120
         while len(a.records()) + len(b.records()) < len(names) and time.monotonic() < deadline:
             a.read_notify(0.1)

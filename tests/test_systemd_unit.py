@@ -42,5 +42,5 @@ def test_unit_is_notify_with_watchdog_and_check() -> None:
     text = (ROOT / "systemd/edgevl.service").read_text()
     for line in ("Type=notify", "WatchdogSec=", "ExecStartPre=@PREFIX@/.venv/bin/edgevl check",
                  "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "StateDirectory=edgevl",
-                 "ProtectSystem=strict", "MemoryMax="):
+                 "ProtectSystem=strict", "MemoryMax=", "Delegate=memory", "KillMode=mixed"):
         assert line in text

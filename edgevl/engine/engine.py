@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,8 @@ from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import QuestionPrompt, build_prompt, continuation_ids, preprocess_image
 from edgevl.engine.tuning import default_max_batch
 from edgevl.errors import ModelError
+from edgevl.images import DEFAULT_MAX_PIXELS
 from edgevl.questions import Question
-
-DEFAULT_MAX_PIXELS = 448 * 448
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,10 @@ class Answered:
 class Engine:
     """Answers questions about images with a loaded Qwen3-VL."""
 
-    def __init__(self, lm: LoadedModel, max_batch: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, lm: LoadedModel, max_batch: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 on_progress: Callable[[], None] | None = None) -> None:
         self.lm = lm
+        self.on_progress = on_progress
         self.max_batch = max_batch or default_max_batch()
         self.max_pixels = max_pixels
         # Monotonic time of the model's last finished forward pass: lets a
@@ -75,6 +76,8 @@ class Engine:
 
     def _progress(self) -> None:
         self.last_progress = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
         if question.type == "yes_no":

@@ -12,25 +12,22 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
 import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgevl.engine.kernels import Int8Embedding, convert_linears, int8_linear, quantize_rows
 from edgevl.errors import ModelError
+from edgevl.model_files import PRECISIONS, Precision, checkpoint_files, resolve_model_path
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["float32", "bfloat16", "int8"]
-PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
-DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
 _LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks|deepstack_merger_list)\.\d+)\.")
 # Tensors larger than this are read in row chunks, so that the file's dtype and
@@ -65,51 +62,6 @@ class LoadedModel:
     @property
     def config(self) -> Any:
         return self.model.config
-
-
-def resolve_model_path(model_id: str) -> Path:
-    """A local directory, or a Hugging Face repo id looked up in the local cache only (no network)."""
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a model directory (no config.json)", "model_missing")
-        return path
-    if model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1:
-        raise ModelError(f"model directory {model_id} does not exist", "model_missing")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=model_id, local_files_only=True))
-    except Exception:
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise ModelError(
-            f"model {model_id} is not in the local Hugging Face cache ({cache}); "
-            f"fetch it on a connected machine with: edgevl model pull {model_id}",
-            "model_missing",
-        ) from None
-
-
-def pull_model(model_id: str) -> Path:
-    """Download a model into the local Hugging Face cache, with a progress bar."""
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-    return Path(snapshot_download(repo_id=model_id, allow_patterns=patterns))
-
-
-def _checkpoint_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file holding it."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: path / name for key, name in weight_map.items()}
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise ModelError(f"{path} holds no model.safetensors weights", "model_missing")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
 
 
 def _rebuild_meta_buffers(model: nn.Module) -> None:
@@ -177,10 +129,21 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    from safetensors import safe_open
+
+    files = {}
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision) -> set[str]:
     from safetensors import safe_open
 
-    files = _checkpoint_files(path)
+    files = _tensor_files(path)
     # One group per layer, or per module outside the layers; each group is
     # converted to its kernels as soon as it is loaded.
     groups: dict[tuple[Path, str], list[str]] = defaultdict(list)

@@ -1,0 +1,252 @@
+"""The HTTP API of a real ``edgevl run`` with the test model: every endpoint, the token, bad uploads, a full queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.broker import free_port
+from tests.daemonharness import DaemonProcess
+from tests.imagegen import encode, noise_image
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "t0ken-for-tests"
+
+
+def _jpeg(seed: int) -> bytes:
+    return encode(noise_image(160, 120, seed=seed), "JPEG")
+
+
+class Client:
+    def __init__(self, port: int, token: str | None = TOKEN) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.token = token
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                token: str | None = "default") -> tuple[int, Any, bytes]:
+        headers = {}
+        if content_type:
+            headers["Content-Type"] = content_type
+        token = self.token if token == "default" else token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, err.read()
+
+    def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        status, _, body = self.request("GET", path, **kw)
+        return status, json.loads(body) if body.startswith((b"{", b"[")) else body.decode()
+
+    def ask_json(self, payload: dict[str, Any]) -> tuple[int, Any]:
+        status, _, body = self.request("POST", "/v1/ask", json.dumps(payload).encode(), "application/json")
+        return status, json.loads(body)
+
+    def ask_form(self, fields: list[tuple[str, str]], image: bytes | None, **kw: Any) -> tuple[int, Any]:
+        boundary = uuid.uuid4().hex
+        out = b""
+        for name, value in fields:
+            out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").encode()
+        if image is not None:
+            out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"frame.jpg\"\r\n"
+                    "Content-Type: image/jpeg\r\n\r\n").encode() + image + b"\r\n"
+        out += f"--{boundary}--\r\n".encode()
+        status, _, body = self.request("POST", "/v1/ask", out, f"multipart/form-data; boundary={boundary}", **kw)
+        return status, json.loads(body)
+
+
+def _daemon(tmp_path: Path, model: Path, extra: str = "", env: dict[str, str] | None = None) -> tuple[
+        DaemonProcess, Client]:
+    port = free_port()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    d = DaemonProcess(tmp_path, model, http=f"127.0.0.1:{port}", env=env,
+                      http_extra=f'token_file = "{tmp_path / "token"}"\nmax_upload = "64KiB"\n{extra}')
+    return d, Client(port)
+
+
+def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_model_dir: Path) -> None:
+    d, client = _daemon(tmp_path, test_model_dir)
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        assert client.get("/healthz", token=None) == (200, {"ok": True, "worker": "ready", "inputs": "watching",
+                                                           "stopping": False})
+        status, headers, body = client.request("GET", "/v1/rules", token=None)
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert json.loads(body)["error"]["code"] == "unauthorized"
+        assert client.get("/v1/rules", token="wrong")[0] == 401
+        assert client.get("/metrics", token=None)[0] == 401
+        status, page = client.get("/", token=None)
+        assert status == 200
+        assert "<title>edgevl</title>" in page
+
+        status, rules = client.get("/v1/rules")
+        assert status == 200
+        assert [r["name"] for r in rules["rules"]] == ["cam"]
+        assert [q["id"] for q in rules["rules"][0]["question"]] == ["defect", "label"]
+
+        (d.inbox / "from-folder.jpg").write_bytes(_jpeg(1))
+        d.wait_records(1)
+
+        status, record = client.ask_form([("rule", "cam")], _jpeg(2))
+        assert status == 200, record
+        assert record["schema"] == "edgevl.result/1"
+        assert record["source"] == {"kind": "http"}
+        assert record["rule"] == "cam"
+        assert set(record["answers"]) == {"defect", "label"}
+        assert 0 <= record["answers"]["defect"]["confidence"] <= 1
+
+        status, record = client.ask_json({"image": base64.b64encode(_jpeg(3)).decode(), "questions": [
+            {"id": "ok", "ask": "Is the part OK?", "type": "yes_no"},
+            {"ask": "Which side is up?", "type": "choice", "options": ["top", "bottom"]}]})
+        assert status == 200, record
+        assert record["rule"] == "adhoc"
+        assert record["answers"]["ok"]["type"] == "yes_no"
+        assert record["answers"]["q2"]["value"] in ("top", "bottom")
+        assert set(record["answers"]["q2"]["probabilities"]) == {"top", "bottom"}
+
+        status, record = client.ask_form([("question", "Count the screws."), ("type", "number"),
+                                          ("question", "Colour?"), ("type", "choice"), ("options", ""),
+                                          ("options", "red, green")], _jpeg(4))
+        assert status == 200, record
+        assert [a["type"] for a in record["answers"].values()] == ["number", "choice"]
+
+        # Bad requests: each with its status and an error record.
+        status, record = client.ask_form([("rule", "cam")], _jpeg(5)[:300])
+        assert (status, record["error"]["code"]) == (400, "image_unreadable")
+        assert client.ask_form([("rule", "cam")], b"%PDF-1.7 not an image")[1]["error"]["code"] == "unsupported_format"
+        status, record = client.ask_form([("rule", "cam")], None)
+        assert (status, record["error"]["code"]) == (400, "image_empty")
+        assert client.ask_form([("rule", "nope")], _jpeg(6))[1]["error"]["code"] == "rule_missing"
+        assert client.ask_form([], _jpeg(6))[0] == 400
+        big = b"\xff\xd8\xff" + bytes(100 << 10)
+        status, record = client.ask_form([("rule", "cam")], big)
+        assert (status, record["error"]["code"]) == (413, "payload_too_large")
+        status, record = client.ask_json({"image": "@@@", "rule": "cam"})
+        assert (status, record["error"]["code"]) == (400, "bad_request")
+        status, record = client.ask_json({"image": base64.b64encode(_jpeg(7)).decode(),
+                                          "questions": [{"ask": "?", "type": "choice"}]})
+        assert (status, record["error"]["code"]) == (400, "bad_question")
+        assert client.request("POST", "/v1/ask", b"x", "text/plain")[0] == 415
+
+        status, results = client.get("/v1/results?rule=cam&limit=5")
+        assert status == 200
+        kinds = [r["source"]["kind"] for r in results["results"]]
+        assert kinds[-1] == "folder"
+        assert "http" in kinds
+        assert all(r["rule"] == "cam" for r in results["results"])
+        assert len(client.get("/v1/results?limit=1")[1]["results"]) == 1
+
+        status, text = client.get("/metrics")
+        assert status == 200
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        assert samples[("edgevl_jobs_total", (("outcome", "answered"), ("source", "http")))] == 3
+        assert samples[("edgevl_jobs_total", (("outcome", "answered"), ("source", "folder")))] == 1
+        assert samples[("edgevl_jobs_total", (("outcome", "image_unreadable"), ("source", "http")))] == 1
+        assert samples[("edgevl_stage_seconds_count", (("stage", "total"),))] == 4
+        assert samples[("edgevl_worker_restarts", ())] == 0
+        assert samples[("edgevl_worker_up", ())] == 1
+        assert samples[("edgevl_worker_rss_bytes", ())] > 50e6
+        assert samples[("edgevl_queue_depth", ())] == 0
+        info = next(k for k in samples if k[0] == "edgevl_model_info")
+        assert ("precision", "float32") in info[1]
+
+        status, state = client.get("/v1/status")
+        assert status == 200
+        assert (state["done"], state["failed"], state["worker"]["state"]) == (4, 1, "ready")
+
+        # The worker dies: /healthz says 503 until its replacement has loaded the model.
+        os.kill(state["worker"]["pid"], signal.SIGKILL)
+        seen = set()
+        deadline = time.monotonic() + 60
+        while (seen != {503, 200} or client.get("/healthz", token=None)[0] != 200) and time.monotonic() < deadline:
+            status, health = client.get("/healthz", token=None)
+            seen.add(status)
+            if status == 503:
+                assert health["worker"] in ("down", "loading")
+        assert seen == {503, 200}
+        assert client.get("/v1/status")[1]["worker"]["restarts"] == 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_full_queue_answers_429_and_people_go_before_the_folders(tmp_path: Path, test_model_dir: Path) -> None:
+    hold = tmp_path / "hold"
+    hold.write_text("http")  # the worker holds HTTP jobs until the file goes
+    d, client = _daemon(tmp_path, test_model_dir, "max_waiting = 1", env={"EDGEVL_TEST_HOLD_FILE": str(hold)})
+    d.start()
+    answers: dict[str, tuple[int, Any]] = {}
+
+    def ask(name: str) -> None:
+        answers[name] = client.ask_form([("rule", "cam")], _jpeg(len(name)))
+
+    try:
+        d.wait_notify("READY=1")
+        first = threading.Thread(target=ask, args=("first",))
+        first.start()
+        d.wait_worker("busy")
+        (d.inbox / "waiting.jpg").write_bytes(_jpeg(9))  # settles while the person's job runs
+        second = threading.Thread(target=ask, args=("second",))
+        second.start()
+        d.wait_notify("queued 2")  # the second request and the file
+        status, record = client.ask_form([("rule", "cam")], _jpeg(1))
+        assert (status, record["error"]["code"]) == (429, "busy")
+        assert client.get("/healthz", token=None)[0] == 200
+        hold.unlink()
+        first.join(60)
+        second.join(60)
+        assert answers["first"][0] == 200
+        assert answers["second"][0] == 200
+        d.wait_records(1)
+        done = [r["source"]["kind"] for r in client.get("/v1/results?limit=10")[1]["results"]]
+        assert done == ["folder", "http", "http"], "the waiting person before the waiting file"
+    finally:
+        assert d.stop() == 0
+
+
+def test_on_sigterm_the_running_request_is_answered_and_the_waiting_one_gets_503(tmp_path: Path,
+                                                                                  test_model_dir: Path) -> None:
+    hold = tmp_path / "hold"
+    hold.write_text("http")
+    d, client = _daemon(tmp_path, test_model_dir, env={"EDGEVL_TEST_HOLD_FILE": str(hold)})
+    d.start()
+    answers: dict[str, tuple[int, Any]] = {}
+
+    def ask(name: str) -> None:
+        answers[name] = client.ask_form([("rule", "cam")], _jpeg(len(name)))
+
+    threads = {name: threading.Thread(target=ask, args=(name,)) for name in ("running", "waiting")}
+    try:
+        d.wait_notify("READY=1")
+        threads["running"].start()
+        d.wait_worker("busy")
+        threads["waiting"].start()
+        d.wait_notify("queued 1")
+        d.signal(signal.SIGTERM)
+        threads["waiting"].join(30)
+        status, record = answers["waiting"]
+        assert (status, record["error"]["code"]) == (503, "stopping")
+        assert client.get("/healthz", token=None)[1]["stopping"] is True
+        hold.unlink()
+        threads["running"].join(30)
+        assert answers["running"][0] == 200
+    finally:
+        assert d.stop() == 0
