@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from edgevl.bench import W4_SHORT_TOKENS, W4_TEXT_TOKENS
+from edgevl.memcap import own_peak_bytes
 from edgevl.questions import Question
 
 W4_QUESTIONS = (
@@ -118,8 +119,8 @@ def main() -> int:
         if frame == 1:
             ours_text = answered.tokens["label"]
         print(f"  frame {frame}: {elapsed:.2f} s", file=sys.stderr)
-    peak = _status_bytes("VmHWM")
-    virtual_peak = _status_bytes("VmPeak")
+    peak = own_peak_bytes("VmHWM")
+    virtual_peak = own_peak_bytes("VmPeak")
     per_image = statistics.median(seconds)
     # The baseline on this very model (same weights, same kernels): the speedup
     # is then the engine's alone.
@@ -141,17 +142,6 @@ def main() -> int:
         "text_identical_to_naive": ours_text == naive_text,
         "answers": answers,
     }))
-    return 0
-
-
-def _status_bytes(field: str) -> int:
-    """A peak of this process from /proc/self/status: VmHWM (resident) or VmPeak (address space, what
-    RLIMIT_AS would have to allow).  Not getrusage's ru_maxrss: Linux carries that over from the
-    parent across exec, so a benchmark started by a big parent would report the parent's size."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
     return 0
 
 

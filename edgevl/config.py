@@ -10,9 +10,18 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edgevl.errors import ConfigError
@@ -23,6 +32,10 @@ from edgevl.records import default_device_id
 from edgevl.rules import RulesFile, format_validation_error, load_rules
 
 DEFAULT_CONFIG = Path("/etc/edgevl/edgevl.toml")
+
+
+# A path that "" (as in TOML or an environment override) turns off.
+OptionalPath = Annotated[Path | None, BeforeValidator(lambda value: None if value in ("", None) else value)]
 
 
 class ModelSettings(BaseModel):
@@ -58,7 +71,7 @@ class FolderSettings(BaseModel):
     results: Path = Field(
         default=Path("/var/lib/edgevl/results"), description="Result records go to <results>/<rule>/."
     )
-    archive: Path | None = Field(
+    archive: OptionalPath = Field(
         default=Path("/var/lib/edgevl/archive"),
         description='Processed images go to <archive>/<rule>/; "" deletes them instead.',
     )
@@ -72,11 +85,6 @@ class FolderSettings(BaseModel):
     rescan_interval: float = Field(
         default=30, gt=0, description="Seconds between full rescans that catch events the watcher missed."
     )
-
-    @field_validator("archive", mode="before")
-    @classmethod
-    def _empty_means_delete(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
 
 class DaemonSettings(BaseModel):
@@ -96,15 +104,15 @@ class MqttSettings(BaseModel):
     protocol: Literal["5", "3.1.1"] = Field(default="5", description='MQTT protocol version: "5" or "3.1.1".')
     client_id: str = Field(default="", max_length=128, description="Client id; default edgevl-<device_id>.")
     username: str = Field(default="", description="User name; empty: no authentication.")
-    password_file: Path | None = Field(
+    password_file: OptionalPath = Field(
         default=None,
         description="File holding the password; default $CREDENTIALS_DIRECTORY/mqtt-password when it exists "
                     "(systemd LoadCredential=).",
     )
     tls: bool = Field(default=False, description="Connect over TLS.")
-    ca_file: Path | None = Field(default=None, description="CA certificate(s) of the broker; default: the system's.")
-    cert_file: Path | None = Field(default=None, description="Client certificate, for brokers that require one.")
-    key_file: Path | None = Field(default=None, description="Private key of cert_file.")
+    ca_file: OptionalPath = Field(default=None, description="CA certificate(s) of the broker; default: the system's.")
+    cert_file: OptionalPath = Field(default=None, description="Client certificate, for brokers that require one.")
+    key_file: OptionalPath = Field(default=None, description="Private key of cert_file.")
     topic_prefix: str = Field(
         default="edgevl", min_length=1, pattern=r"^[^#+$\x00][^#+\x00]*$",
         description="Base topic of everything edgevl publishes: <topic_prefix>/<device_id>.",
@@ -124,11 +132,6 @@ class MqttSettings(BaseModel):
     status_interval: float = Field(default=30, gt=0, description="Seconds between retained status updates.")
     ha_discovery: bool = Field(default=False, description="Publish Home Assistant discovery for every question.")
     ha_prefix: str = Field(default="homeassistant", min_length=1, description="Home Assistant's discovery prefix.")
-
-    @field_validator("password_file", "ca_file", "cert_file", "key_file", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
     @model_validator(mode="after")
     def _check(self) -> MqttSettings:
@@ -151,7 +154,7 @@ class HttpSettings(BaseModel):
         description='host:port of the local HTTP API and commissioning page; "" turns it off. Binding beyond '
                     "loopback is the operator's explicit choice.",
     )
-    token_file: Path | None = Field(
+    token_file: OptionalPath = Field(
         default=None, description='File holding a token; when set, the API needs "Authorization: Bearer <token>".'
     )
     max_upload: ByteSize = Field(default=ByteSize(20 << 20), description="Larger requests are refused (413).")
@@ -161,11 +164,6 @@ class HttpSettings(BaseModel):
     request_timeout: float = Field(default=300, gt=0, description="Seconds a request waits for its answer (503).")
     recent_results: int = Field(default=200, ge=1, le=100_000, description="Records kept for GET /v1/results.")
     threads: int = Field(default=4, ge=1, le=64, description="Threads of the HTTP server.")
-
-    @field_validator("token_file", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
     @field_validator("listen")
     @classmethod

@@ -31,7 +31,7 @@ from edgevl.memcap import format_bytes
 from edgevl.metrics import Metrics
 from edgevl.mqtt_service import MqttService
 from edgevl.notify import Notifier
-from edgevl.records import now_rfc3339
+from edgevl.records import RESULT_SCHEMA, now_rfc3339
 from edgevl.rules import Rule, RulesFile
 from edgevl.spool import Spool, SpoolJob
 from edgevl.supervisor import Finished, Lost, WorkerSupervisor
@@ -226,11 +226,13 @@ class Daemon:
                 job.future.set_result(job.job.error("stopping", "edgevl stopped before answering"))
         self.http_running.clear()
 
-    def _record_done(self, record: dict[str, Any]) -> None:
-        failed = record["schema"] != "edgevl.result/1"
+    def _record_done(self, record: dict[str, Any]) -> bool:
+        """Count a finished job of any source; True when its record is an error."""
+        failed: bool = record["schema"] != RESULT_SCHEMA
         self.counts["failed" if failed else "done"] += 1
         self.recent.add(record)
         self.metrics.observe(record)
+        return failed
 
     def status_text(self) -> str:
         counts = self._counts()
@@ -329,9 +331,7 @@ class Daemon:
             return
         self.retry.pop(key, None)
         assert record is not None
-        failed = record["schema"] != "edgevl.result/1"
-        self._record_done(record)
-        if failed:
+        if self._record_done(record):
             log.warning("job %s failed: %s: %s → %s", job_id, record["error"]["code"], record["error"]["message"],
                         target, extra=extra)
         else:

@@ -21,8 +21,9 @@ import falcon
 from pydantic import ValidationError
 
 from edgevl.config import HttpSettings
+from edgevl.errors import ImageError
 from edgevl.http_jobs import HttpJob, HttpQueue, QueueFull, RecentRecords
-from edgevl.images import image_suffix
+from edgevl.images import accepted_suffix
 from edgevl.metrics import Metrics
 from edgevl.questions import Question
 from edgevl.records import RESULT_SCHEMA, Job
@@ -207,8 +208,10 @@ class _Ask:
         image, rule_name, questions, options = self._parse(req)
         if not image:
             raise ApiError(400, "image_empty", "no image in the request (multipart field \"image\")")
-        if image_suffix(image) is None:
-            raise ApiError(400, "unsupported_format", "not an image edgevl reads (JPEG, PNG, WebP, BMP, TIFF or GIF)")
+        try:
+            accepted_suffix(image)
+        except ImageError as exc:
+            raise ApiError(400, exc.code, exc.message) from None
         if rule_name is not None and questions:
             raise ApiError(400, "bad_request", "give a rule or questions, not both")
         if rule_name is not None:

@@ -159,3 +159,12 @@ def image_suffix(data: bytes) -> str | None:
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return ".tif"
     return None
+
+
+def accepted_suffix(data: bytes) -> str:
+    """``image_suffix``, or ``ImageError`` (``unsupported_format``) for bytes of no accepted format: the inputs
+    that keep an image before the worker decodes it (MQTT, HTTP) refuse other bytes at once."""
+    suffix = image_suffix(data)
+    if suffix is None:
+        raise ImageError("not an image edgevl reads (JPEG, PNG, WebP, BMP, TIFF or GIF)", "unsupported_format")
+    return suffix

@@ -192,6 +192,17 @@ def rss_bytes(pid: int) -> int | None:
         return None
 
 
+def own_peak_bytes(field: Literal["VmHWM", "VmPeak"]) -> int:
+    """A peak of this process from /proc/self/status: VmHWM (resident) or VmPeak (address space, what
+    RLIMIT_AS would have to allow).  Not getrusage's ru_maxrss: Linux carries that over from the
+    parent across exec, so a process started by a big parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def format_bytes(n: float) -> str:
     if n >= 1 << 30:
         return f"{n / (1 << 30):.1f} GiB"

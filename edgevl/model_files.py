@@ -70,6 +70,7 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    file: Path  # the safetensors file holding it
 
     @property
     def numel(self) -> int:
@@ -93,7 +94,7 @@ def read_tensor_infos(path: Path) -> list[TensorInfo]:
             raise ModelError(f"{file} is not a readable safetensors file: {exc}", "model_unsupported") from None
         for name, entry in header.items():
             if name != "__metadata__":
-                infos.append(TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"])))
+                infos.append(TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), file))
     return infos
 
 

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from paho.mqtt.client import topic_matches_sub
 
-from edgevl.errors import EdgevlError
-from edgevl.images import image_suffix
+from edgevl.errors import EdgevlError, ImageError
+from edgevl.images import accepted_suffix
 from edgevl.mqtt_messages import JSON, Topics, record_messages
 from edgevl.outbox import Outbox
 from edgevl.records import Job, new_job_id, now_rfc3339
@@ -158,10 +158,8 @@ class MqttIntake:
         with self._lock:
             try:
                 image, job_id, meta = parse(message, self.max_payload)
-                if image_suffix(image) is None:
-                    raise Rejected("not an image edgevl reads (JPEG, PNG, WebP, BMP, TIFF or GIF)",
-                                   "unsupported_format")
-            except Rejected as exc:
+                suffix = accepted_suffix(image)
+            except (Rejected, ImageError) as exc:
                 job = Job(rule=rule.name, source=source, device_id=self.device_id, job_id=new_job_id(),
                           received_at=received_at)
                 record = job.error(exc.code, exc.message)
@@ -177,7 +175,6 @@ class MqttIntake:
                 return "duplicate"
             if meta is not None:
                 source["meta"] = meta
-            suffix = image_suffix(image) or ".bin"
             taken = self.spool.accept(image, suffix, rule.name, source, received_at, job_id, reply)
             if job_id is not None:
                 self.seen.add(job_id)

@@ -64,7 +64,7 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
 
 class MqttLink:
     def __init__(self, settings: MqttSettings, client_id: str, will: tuple[str, str],
-                 on_message: Callable[[Inbound], bool], on_connected: Callable[[], None],
+                 on_message: Callable[[Inbound], object], on_connected: Callable[[], None],
                  wake: threading.Event) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -227,8 +227,10 @@ class MqttLink:
             correlation=getattr(props, "CorrelationData", None),
             response_topic=getattr(props, "ResponseTopic", None),
         )
+        # Stored (or answered with an error record) unless it raises: only then is it left unacknowledged.
         try:
-            ack = self.on_message(inbound)
+            self.on_message(inbound)
+            ack = True
         except OSError as exc:
             log.error("cannot store a message from %s: %s; not acknowledged, so the broker keeps it",
                       message.topic, exc.strerror or exc, extra={"EDGEVL_TOPIC": message.topic})

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from edgevl.config import Config
-from edgevl.mqtt_intake import Inbound, MqttIntake
+from edgevl.mqtt_intake import MqttIntake
 from edgevl.mqtt_link import MqttLink
 from edgevl.mqtt_messages import OutMessage, Topics, discovery_messages, record_messages, status_payload
 from edgevl.outbox import Outbox
@@ -46,10 +46,10 @@ class MqttService:
                 self.seen.add(job.job_id)
         self.intake = MqttIntake(spool, self.seen, self.outbox, self.topics, config.device_id, s.qos,
                                  int(s.max_payload), rules, wake.set)
-        self.rules = rules
         client_id = s.client_id or f"edgevl-{config.device_id}"
         will = (self.topics.status, self._status("offline"))
-        self.link = MqttLink(s, client_id, will, self._take, self._connected, wake)
+        # intake.take raises OSError when it cannot store a message: the message is then not acknowledged.
+        self.link = MqttLink(s, client_id, will, self.intake.take, self._connected, wake)
         self.link.filters = self._filters()
         self.state = "online"
         self._inflight: dict[str, set[int]] = {}  # outbox entry -> its unacknowledged message ids
@@ -89,10 +89,6 @@ class MqttService:
         return status_payload(state, **fields)
 
     # paho's thread
-    def _take(self, message: Inbound) -> bool:
-        self.intake.take(message)  # OSError: not stored, not acknowledged
-        return True
-
     def _connected(self) -> None:
         self.link.publish(OutMessage(self.topics.status, self._status(self.state), 1, retain=True))
         if self.settings.ha_discovery:
@@ -100,7 +96,7 @@ class MqttService:
 
     def _publish_discovery(self) -> None:
         configs = discovery_messages(self.topics, self.settings.ha_prefix, self.config.device_id,
-                                     self.config.model.id, self.rules)
+                                     self.config.model.id, self.intake.rules)
         for topic in sorted(self._discovered - set(configs)):  # questions that left the rules
             self.link.publish(OutMessage(topic, "", 1, retain=True))
         for topic, payload in configs.items():
@@ -114,7 +110,6 @@ class MqttService:
         self.outbox.put(record_messages(self.topics, record, self.settings.qos, job.meta.get("reply")), key=job.key)
 
     def set_rules(self, rules: tuple[Rule, ...]) -> None:
-        self.rules = rules
         self.intake.set_rules(rules)
         self.link.set_filters(self._filters())
         if self.settings.ha_discovery and self.link.connected:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevl.fsutil import atomic_write, candidate_names, fsync_dir, json_bytes, move_new, place_new
-from edgevl.records import Job, new_job_id
+from edgevl.records import RESULT_SCHEMA, Job, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Spool:
         stem, suffix = Path(job.name).stem, Path(job.name).suffix
         ours = _is_job_output(job.job_id)
         data = json_bytes(record)
-        if record["schema"] == "edgevl.result/1":
+        if record["schema"] == RESULT_SCHEMA:
             delivered = place_new(results / job.rule, candidate_names(stem, ".json"), data, ours)
             if job.image.exists():
                 if archive is None:

@@ -85,12 +85,10 @@ _MEASURE = """
 import json, sys
 import torch, transformers  # baseline: the libraries themselves
 from edgevl.engine.loading import load_model
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-base = hwm()
+from edgevl.memcap import own_peak_bytes
+base = own_peak_bytes("VmHWM")
 lm = load_model(sys.argv[1], sys.argv[2])
-print(json.dumps({"base": base, "peak": hwm()}))
+print(json.dumps({"base": base, "peak": own_peak_bytes("VmHWM")}))
 """
 
 

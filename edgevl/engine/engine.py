@@ -43,12 +43,10 @@ class Engine:
     def __init__(self, lm: LoadedModel, max_batch: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  on_progress: Callable[[], None] | None = None) -> None:
         self.lm = lm
-        self.on_progress = on_progress
+        # Called after every forward pass: lets a supervisor tell a long job from a hung one.
+        self.on_progress: Callable[[], None] = on_progress or (lambda: None)
         self.max_batch = max_batch or default_max_batch()
         self.max_pixels = max_pixels
-        # Monotonic time of the model's last finished forward pass: lets a
-        # supervisor tell a long job from a hung one.
-        self.last_progress = time.monotonic()
         self.yes_ids = single_token_ids(lm.tokenizer, YES_VARIANTS)
         self.no_ids = single_token_ids(lm.tokenizer, NO_VARIANTS)
         if not self.yes_ids or not self.no_ids:
@@ -63,7 +61,7 @@ class Engine:
         shared = prompts[0]
         if any(p.prefix_ids != shared.prefix_ids for p in prompts[1:]):
             raise ModelError("the chat template puts question text before the image", "model_unsupported")
-        prefix = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions, self._progress)
+        prefix = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions, self.on_progress)
         encoded_at = time.perf_counter()
 
         branches = [self._branch(q, p, force_full_length) for q, p in zip(questions, prompts, strict=True)]
@@ -73,11 +71,6 @@ class Engine:
         done = time.perf_counter()
         return Answered(answers, (encoded_at - started) * 1000, (done - encoded_at) * 1000, encoded.n_tokens,
                         tokens, stats.steps, stats.seconds)
-
-    def _progress(self) -> None:
-        self.last_progress = time.monotonic()
-        if self.on_progress is not None:
-            self.on_progress()
 
     def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
         if question.type == "yes_no":

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgevl.engine.kernels import Int8Embedding, convert_linears, int8_linear, quantize_rows
 from edgevl.errors import ModelError
-from edgevl.model_files import PRECISIONS, Precision, checkpoint_files, resolve_model_path
+from edgevl.model_files import PRECISIONS, Precision, read_tensor_infos, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +129,10 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _tensor_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file holding it."""
-    from safetensors import safe_open
-
-    files = {}
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), file))
-    return files
-
-
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision) -> set[str]:
     from safetensors import safe_open
 
-    files = _tensor_files(path)
+    files = {info.name: info.file for info in read_tensor_infos(path)}
     # One group per layer, or per module outside the layers; each group is
     # converted to its kernels as soon as it is loaded.
     groups: dict[tuple[Path, str], list[str]] = defaultdict(list)
