@@ -34,6 +34,19 @@ from edgevl.rules import RulesFile, format_validation_error, load_rules
 DEFAULT_CONFIG = Path("/etc/edgevl/edgevl.toml")
 
 
+def read_secret(path: Path, key: str) -> str:
+    """A password or token file, refused when other users may read it (as ssh refuses such keys)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o007:
+                raise ConfigError(f"{key}: {path} is open to other users (mode {mode & 0o777:04o}); "
+                                  f"chmod o-rwx {path}")
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
 # A path that "" (as in TOML or an environment override) turns off.
 OptionalPath = Annotated[Path | None, BeforeValidator(lambda value: None if value in ("", None) else value)]
 
@@ -163,7 +176,26 @@ class HttpSettings(BaseModel):
     )
     request_timeout: float = Field(default=300, gt=0, description="Seconds a request waits for its answer (503).")
     recent_results: int = Field(default=200, ge=1, le=100_000, description="Records kept for GET /v1/results.")
-    threads: int = Field(default=4, ge=1, le=64, description="Threads of the HTTP server.")
+    threads: int = Field(
+        default=4, ge=1, le=64,
+        description="Threads for requests that do not wait for the model; max_waiting + 1 more serve /v1/ask.",
+    )
+    max_connections: int = Field(
+        default=500, ge=8, le=10_000, description="Open connections at most; idle and slow ones are closed first."
+    )
+    idle_timeout: float = Field(default=15, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    read_timeout: float = Field(
+        default=60, gt=0, description="Seconds a client has to send a whole request, headers and body; slower "
+                                      "clients are disconnected."
+    )
+    max_tokens: int = Field(
+        default=256, ge=1, le=2048, description="Most tokens an ad-hoc question of /v1/ask may ask for."
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="Host names the API answers to (the Host header); empty: loopback names and IP addresses, plus "
+                    "the listen address. Refusing other names defeats DNS rebinding.",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -182,10 +214,7 @@ class HttpSettings(BaseModel):
     def token(self) -> str | None:
         if self.token_file is None:
             return None
-        try:
-            token = self.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc.strerror or exc}") from None
+        token = read_secret(self.token_file, "http.token_file").strip()
         if not token:
             raise ConfigError(f"http.token_file: {self.token_file} is empty")
         return token
@@ -260,6 +289,11 @@ def check(path: Path) -> tuple[Config, RulesFile]:
     """Validate the configuration and its rules file, as ``edgevl check`` and ExecStartPre do."""
     config = load_config(path)
     rules = load_daemon_rules(config.rules)
+    from edgevl.layout import layout_problems
+
+    problems = layout_problems(config, rules)
+    if problems:
+        raise ConfigError("\n".join(f"{path}: {line}" for line in problems))
     if config.mqtt.enabled:
         from edgevl.mqtt_link import read_password, tls_context
 

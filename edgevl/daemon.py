@@ -1,9 +1,14 @@
-"""``edgevl run``: watched folders → rules → result folders, under systemd.
+"""``edgevl run``: watched folders and MQTT → rules → the model worker → outputs, under systemd.
 
 Signal handlers only set flags and wake the loop; the loop does the work:
 SIGHUP reloads the rules (validated first), the first SIGTERM stops taking
 work and lets the current image finish within ``daemon.stop_timeout``, a second
 SIGTERM stops at once. Whatever is unfinished stays in the spool for the next start.
+
+No single input may stop the loop: every step with one input runs while the
+input is noted in hand (see ``hand``), and ends it with a record, whatever
+goes wrong; an input that was in hand when the daemon died twice in a row is
+quarantined at the next start, before anything else runs.
 
 The model runs in a worker process (see ``supervisor``); the daemon keeps the
 inputs, the spool and the outputs, and never loads torch itself.
@@ -13,36 +18,43 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from edgevl import __version__
 from edgevl.config import Config, check, load_daemon_rules
-from edgevl.errors import ConfigError
+from edgevl.delivery import Delivery
+from edgevl.errors import ConfigError, InputError
+from edgevl.fsutil import read_regular
+from edgevl.hand import POISON_DEATHS, Hand
 from edgevl.http_api import Backend, make_app
 from edgevl.http_jobs import HttpJob, HttpQueue, RecentRecords
 from edgevl.http_server import HttpServer
-from edgevl.memcap import format_bytes
+from edgevl.layout import layout_problems
 from edgevl.metrics import Metrics
 from edgevl.mqtt_service import MqttService
+from edgevl.names import display
 from edgevl.notify import Notifier
-from edgevl.records import RESULT_SCHEMA, now_rfc3339
+from edgevl.records import new_job_id, now_rfc3339
 from edgevl.rules import Rule, RulesFile
 from edgevl.spool import Spool, SpoolJob
+from edgevl.status import Status
 from edgevl.supervisor import Finished, Lost, WorkerSupervisor
-from edgevl.watcher import FolderWatcher
+from edgevl.watcher import FolderWatcher, rule_for
 
 log = logging.getLogger(__name__)
 
-RETRY_MIN, RETRY_MAX = 2.0, 60.0
 # A job present at this many worker deaths is failed: a poison image is tried twice, never forever.
 WORKER_ATTEMPTS = 2
+EXIT_FAILED = 1  # an unexpected error: systemd restarts, and the inputs in hand count a death
 EXIT_WORKER_GAVE_UP = 3
+# People waiting on HTTP go first, but after this many HTTP jobs in a row a waiting file or
+# MQTT frame gets its turn: looping clients cannot starve the folders.
+HTTP_STREAK = 3
 
 _LOST_MESSAGES = {
     "memory_limit": "the model worker went over model.memory_limit on this image",
@@ -57,18 +69,35 @@ class Daemon:
         self.config: Config
         self.rules: RulesFile
         self.config, self.rules = check(config_path)
+        config = self.config
         self.wake = threading.Event()
         self.stop_requests = 0
         self.reload_requested = False
-        self.counts: Counter[str] = Counter()
         self.notifier = Notifier()
-        # job id -> (monotonic time before which it is not retried, its current backoff)
-        self.retry: dict[str, tuple[float, float]] = {}
-        self.mqtt: MqttService | None = None
-        self.http_queue = HttpQueue(self.config.http.max_waiting, self.wake)
+        self.hand = Hand(config.state_dir / "in-hand.json")
+        self.spool = Spool(config.spool_dir, self.hand)
+        self.supervisor = WorkerSupervisor(config, self.wake)
+        self.http_queue = HttpQueue(config.http.max_waiting, self.wake)
         self.http_running: dict[str, HttpJob] = {}
-        self.recent = RecentRecords(self.config.http.recent_results)
-        self.stopping = False
+        self._http_streak = 0
+        self.watcher = FolderWatcher(self.rules.rules, config.folders.settle_ms, config.folders.poll_interval,
+                                     config.folders.rescan_interval, self.wake)
+        self.status = Status(config, self.supervisor, self.spool, self.watcher, self.http_queue,
+                             RecentRecords(config.http.recent_results))
+        self.metrics = Metrics(config.model.id, config.model.precision, self.supervisor.health, self.status.queued)
+        self.status.metrics = self.metrics
+        self.delivery = Delivery(self.spool, config.folders, config.device_id, self.hand, self.status.record_done)
+        self.mqtt: MqttService | None = None
+        if config.mqtt.enabled:
+            self.mqtt = MqttService(config, self.rules.rules, self.spool, self.hand, self.wake,
+                                    self.status.mqtt_fields)
+            self.status.mqtt = self.mqtt
+            self.delivery.publisher = self.mqtt
+        self.http: HttpServer | None = None
+        if config.http.listen:
+            backend = Backend(config.device_id, lambda: self.rules.rules, self.http_queue, self.status.recent,
+                              self.status.health, self.status.document, self.metrics, config.model.max_pixels)
+            self.http = HttpServer(make_app(backend, config.http, config.http.token()), config.http)
 
     # signal handlers: flags only
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
@@ -88,34 +117,80 @@ class Daemon:
         signal.signal(signal.SIGHUP, self._on_hup)
         config = self.config
         with contextlib.ExitStack() as stack:
-            self.spool = Spool(config.spool_dir)
             log.info("edgevl %s starting: %d rules, model %s (%s), %d jobs in the spool", __version__,
-                     len(self.rules.rules), config.model.id, config.model.precision, len(self.spool.pending()))
-            self.supervisor = stack.enter_context(WorkerSupervisor(config, self.wake))
-            self.metrics = Metrics(config.model.id, config.model.precision, self.supervisor.health,
-                                   lambda: self._counts()["queued"])
-            if config.http.listen:
+                     len(self.rules.rules), config.model.id, config.model.precision, self.spool.count())
+            self._quarantine_poison()
+            stack.enter_context(self.supervisor)
+            if self.http is not None:
                 # Up while the model loads: /healthz says so, and requests wait for it.
-                backend = Backend(config.device_id, lambda: self.rules.rules, self.http_queue, self.recent,
-                                  self._health, self._status, self.metrics)
-                stack.enter_context(HttpServer(make_app(backend, config.http, config.http.token()), config.http))
+                stack.enter_context(self.http)
                 # Runs before the server stops: the requests still waiting get their answer.
                 stack.callback(self._close_http)
             self.notifier.status("loading the model")
             if not self.supervisor.wait_ready(lambda: self.stop_requests > 0):
                 log.info("stop requested while loading the model")
                 return 0
-            self.watcher = stack.enter_context(FolderWatcher(
-                self.rules.rules, config.folders.settle_ms, config.folders.poll_interval,
-                config.folders.rescan_interval, self.wake))
-            if config.mqtt.enabled:
-                self.mqtt = stack.enter_context(MqttService(config, self.rules.rules, self.spool, self.wake,
-                                                            self._status_fields))
+            stack.enter_context(self.watcher)
+            self.status.watching = True
+            if self.mqtt is not None:
+                stack.enter_context(self.mqtt)
             elif any(r.topics for r in self.rules.rules):
                 log.warning("rules name MQTT topics but [mqtt] host is empty: those topics are not read")
-            self.notifier.ready(self.status_text())
+            self.notifier.ready(self.status.text())
             log.info("ready: watching %d folders", sum(len(r.folders) for r in self.rules.rules))
-            return self._loop()
+            try:
+                return self._loop()
+            except Exception:
+                # A fault of edgevl itself: systemd restarts it, and whatever input was in hand
+                # counts a death (two in a row and it is quarantined at the next start).
+                log.critical("edgevl stops on an unexpected error", exc_info=True)
+                self.notifier.stopping("failed: an unexpected error (see the log)")
+                return EXIT_FAILED
+
+    # quarantine at start
+
+    def _quarantine_poison(self) -> None:
+        """Set aside every input that was in hand at the last POISON_DEATHS deaths of the daemon."""
+        for key, deaths in self.hand.poisoned():
+            kind, _, name = key.partition(":")
+            message = (f"edgevl stopped {deaths} times in a row while it handled this input; it was set aside so "
+                       "that it cannot stop edgevl again")
+            log.error("%s was in hand at %d consecutive stops of edgevl: quarantined", display(name)[0], deaths)
+            with self.hand.holding(key):
+                try:
+                    if kind == "mqtt":
+                        self.hand.mark_poison(key)  # answered with an error record when the broker sends it again
+                    elif kind == "job":
+                        self._quarantine_job(name, deaths, message)
+                    elif kind == "file":
+                        self._quarantine_file(Path(name), deaths, message)
+                except OSError as exc:
+                    log.error("cannot quarantine %s now: %s", display(name)[0], exc.strerror or exc)
+
+    def _quarantine_job(self, key: str, deaths: int, message: str) -> None:
+        if not (self.spool.root / key).is_dir():
+            return
+        if deaths > POISON_DEATHS:  # even its quarantine stopped edgevl: never touched again
+            log.error("spool job %s stopped edgevl even when quarantined; kept as %s for a person to look at",
+                      key, self.spool.set_aside(key))
+            return
+        self.spool.quarantine(key, self.config.device_id, "quarantined", message)
+
+    def _quarantine_file(self, path: Path, deaths: int, message: str) -> None:
+        if not os.path.lexists(path):
+            return
+        if deaths > POISON_DEATHS:
+            hidden = path.with_name(".edgevl-poison-" + path.name)
+            os.rename(path, hidden)
+            log.error("%s stopped edgevl even when quarantined; renamed to %s, which is never taken",
+                      display(str(path))[0], display(str(hidden))[0])
+            return
+        rule = rule_for(self.rules.rules, path)
+        if rule is not None:
+            self.spool.claim(path, rule.name, now_rfc3339(), int(rule.max_bytes), device_id=self.config.device_id,
+                             quarantine=("quarantined", message))
+
+    # the loop
 
     def _loop(self) -> int:
         config = self.config
@@ -130,14 +205,7 @@ class Daemon:
                 return 0
             if self.stop_requests and deadline is None:
                 deadline = now + config.daemon.stop_timeout
-                self.notifier.stopping(f"stopping: finishing {self.supervisor.current or 'nothing'}")
-                self.stopping = True
-                if self.mqtt is not None:
-                    self.mqtt.stopping()
-                for job in self.http_queue.close():
-                    job.future.set_result(job.job.error("stopping", "edgevl is stopping"))
-                log.info("stop requested: taking no more work, finishing the current image (at most %.0f s)",
-                         config.daemon.stop_timeout)
+                self._begin_stop()
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
@@ -146,7 +214,7 @@ class Daemon:
                 if event.key is not None and event.key in self.http_running:
                     self._finish_http(event)
                 elif isinstance(event, Finished):
-                    self._deliver(event.key, event.record)
+                    self.delivery.deliver(event.key, event.record)
                 elif isinstance(event, Lost) and event.key is not None:
                     self._lost(event)
             if self.supervisor.gave_up:
@@ -167,9 +235,9 @@ class Daemon:
 
             if self.mqtt is not None:
                 for record in self.mqtt.tick(now):
-                    self._record_done(record)
+                    self.status.record_done(record)
             if now >= next_status:
-                self.notifier.status(self.status_text())
+                self.notifier.status(self.status.text())
                 next_status = now + config.daemon.status_interval
             # Fed while the loop runs and the worker is idle, loading in time or making
             # progress; a stuck worker stops the pings until it has been replaced.
@@ -177,39 +245,136 @@ class Daemon:
             busy = self.supervisor.busy or not self.supervisor.ready
             self.wake.wait(0.5 if busy else min(0.5, max(0.02, self.watcher.next_settle_in())))
 
-    def _counts(self) -> dict[str, int]:
-        queued = self.watcher.waiting() + self.spool.count() if hasattr(self, "watcher") else self.spool.count()
-        queued += len(self.http_queue)
-        return {"queued": queued, "done": self.counts["done"], "failed": self.counts["failed"]}
-
-    def _status_fields(self) -> dict[str, Any]:
-        """The counters and the worker's health, for the retained MQTT status."""
-        h = self.supervisor.health()
-        worker = {"state": h["state"], "restarts": h["restarts"], "rss": h["rss"], "memory_limit": h["memory_limit"]}
-        return {**self._counts(), "worker": worker}
-
-    def _health(self) -> tuple[bool, dict[str, Any]]:
-        """For /healthz: the worker is up and the inputs are read."""
-        worker = self.supervisor.health()["state"]
-        watcher = getattr(self, "watcher", None)
-        inputs = "watching" if watcher is not None and watcher.alive else "starting" if watcher is None else "down"
-        detail: dict[str, Any] = {"worker": worker, "inputs": inputs, "stopping": self.stopping}
+    def _begin_stop(self) -> None:
+        self.notifier.stopping(f"stopping: finishing {self.supervisor.current or 'nothing'}")
+        self.status.stopping = True
         if self.mqtt is not None:
-            detail["mqtt"] = "connected" if self.mqtt.link.connected else "disconnected"
-        return worker in ("ready", "busy") and inputs == "watching" and not self.stopping, detail
+            self.mqtt.stopping()
+        for job in self.http_queue.close():
+            job.future.set_result(job.job.error("stopping", "edgevl is stopping"))
+        log.info("stop requested: taking no more work, finishing the current image (at most %.0f s)",
+                 self.config.daemon.stop_timeout)
 
-    def _status(self) -> dict[str, Any]:
-        h = self.supervisor.health()
-        worker = {k: h[k] for k in ("pid", "state", "restarts", "rss", "memory_limit", "job", "job_seconds")}
-        worker["up_seconds"] = round(time.time() - h["up_since"], 1)
-        status: dict[str, Any] = {
-            "device_id": self.config.device_id, "version": __version__, "state": "stopping" if self.stopping else
-            "online", "model": {"id": self.config.model.id, "precision": self.config.model.precision},
-            **self._counts(), "worker": worker,
-        }
-        if self.mqtt is not None:
-            status["mqtt"] = {"connected": self.mqtt.link.connected, "outbox": len(self.mqtt.outbox)}
-        return status
+    # scheduling
+
+    def _start_next(self) -> None:
+        if self._http_streak < HTTP_STREAK and self._start_http():
+            self._http_streak += 1
+        elif self._start_spooled() or self._start_folder():
+            self._http_streak = 0
+        elif self._start_http():  # nothing else waits
+            self._http_streak += 1
+
+    def _start_http(self) -> bool:
+        http = self.http_queue.take()
+        if http is None:
+            return False
+        self.http_running[http.key] = http
+        try:
+            self.supervisor.submit(http.key, http.job, http.data, http.rule)
+        except Exception as exc:
+            log.exception("cannot hand HTTP job %s to the model worker", http.key)
+            self.http_running.pop(http.key, None)
+            record = http.job.error("internal_error", f"edgevl could not run this request: {type(exc).__name__}")
+            self.status.record_done(record)
+            http.future.set_result(record)
+        return True
+
+    def _start_spooled(self) -> bool:
+        now = time.monotonic()
+        for job in self.spool.pending(self.config.device_id):
+            if self.delivery.due(job.key, now):
+                self._run(job)
+                return True
+        return False
+
+    def _start_folder(self) -> bool:
+        for path, rule_name in self.watcher.ready():
+            self.watcher.forget(path)
+            rule = self.rule(rule_name)
+            if rule is None:
+                continue
+            claimed = self._claim(path, rule)
+            if claimed is not None:
+                log.info("took %s as job %s", display(str(path))[0], claimed.job_id,
+                         extra={"EDGEVL_JOB": claimed.job_id, "EDGEVL_RULE": rule.name,
+                                "EDGEVL_IMAGE": display(str(path))[0]})
+                self._run(claimed)
+                return True
+        return False
+
+    def _claim(self, path: Path, rule: Rule) -> SpoolJob | None:
+        shown = display(str(path))[0]
+        extra = {"EDGEVL_IMAGE": shown, "EDGEVL_RULE": rule.name}
+        args = (path, rule.name, now_rfc3339(), int(rule.max_bytes), rule.follow_symlinks, self.config.device_id)
+        job_id = new_job_id()
+        # In hand by its path until it is taken, and by its job from then on (a copy across
+        # filesystems, its recovery after a crash): each stage counts the same input's deaths.
+        with self.hand.holding(f"file:{path}"), self.hand.holding(f"job:{job_id}"):
+            try:
+                return self.spool.claim(*args, job_id=job_id)
+            except InputError as exc:
+                self.watcher.pass_over(path, exc.message)
+            except OSError as exc:
+                log.error("cannot take %s into the spool: %s; it stays in its folder", shown, exc.strerror or exc,
+                          extra=extra)
+            except Exception as exc:
+                log.exception("taking %s failed; it is taken as it is, with an error record", shown, extra=extra)
+                try:
+                    return self.spool.claim(*args, quarantine=(
+                        "internal_error", f"edgevl could not take this file: {type(exc).__name__}: {exc}"))
+                except Exception:
+                    log.exception("cannot take %s even as it is; it is passed over", shown, extra=extra)
+                    self.watcher.pass_over(path, "edgevl cannot take it (see the error above)")
+        return None
+
+    def _run(self, job: SpoolJob) -> None:
+        """Hand a spooled job to the worker, or deliver it at once when it already has its record."""
+        with self.hand.holding(f"job:{job.key}"):
+            if job.record() is not None:  # answered before a crash or a failed delivery, or refused when taken
+                self.delivery.deliver(job.key, None)
+                return
+            spooled = job.job(self.config.device_id)
+            rule = self.rule(job.rule)
+            if rule is None:
+                self.delivery.deliver(job.key, spooled.error(
+                    "rule_missing", f"rule {job.rule!r} is no longer in the rules file"))
+                return
+            try:
+                data = read_regular(job.image, int(rule.max_bytes))
+                self.supervisor.submit(job.key, spooled, data, rule)
+            except InputError as exc:
+                self.delivery.deliver(job.key, spooled.error(exc.code, exc.message))
+            except OSError as exc:
+                self.delivery.deliver(job.key, spooled.error(
+                    "file_unreadable", f"cannot read the spooled image: {exc.strerror or exc}"))
+            except Exception as exc:
+                log.exception("cannot hand job %s to the model worker", job.key, extra={"EDGEVL_JOB": job.job_id})
+                self.delivery.deliver(job.key, spooled.error(
+                    "internal_error", f"edgevl could not run this job: {type(exc).__name__}: {exc}"))
+
+    def _lost(self, event: Lost) -> None:
+        """The worker died on this job: retry it once, then fail it with the reason."""
+        assert event.key is not None
+        extra = {"EDGEVL_JOB": event.key}
+        with self.hand.holding(f"job:{event.key}"):
+            try:
+                job = self.spool.load(event.key)
+                failures = job.add_worker_failure(event.code)
+            except OSError as exc:
+                log.error("cannot record the worker's failure on job %s: %s", event.key, exc, extra=extra)
+                return
+            except ValueError:
+                self.delivery.deliver(event.key, None)  # damaged: pending() gives it its error record
+                return
+            if len(failures) < WORKER_ATTEMPTS:
+                log.warning("job %s will be tried once more (%s: %s)", event.key, event.code, event.detail,
+                            extra=extra)
+                return
+            message = f"{_LOST_MESSAGES[event.code]}, {len(failures)} times; last time {event.detail}"
+            self.delivery.deliver(event.key, job.job(self.config.device_id).error(event.code, message))
+
+    # HTTP
 
     def _finish_http(self, event: Finished | Lost) -> None:
         job = self.http_running.pop(event.key or "")
@@ -217,8 +382,9 @@ class Daemon:
             record = event.record
         else:
             record = job.job.error(event.code, f"{_LOST_MESSAGES[event.code]}; {event.detail}")
-        self._record_done(record)
-        job.future.set_result(record)
+        self.status.record_done(record)
+        if not job.future.done():
+            job.future.set_result(record)
 
     def _close_http(self) -> None:
         for job in [*self.http_queue.close(), *self.http_running.values()]:
@@ -226,131 +392,25 @@ class Daemon:
                 job.future.set_result(job.job.error("stopping", "edgevl stopped before answering"))
         self.http_running.clear()
 
-    def _record_done(self, record: dict[str, Any]) -> bool:
-        """Count a finished job of any source; True when its record is an error."""
-        failed: bool = record["schema"] != RESULT_SCHEMA
-        self.counts["failed" if failed else "done"] += 1
-        self.recent.add(record)
-        self.metrics.observe(record)
-        return failed
-
-    def status_text(self) -> str:
-        counts = self._counts()
-        text = f"queued {counts['queued']}, done {counts['done']}, failed {counts['failed']}"
-        h = self.supervisor.health()
-        text += (f"; worker {h['pid']} {h['state']}, up {time.time() - h['up_since']:.0f} s, "
-                 f"restarts {h['restarts']}, RSS {format_bytes(h['rss'])} of {format_bytes(h['memory_limit'])}")
-        if h["job"]:
-            text += f", on {h['job']} for {h['job_seconds']:.0f} s"
-        if self.mqtt is not None:
-            text += f"; {self.mqtt.status_text()}"
-        return text
-
-    def _start_next(self) -> None:
-        http = self.http_queue.take()
-        if http is not None:  # a person is waiting: before the folders and MQTT
-            self.http_running[http.key] = http
-            self.supervisor.submit(http.key, http.job, http.data, http.rule)
-            return
-        now = time.monotonic()
-        for job in self.spool.pending():
-            if self.retry.get(job.key, (0.0, 0.0))[0] > now:
-                continue
-            self._run(job)
-            return
-        for path, rule_name in self.watcher.ready():
-            self.watcher.forget(path)
-            try:
-                claimed = self.spool.claim(path, rule_name, now_rfc3339())
-            except OSError as exc:
-                log.error("cannot take %s into the spool: %s; it stays in its folder", path, exc.strerror or exc,
-                          extra={"EDGEVL_IMAGE": str(path), "EDGEVL_RULE": rule_name})
-                continue
-            if claimed is not None:
-                log.info("took %s as job %s", path, claimed.job_id,
-                         extra={"EDGEVL_JOB": claimed.job_id, "EDGEVL_RULE": rule_name, "EDGEVL_IMAGE": str(path)})
-                self._run(claimed)
-                return
-
-    def _run(self, job: SpoolJob) -> None:
-        if job.record() is not None:  # answered before a crash or a failed delivery
-            self._deliver(job.key, None)
-            return
-        spooled = job.job(self.config.device_id)
-        rule = self.rule(job.rule)
-        if rule is None:
-            missing = spooled.error("rule_missing", f"rule {job.rule!r} is no longer in the rules file")
-            self._deliver(job.key, missing)
-            return
-        try:
-            data = job.image.read_bytes()
-        except OSError as exc:
-            self._deliver(job.key, spooled.error("file_unreadable", f"cannot read the spooled image: {exc}"))
-            return
-        self.supervisor.submit(job.key, spooled, data, rule)
-
-    def _lost(self, event: Lost) -> None:
-        """The worker died on this job: retry it once, then fail it with the reason."""
-        assert event.key is not None
-        extra = {"EDGEVL_JOB": event.key}
-        try:
-            job = self.spool.load(event.key)
-            failures = job.add_worker_failure(event.code)
-        except OSError as exc:
-            log.error("cannot record the worker's failure on job %s: %s", event.key, exc, extra=extra)
-            return
-        if len(failures) < WORKER_ATTEMPTS:
-            log.warning("job %s will be tried once more (%s: %s)", event.key, event.code, event.detail, extra=extra)
-            return
-        message = f"{_LOST_MESSAGES[event.code]}, {len(failures)} times; last time {event.detail}"
-        self._deliver(event.key, job.job(self.config.device_id).error(event.code, message))
-
-    def _deliver(self, key: str, record: dict[str, Any] | None) -> None:
-        """Save the job's record (None: it is already saved) and deliver it; retried later on I/O errors."""
-        extra = {"EDGEVL_JOB": key}
-        job_id = key
-        try:
-            job = self.spool.load(key)
-            job_id = job.job_id
-            source = job.meta["source"]
-            extra.update(EDGEVL_JOB=job_id, EDGEVL_RULE=job.rule,
-                         EDGEVL_IMAGE=str(source.get("path") or source.get("topic")))
-            if record is None:
-                record = job.record()
-            else:
-                job.save_record(record)
-            if self.mqtt is not None and record is not None:
-                self.mqtt.deliver(job, record)
-            folders = self.config.folders
-            target = self.spool.finish(job, folders.results, folders.archive, folders.failed)
-        except OSError as exc:
-            delay = min(RETRY_MAX, self.retry.get(key, (0.0, RETRY_MIN / 2))[1] * 2)
-            self.retry[key] = (time.monotonic() + delay, delay)
-            log.error("cannot deliver job %s: %s (%s); it stays in the spool, retrying in %.0f s",
-                      job_id, exc.strerror or exc, getattr(exc, "filename", "") or "", delay, extra=extra)
-            return
-        self.retry.pop(key, None)
-        assert record is not None
-        if self._record_done(record):
-            log.warning("job %s failed: %s: %s → %s", job_id, record["error"]["code"], record["error"]["message"],
-                        target, extra=extra)
-        else:
-            log.info("job %s answered → %s", job_id, target, extra=extra)
+    # reload
 
     def _reload(self) -> None:
         self.notifier.reloading()
         try:
             rules = load_daemon_rules(self.config.rules)
+            problems = layout_problems(self.config, rules)
+            if problems:
+                raise ConfigError("\n".join(problems))
         except ConfigError as exc:
             log.error("reload refused, keeping the current rules:\n%s", exc.message)
-            self.notifier.reloaded(self.status_text())
+            self.notifier.reloaded(self.status.text())
             return
         self.rules = rules
         self.watcher.set_rules(rules.rules)
         if self.mqtt is not None:
             self.mqtt.set_rules(rules.rules)
         log.info("reloaded %d rules from %s", len(rules.rules), self.config.rules)
-        self.notifier.reloaded(self.status_text())
+        self.notifier.reloaded(self.status.text())
 
 
 def run(config_path: Path) -> int:

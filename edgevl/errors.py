@@ -41,3 +41,16 @@ class ConfigError(EdgevlError):
     """Configuration or rules are invalid."""
 
     code = "config_invalid"
+
+
+class InputError(EdgevlError):
+    """An input cannot be taken as it is: codes ``not_a_regular_file``, ``file_too_large``,
+    ``file_unreadable``."""
+
+    code = "file_unreadable"
+
+
+class StateError(EdgevlError):
+    """The state directory cannot be used: a fault of the appliance, not of an input."""
+
+    code = "state_unusable"

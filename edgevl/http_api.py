@@ -3,6 +3,12 @@
 Every request needs ``Authorization: Bearer <token>`` when ``http.token_file``
 is set, except ``/healthz`` (for the service manager and load balancers) and the
 page itself, which holds no data and asks for the token before calling the API.
+
+What a browser could be tricked into is refused for every request, token or
+not: a ``Host`` edgevl does not answer to (DNS rebinding), a write from another
+origin (CSRF), framing by another page. A request is bounded before it is
+parsed (size, JSON nesting and element count), and what it asks for is bounded
+by the configuration (``max_pixels``, ``max_tokens``, the number of questions).
 """
 
 from __future__ import annotations
@@ -10,12 +16,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
+import logging
+import socket
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import falcon
 from pydantic import ValidationError
@@ -24,13 +34,20 @@ from edgevl.config import HttpSettings
 from edgevl.errors import ImageError
 from edgevl.http_jobs import HttpJob, HttpQueue, QueueFull, RecentRecords
 from edgevl.images import accepted_suffix
+from edgevl.jsonshape import ShapeError, check_shape
 from edgevl.metrics import Metrics
 from edgevl.questions import Question
-from edgevl.records import RESULT_SCHEMA, Job
+from edgevl.records import ERROR_SCHEMA, Job, is_error
 from edgevl.rules import Rule
+
+log = logging.getLogger(__name__)
 
 ADHOC_RULE = "adhoc"
 PUBLIC = ("/", "/healthz")
+MAX_DEPTH = 16
+MAX_ITEMS = 10_000
+MAX_QUESTIONS = 32
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 # HTTP status of an error record, by its code.
 _STATUS = {
@@ -56,6 +73,7 @@ class Backend:
     health: Callable[[], tuple[bool, dict[str, Any]]]
     status: Callable[[], dict[str, Any]]
     metrics: Metrics
+    max_pixels: int  # model.max_pixels: no request encodes an image larger
 
 
 def _send_json(resp: falcon.Response, data: Any, status: int = 200) -> None:
@@ -65,7 +83,57 @@ def _send_json(resp: falcon.Response, data: Any, status: int = 200) -> None:
 
 
 def _error_body(code: str, message: str) -> dict[str, Any]:
-    return {"schema": "edgevl.error/1", "error": {"code": code, "message": message}}
+    return {"schema": ERROR_SCHEMA, "error": {"code": code, "message": message}}
+
+
+def _host_name(authority: str) -> str:
+    """The host of ``host[:port]`` (IPv6 in brackets), lower case."""
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")].lower() if "]" in authority else ""
+    return authority.rsplit(":", 1)[0].lower() if authority.count(":") == 1 else authority.lower()
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class _Guard:
+    """Host and origin checks and the headers that keep the API and page out of other sites' reach."""
+
+    def __init__(self, settings: HttpSettings) -> None:
+        listen = settings.address[0].lower()
+        if settings.allowed_hosts:
+            self.names = {h.lower() for h in settings.allowed_hosts} | {listen}
+            self.any_ip = False
+        else:
+            # A rebinding attack needs a DNS name of the attacker's; an address, loopback names and
+            # this machine's own name are safe to answer to.
+            host = socket.gethostname().lower()
+            self.names = {"localhost", "localhost.localdomain", listen, host, f"{host}.local"}
+            self.any_ip = True
+
+    def _host_ok(self, name: str) -> bool:
+        return name in self.names or (self.any_ip and _is_ip(name))
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        resp.set_header("X-Frame-Options", "DENY")
+        resp.set_header("Referrer-Policy", "no-referrer")
+        authority = req.get_header("Host") or ""
+        if not self._host_ok(_host_name(authority)):
+            raise ApiError(400, "bad_host", f"this API does not answer to the host {authority!r} "
+                                            "(http.allowed_hosts)")
+        if req.method in SAFE_METHODS:
+            return
+        if (req.get_header("Sec-Fetch-Site") or "").lower() == "cross-site":
+            raise ApiError(403, "cross_origin", "requests from other sites are refused")
+        origin = req.get_header("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != authority.lower():
+            raise ApiError(403, "cross_origin", f"requests from {origin} are refused")
 
 
 class _Auth:
@@ -92,7 +160,7 @@ class _Page:
         resp.set_header("Cache-Control", "no-store")
         resp.set_header("Content-Security-Policy",
                         "default-src 'self'; img-src 'self' blob: data:; style-src 'unsafe-inline'; "
-                        "script-src 'unsafe-inline'")
+                        "script-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'")
 
 
 class _Health:
@@ -140,7 +208,9 @@ class _Results:
         _send_json(resp, {"results": self.backend.recent.latest(rule, limit or 20)})
 
 
-def _questions(raw: list[dict[str, Any]]) -> tuple[Question, ...]:
+def _questions(raw: list[Any], max_tokens: int) -> tuple[Question, ...]:
+    if len(raw) > MAX_QUESTIONS:
+        raise ApiError(400, "bad_request", f"at most {MAX_QUESTIONS} questions per request")
     out = []
     for i, q in enumerate(raw, 1):
         if not isinstance(q, dict):
@@ -148,11 +218,15 @@ def _questions(raw: list[dict[str, Any]]) -> tuple[Question, ...]:
         fields = {k: v for k, v in q.items() if v not in (None, "", [])}
         fields.setdefault("id", f"q{i}")
         try:
-            out.append(Question.model_validate(fields))
+            question = Question.model_validate(fields)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'question'}: {e['msg']}"
                                  for e in exc.errors())
             raise ApiError(400, "bad_question", f"question {i}: {problems}") from None
+        if question.token_budget > max_tokens:
+            raise ApiError(400, "bad_question", f"question {i}: max_tokens is at most {max_tokens} here "
+                                                "(http.max_tokens)")
+        out.append(question)
     return tuple(out)
 
 
@@ -165,10 +239,20 @@ class _Ask:
         """(image, rule name or None, ad-hoc questions, options) from a multipart form or a JSON body."""
         media_type = (req.content_type or "").split(";")[0].strip().lower()
         if media_type == falcon.MEDIA_JSON:
+            limit = int(self.settings.max_upload)
+            raw = req.bounded_stream.read(limit + 1)
+            if len(raw) > limit:
+                raise ApiError(413, "payload_too_large", f"the request is over http.max_upload ({limit} bytes)")
             try:
-                body = json.loads(req.bounded_stream.read())
+                check_shape(raw, MAX_DEPTH, MAX_ITEMS)
+            except ShapeError as exc:
+                raise ApiError(400, "bad_request", str(exc)) from None
+            try:
+                body = json.loads(raw)
+                if not isinstance(body, dict):
+                    raise TypeError("the body is not an object")
                 image = base64.b64decode(body["image"], validate=True)
-            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
                 raise ApiError(400, "bad_request",
                                f'a JSON request is {{"image": base64, "rule": NAME}} or with "questions": {exc}'
                                ) from None
@@ -176,7 +260,10 @@ class _Ask:
             options = {k: body[k] for k in ("max_pixels", "crop") if body.get(k) is not None}
             if not isinstance(asked, list):
                 raise ApiError(400, "bad_request", "questions is a list of objects")
-            return image, body.get("rule") or None, asked, options
+            rule = body.get("rule") or None
+            if rule is not None and not isinstance(rule, str):
+                raise ApiError(400, "bad_request", "rule is the name of a rule")
+            return image, rule, asked, options
         if media_type != falcon.MEDIA_MULTIPART:
             raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
         image, rule, asks, types, options_list = b"", None, [], [], []
@@ -205,6 +292,8 @@ class _Ask:
         limit = int(self.settings.max_upload)
         if req.content_length is not None and req.content_length > limit:
             raise ApiError(413, "payload_too_large", f"the request is over http.max_upload ({limit} bytes)")
+        if not req.content_length:  # the form parser cannot take a body of unknown length
+            raise ApiError(400, "image_empty", "the request has no body (multipart field \"image\", or JSON)")
         image, rule_name, questions, options = self._parse(req)
         if not image:
             raise ApiError(400, "image_empty", "no image in the request (multipart field \"image\")")
@@ -220,8 +309,13 @@ class _Ask:
                 known = ", ".join(r.name for r in self.backend.rules())
                 raise ApiError(400, "rule_missing", f"no rule named {rule_name!r} (rules: {known})")
         elif questions:
+            max_pixels = options.get("max_pixels")
+            if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels > self.backend.max_pixels):
+                raise ApiError(400, "bad_request", f"max_pixels is a whole number of at most {self.backend.max_pixels} "
+                                                   "here (model.max_pixels)")
+            asked = _questions(questions, self.settings.max_tokens)
             try:
-                rule = Rule.model_validate({"name": ADHOC_RULE, "question": _questions(questions), **options})
+                rule = Rule.model_validate({"name": ADHOC_RULE, "question": asked, **options})
             except ValidationError as exc:
                 raise ApiError(400, "bad_request", str(exc.errors()[0]["msg"])) from None
         else:
@@ -235,10 +329,12 @@ class _Ask:
             record = job.future.result(timeout=self.settings.request_timeout)
         except FutureTimeout:
             if self.backend.queue.withdraw(job):
-                raise ApiError(503, "timeout", "the model did not get to this request in time") from None
-            record = job.future.result()  # it runs: its end is near enough to wait for
-        ok = record["schema"] == RESULT_SCHEMA
-        _send_json(resp, record, 200 if ok else _STATUS.get(record["error"]["code"], 500))
+                raise ApiError(503, "timeout", "the model did not get to this request within "
+                                               "http.request_timeout") from None
+            # It runs: its answer goes to the latest results, this request ends now.
+            raise ApiError(503, "timeout", "the answer took longer than http.request_timeout; it will be "
+                                           "among GET /v1/results") from None
+        _send_json(resp, record, _STATUS.get(record["error"]["code"], 500) if is_error(record) else 200)
 
 
 def _handle_api_error(req: falcon.Request, resp: falcon.Response, exc: ApiError, params: dict[str, Any]) -> None:
@@ -253,11 +349,20 @@ def _handle_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.H
     _send_json(resp, _error_body(code, str(exc.description or exc.title)), exc.status_code)
 
 
+def _handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
+    # A bug costs this request a 500 with an error record; the traceback goes to the log, not to the client.
+    log.error("%s %s failed", req.method, req.path, exc_info=exc)
+    _send_json(resp, _error_body("internal_error", f"edgevl could not handle this request: {type(exc).__name__}"),
+               500)
+
+
 def make_app(backend: Backend, settings: HttpSettings, token: str | None) -> falcon.App[Any, Any]:
-    app = falcon.App(middleware=[_Auth(token)])
+    middleware: list[_Guard | _Auth] = [_Guard(settings), _Auth(token)]
+    app = falcon.App(middleware=middleware)
     multipart = app.req_options.media_handlers[falcon.MEDIA_MULTIPART]
     assert isinstance(multipart, falcon.media.MultipartFormHandler)
     multipart.parse_options.max_body_part_count = 256
+    app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(ApiError, _handle_api_error)
     app.add_error_handler(falcon.HTTPError, _handle_http_error)
     app.add_route("/", _Page())

@@ -8,13 +8,23 @@ nothing from ``meta`` is ever used as a path.
 
 ``take`` runs on the MQTT thread and returns only once the image is durable in
 the spool; the message is acknowledged after that, so the broker redelivers
-whatever a crash or a full disk kept from the spool.
+whatever a crash or a full disk kept from the spool. Every other outcome (an
+error record for a bad message, even for one that broke edgevl's own code) is
+acknowledged: a message the broker would redeliver for ever would block the
+input. JSON is checked for size and nesting before it is parsed, and ``meta``
+travels as JSON text, never as nested objects.
+
+A retained image message is ignored: the broker replays it at every
+subscription, and answering it again at every start or reconnect is never what
+its sender meant. A frame published with the retain flag to a subscribed edgevl
+arrives without the flag and is answered like any other.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import queue
@@ -27,7 +37,9 @@ from typing import Any, Literal
 from paho.mqtt.client import topic_matches_sub
 
 from edgevl.errors import EdgevlError, ImageError
+from edgevl.hand import Hand
 from edgevl.images import accepted_suffix
+from edgevl.jsonshape import ShapeError, check_shape
 from edgevl.mqtt_messages import JSON, Topics, record_messages
 from edgevl.outbox import Outbox
 from edgevl.records import Job, new_job_id, now_rfc3339
@@ -39,9 +51,12 @@ log = logging.getLogger(__name__)
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_META = 16 << 10
+MAX_DEPTH = 16  # the envelope and its meta together
+MAX_ITEMS = 4096
 ENVELOPE_KEYS = {"id", "image", "meta"}
 
-Outcome = Literal["accepted", "duplicate", "rejected", "ignored"]
+# unstored: it could not be kept (a full disk): not acknowledged, so the broker sends it again.
+Outcome = Literal["accepted", "duplicate", "rejected", "ignored", "unstored"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class Inbound:
     content_type: str | None = None
     correlation: bytes | None = None
     response_topic: str | None = None
+    retained: bool = False  # replayed by the broker from its retained store
 
 
 class Rejected(EdgevlError):
@@ -77,8 +93,9 @@ def _is_envelope(message: Inbound) -> bool:
     return message.payload.lstrip()[:1] == b"{"
 
 
-def parse(message: Inbound, max_payload: int) -> tuple[bytes, str | None, dict[str, Any] | None]:
-    """(image bytes, job id or None, meta or None); ``Rejected`` with a code for what is not usable."""
+def parse(message: Inbound, max_payload: int) -> tuple[bytes, str | None, str | None]:
+    """(image bytes, job id or None, meta as JSON text or None); ``Rejected`` with a code for what is not
+    usable."""
     if len(message.payload) > max_payload:
         raise Rejected(f"message of {len(message.payload)} bytes is over mqtt.max_payload ({max_payload} bytes)",
                        "payload_too_large")
@@ -87,8 +104,11 @@ def parse(message: Inbound, max_payload: int) -> tuple[bytes, str | None, dict[s
     job_id, meta = None, None
     if _is_envelope(message):
         try:
+            check_shape(message.payload, MAX_DEPTH, MAX_ITEMS)
             envelope = json.loads(message.payload)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ShapeError as exc:
+            raise Rejected(f"{exc} (meta is a small object)", "bad_envelope") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise Rejected(f"not valid JSON: {exc}", "bad_envelope") from None
         if not isinstance(envelope, dict) or not isinstance(envelope.get("image"), str):
             raise Rejected('a JSON message must be an object with "image": base64 of the image', "bad_envelope")
@@ -102,8 +122,10 @@ def parse(message: Inbound, max_payload: int) -> tuple[bytes, str | None, dict[s
                                "bad_id")
             job_id = envelope["id"]
         if "meta" in envelope:
-            meta = envelope["meta"]
-            if not isinstance(meta, dict) or len(json.dumps(meta)) > MAX_META:
+            if not isinstance(envelope["meta"], dict):
+                raise Rejected(f"meta must be a JSON object of at most {MAX_META} bytes", "bad_envelope")
+            meta = json.dumps(envelope["meta"], ensure_ascii=False, separators=(",", ":"))
+            if len(meta.encode("utf-8", "surrogatepass")) > MAX_META:
                 raise Rejected(f"meta must be a JSON object of at most {MAX_META} bytes", "bad_envelope")
         try:
             image = base64.b64decode(envelope["image"], validate=True)
@@ -118,7 +140,7 @@ def parse(message: Inbound, max_payload: int) -> tuple[bytes, str | None, dict[s
 
 class MqttIntake:
     def __init__(self, spool: Spool, seen: SeenIds, outbox: Outbox, topics: Topics, device_id: str, qos: int,
-                 max_payload: int, rules: tuple[Rule, ...], on_job: Callable[[], None]) -> None:
+                 max_payload: int, rules: tuple[Rule, ...], hand: Hand, on_job: Callable[[], None]) -> None:
         # Error records of rejected messages, for the daemon's counters and recent results (its loop takes them).
         self.rejected: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.spool = spool
@@ -129,6 +151,7 @@ class MqttIntake:
         self.qos = qos
         self.max_payload = max_payload
         self.rules = rules
+        self.hand = hand
         self.on_job = on_job
         self._lock = threading.Lock()
 
@@ -143,39 +166,70 @@ class MqttIntake:
         return next((r for r in self.rules for f in r.topics if topic_matches_sub(f, topic)), None)
 
     def take(self, message: Inbound) -> Outcome:
-        """Spool the message's image or publish why not; ``OSError`` when it could not be stored (no ack)."""
-        rule = self.rule_for(message.topic)
+        """Spool the message's image, or publish why not; whatever happens, one outcome."""
         extra = {"EDGEVL_TOPIC": message.topic}
+        if message.retained:
+            log.info("ignoring the retained message on %s: retained frames are not answered again at every "
+                     "subscription", message.topic, extra=extra)
+            return "ignored"
+        rule = self.rule_for(message.topic)
         if rule is None:
             log.warning("message on %s matches no rule (any more); dropped", message.topic, extra=extra)
             return "ignored"
+        key = "mqtt:" + hashlib.sha256(message.payload).hexdigest()
+        with self.hand.holding(key):
+            try:
+                if self.hand.take_poison(key):
+                    raise Rejected("edgevl stopped twice in a row while it handled this message; it is not taken "
+                                   "again", "quarantined")
+                return self._take(message, rule)
+            except OSError as exc:
+                log.error("cannot store a message from %s: %s; not acknowledged, so the broker keeps it",
+                          message.topic, exc.strerror or exc, extra=extra)
+                return "unstored"
+            except Exception as exc:  # a bug must cost this message an error record, never the input
+                if not isinstance(exc, EdgevlError):
+                    log.exception("taking a message from %s", message.topic, extra=extra)
+                    exc = Rejected(f"edgevl could not take this message: {type(exc).__name__}", "internal_error")
+                try:
+                    return self._reject(message, rule, exc)
+                except OSError:
+                    return "unstored"
+
+    def _reject(self, message: Inbound, rule: Rule, exc: EdgevlError) -> Outcome:
         source: dict[str, Any] = {"kind": "mqtt", "topic": message.topic}
-        reply = None
-        if message.response_topic:
-            reply = {"topic": message.response_topic,
-                     "correlation": base64.b64encode(message.correlation).decode() if message.correlation else None}
+        job = Job(rule=rule.name, source=source, device_id=self.device_id, job_id=new_job_id())
+        record = job.error(exc.code, exc.message)
+        self.outbox.put(record_messages(self.topics, record, self.qos, self._reply(message)))
+        self.rejected.put(record)
+        log.warning("rejected a message on %s: %s: %s", message.topic, exc.code, exc.message,
+                    extra={"EDGEVL_TOPIC": message.topic, "EDGEVL_JOB": job.job_id, "EDGEVL_RULE": rule.name})
+        self.on_job()
+        return "rejected"
+
+    @staticmethod
+    def _reply(message: Inbound) -> dict[str, Any] | None:
+        if not message.response_topic:
+            return None
+        return {"topic": message.response_topic,
+                "correlation": base64.b64encode(message.correlation).decode() if message.correlation else None}
+
+    def _take(self, message: Inbound, rule: Rule) -> Outcome:
+        extra = {"EDGEVL_TOPIC": message.topic}
+        source: dict[str, Any] = {"kind": "mqtt", "topic": message.topic}
         received_at = now_rfc3339()
         with self._lock:
             try:
                 image, job_id, meta = parse(message, self.max_payload)
                 suffix = accepted_suffix(image)
             except (Rejected, ImageError) as exc:
-                job = Job(rule=rule.name, source=source, device_id=self.device_id, job_id=new_job_id(),
-                          received_at=received_at)
-                record = job.error(exc.code, exc.message)
-                self.outbox.put(record_messages(self.topics, record, self.qos, reply))
-                self.rejected.put(record)
-                log.warning("rejected a message on %s: %s: %s", message.topic, exc.code, exc.message,
-                            extra={**extra, "EDGEVL_JOB": job.job_id, "EDGEVL_RULE": rule.name})
-                self.on_job()
-                return "rejected"
+                return self._reject(message, rule, exc)
             if job_id is not None and job_id in self.seen:
                 log.info("message %s on %s was taken before; not answered again", job_id, message.topic,
                          extra={**extra, "EDGEVL_JOB": job_id})
                 return "duplicate"
-            if meta is not None:
-                source["meta"] = meta
-            taken = self.spool.accept(image, suffix, rule.name, source, received_at, job_id, reply)
+            taken = self.spool.accept(image, suffix, rule.name, source, received_at, job_id, self._reply(message),
+                                      meta)
             if job_id is not None:
                 self.seen.add(job_id)
         log.info("took a message on %s as job %s", message.topic, taken.job_id,

@@ -27,8 +27,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgevl.config import MqttSettings
+from edgevl.config import MqttSettings, read_secret
 from edgevl.errors import ConfigError
 from edgevl.mqtt_intake import Inbound
 from edgevl.mqtt_messages import JSON, OutMessage
@@ -46,10 +47,7 @@ def read_password(settings: MqttSettings) -> str | None:
         path = candidate if candidate.exists() else None
     if path is None:
         return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ConfigError(f"mqtt.password_file: cannot read {path}: {exc.strerror or exc}") from None
+    return read_secret(path, "mqtt.password_file").rstrip("\r\n")
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
@@ -64,7 +62,7 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
 
 class MqttLink:
     def __init__(self, settings: MqttSettings, client_id: str, will: tuple[str, str],
-                 on_message: Callable[[Inbound], object], on_connected: Callable[[], None],
+                 on_message: Callable[[Inbound], str], on_connected: Callable[[], None],
                  wake: threading.Event) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -148,7 +146,11 @@ class MqttLink:
         if filters:
             client.subscribe(self._subscriptions(filters))
 
-    def _subscriptions(self, filters: list[str]) -> list[tuple[str, int]]:
+    def _subscriptions(self, filters: list[str]) -> list[tuple[str, Any]]:
+        if self.v5:
+            # Retained frames are not answered (see mqtt_intake): with v5 the broker is asked not to send them.
+            options = SubscribeOptions(qos=int(self.settings.qos), retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            return [(f, options) for f in filters]
         return [(f, int(self.settings.qos)) for f in filters]
 
     def publish(self, message: OutMessage) -> int | None:
@@ -220,24 +222,22 @@ class MqttLink:
         self.wake.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        props = message.properties
-        inbound = Inbound(
-            topic=message.topic, payload=bytes(message.payload),
-            content_type=getattr(props, "ContentType", None),
-            correlation=getattr(props, "CorrelationData", None),
-            response_topic=getattr(props, "ResponseTopic", None),
-        )
-        # Stored (or answered with an error record) unless it raises: only then is it left unacknowledged.
         try:
-            self.on_message(inbound)
-            ack = True
-        except OSError as exc:
-            log.error("cannot store a message from %s: %s; not acknowledged, so the broker keeps it",
-                      message.topic, exc.strerror or exc, extra={"EDGEVL_TOPIC": message.topic})
-            ack = False
+            props = message.properties
+            inbound = Inbound(
+                topic=message.topic, payload=bytes(message.payload),
+                content_type=getattr(props, "ContentType", None),
+                correlation=getattr(props, "CorrelationData", None),
+                response_topic=getattr(props, "ResponseTopic", None),
+                retained=bool(message.retain),
+            )
+            # Stored, or answered with an error record, unless it could not be kept: only then is it left
+            # unacknowledged, for the broker to send again.
+            ack = self.on_message(inbound) != "unstored"
         except Exception:
-            log.exception("taking a message from %s", message.topic)
-            ack = False
+            # Never raised by the intake; a message that cannot even be read is dropped, not redelivered for ever.
+            log.exception("taking a message with id %d", message.mid)
+            ack = True
         if ack:
             if message.qos > 0:
                 client.ack(message.mid, message.qos)

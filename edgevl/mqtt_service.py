@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from edgevl.config import Config
+from edgevl.hand import Hand
 from edgevl.mqtt_intake import MqttIntake
 from edgevl.mqtt_link import MqttLink
 from edgevl.mqtt_messages import OutMessage, Topics, discovery_messages, record_messages, status_payload
@@ -30,7 +31,7 @@ WINDOW = 16  # outbox entries in flight at once; paho's own in-flight limit is 2
 
 
 class MqttService:
-    def __init__(self, config: Config, rules: tuple[Rule, ...], spool: Spool, wake: threading.Event,
+    def __init__(self, config: Config, rules: tuple[Rule, ...], spool: Spool, hand: Hand, wake: threading.Event,
                  counts: Callable[[], dict[str, Any]]) -> None:
         s = config.mqtt
         self.config = config
@@ -45,10 +46,10 @@ class MqttService:
             if job.meta["source"].get("kind") == "mqtt":
                 self.seen.add(job.job_id)
         self.intake = MqttIntake(spool, self.seen, self.outbox, self.topics, config.device_id, s.qos,
-                                 int(s.max_payload), rules, wake.set)
+                                 int(s.max_payload), rules, hand, wake.set)
         client_id = s.client_id or f"edgevl-{config.device_id}"
         will = (self.topics.status, self._status("offline"))
-        # intake.take raises OSError when it cannot store a message: the message is then not acknowledged.
+        # A message intake.take could not store ("unstored") is not acknowledged.
         self.link = MqttLink(s, client_id, will, self.intake.take, self._connected, wake)
         self.link.filters = self._filters()
         self.state = "online"

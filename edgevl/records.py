@@ -15,6 +15,11 @@ ERROR_SCHEMA = "edgevl.error/1"
 SourceKind = Literal["cli", "folder", "mqtt", "http"]
 
 
+def is_error(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is an error record: the one test every output uses."""
+    return record.get("schema") != RESULT_SCHEMA
+
+
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from edgevl.errors import ConfigError
 from edgevl.questions import Question
@@ -39,6 +39,15 @@ class Rule(BaseModel):
         description="File name patterns (case-insensitive) taken from the folders.",
     )
     recursive: bool = Field(default=False, description="Also watch the folders' subfolders.")
+    max_bytes: ByteSize = Field(
+        default=ByteSize(20 << 20), gt=0,
+        description="Larger files are never read: they get a file_too_large error record (as mqtt.max_payload).",
+    )
+    follow_symlinks: bool = Field(
+        default=False,
+        description="Take symbolic links to regular files (read through the link; links to devices, FIFOs or "
+                    "sockets never). Off: links are ignored with a log line.",
+    )
     topics: tuple[str, ...] = Field(
         default=(), description="MQTT topics (wildcards allowed) whose images this rule answers."
     )

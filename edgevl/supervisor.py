@@ -245,8 +245,13 @@ class WorkerSupervisor:
         w.stall_timeout = self.config.model.stall_timeout or 120.0 * max(1.0, pixels / DEFAULT_MAX_PIXELS)
         w.job = JobRequest(key, job, data, rule)
         w.job_started = w.last_progress = time.monotonic()
-        with contextlib.suppress(ChannelClosed):  # the reader reports the exit; the job is lost with it
+        try:
             w.channel.send(("job", w.job))
+        except ChannelClosed:
+            pass  # the reader reports the exit; the job is lost with it
+        except Exception:
+            w.job = None  # it could not even be encoded: nothing was sent, the worker is still free
+            raise
 
     def poll(self, now: float) -> list[Finished | Lost]:
         """Handle the worker's messages and deaths, kill it when stalled; the daemon acts on what comes back."""
@@ -312,13 +317,16 @@ class WorkerSupervisor:
                   extra={"EDGEVL_JOB": key} if key else None)
         with self._lock:
             self.worker = None
-        self._restart()
+        # A death on a job is that job's (it is tried once more, then failed): only deaths with no
+        # job in hand count against max_restarts, so that no stream of bad inputs ends the daemon.
+        self._restart(counted=key is None)
         return Lost(key, reason, detail)
 
-    def _restart(self) -> None:
+    def _restart(self, counted: bool) -> None:
         model = self.config.model
         now = time.monotonic()
-        self._restart_times.append(now)
+        if counted:
+            self._restart_times.append(now)
         while self._restart_times and self._restart_times[0] < now - model.restart_window:
             self._restart_times.popleft()
         if len(self._restart_times) > model.max_restarts:

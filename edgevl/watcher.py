@@ -4,6 +4,13 @@ A file is ready once its size and mtime have not changed for ``settle_ms``, or
 at once when its writer renamed it into place.  Events come from watchdog
 (inotify, or polling for network shares); a periodic full rescan catches what
 the events missed and the files that were there before the daemon started.
+
+Only regular files are candidates (``lstat``; symbolic links to regular files
+when the rule accepts links). Anything else that matches a rule (a directory,
+a FIFO, a socket, a device, a link) is never opened: it gets one log line and is
+passed over from then on. A folder that cannot be read, disappears or is
+re-created is logged once and watched again as soon as it can be; a watcher
+thread that died is replaced.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -21,16 +29,34 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from edgevl.fsutil import kind_of
+from edgevl.names import display
 from edgevl.rules import Rule
 
 log = logging.getLogger(__name__)
 
 TEMPORARY = ("*.tmp", "*.part", "~$*", "*.crdownload", "*.partial", "*.swp")
+CHECK_EVERY = 1.0  # seconds between checks that the watched folders are still the ones watched
 
 
 def ignored_name(name: str) -> bool:
     lower = name.lower()
     return name.startswith(".") or any(fnmatch.fnmatchcase(lower, p) for p in TEMPORARY)
+
+
+def rule_for(rules: tuple[Rule, ...], path: Path) -> Rule | None:
+    """The first rule whose folders and patterns take ``path``."""
+    if ignored_name(path.name):
+        return None
+    name = path.name.lower()
+    for rule in rules:
+        for folder in rule.folders:
+            inside = path.parent == folder or (rule.recursive and folder in path.parents)
+            if inside and any(fnmatch.fnmatchcase(name, p.lower()) for p in rule.patterns):
+                if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                    return None
+                return rule
+    return None
 
 
 @dataclass
@@ -42,12 +68,27 @@ class _Candidate:
     renamed: bool
 
 
+@dataclass(frozen=True)
+class _Watch:
+    handle: Any  # watchdog's ObservedWatch
+    identity: tuple[int, int]  # (st_dev, st_ino) of the folder when it was scheduled
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: FolderWatcher) -> None:
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        # This runs on watchdog's thread: an exception here would end it and blind the folders.
+        try:
+            self._handle(event)
+        except Exception:
+            log.exception("handling %s of %s", event.event_type, event.src_path)
+
+    def _handle(self, event: FileSystemEvent) -> None:
         if event.is_directory:
+            if event.event_type in ("deleted", "moved"):
+                self.watcher.recheck_soon()  # a watched folder itself may be gone
             return
         if event.event_type == "moved":
             # inotify reports the writer's rename itself; a polling observer only
@@ -69,9 +110,12 @@ class FolderWatcher:
         self.wake = wake or threading.Event()
         self._lock = threading.Lock()
         self._candidates: dict[Path, _Candidate] = {}
+        self._passed_over: dict[Path, str] = {}  # entries that are not taken, with why (logged once)
+        self._problems: dict[Path, str] = {}  # folders that cannot be watched, with why (logged once)
         self._observer: Any = None
-        self._watched: set[tuple[Path, bool]] = set()
+        self._watched: dict[tuple[Path, bool], _Watch] = {}
         self._next_rescan = 0.0
+        self._next_check = 0.0
         self.rules = rules
 
     # lifecycle
@@ -86,6 +130,7 @@ class FolderWatcher:
         self._observer = PollingObserver(timeout=self.poll_interval) if self.poll_interval > 0 else Observer()
         self._observer.daemon = True
         self._observer.start()
+        self._watched.clear()
         self._schedule()
         self.rescan()
 
@@ -103,12 +148,27 @@ class FolderWatcher:
 
     def set_rules(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
-        self._observer.unschedule_all()
+        for watch in self._watched.values():
+            self._unschedule(watch)
         self._watched.clear()
+        self._problems.clear()
         with self._lock:
             self._candidates.clear()
+            self._passed_over.clear()
         self._schedule()
         self.rescan()
+
+    def _problem(self, folder: Path, why: str | None) -> None:
+        """Log a folder's problem once, and once more when it is solved."""
+        old = self._problems.get(folder)
+        if why == old:
+            return
+        if why is None:
+            del self._problems[folder]
+            log.info("watched folder %s can be read again", folder)
+            return
+        self._problems[folder] = why
+        log.warning("watched folder %s: %s; trying again every %.0f s", folder, why, CHECK_EVERY)
 
     def _schedule(self) -> None:
         for rule in self.rules:
@@ -116,37 +176,84 @@ class FolderWatcher:
                 key = (folder, rule.recursive)
                 if key in self._watched:
                     continue
-                if not folder.is_dir():
-                    log.warning("watched folder %s of rule %s does not exist (yet); retrying at each rescan",
-                                folder, rule.name, extra={"EDGEVL_RULE": rule.name})
+                try:
+                    st = os.stat(folder)
+                    if not stat.S_ISDIR(st.st_mode):
+                        self._problem(folder, f"is a {kind_of(st.st_mode)}, not a folder")
+                        continue
+                    os.listdir(folder)  # readable: inotify would accept a folder nobody may list
+                    handle = self._observer.schedule(_Handler(self), str(folder), recursive=rule.recursive)
+                except FileNotFoundError:
+                    self._problem(folder, f"does not exist (yet) (rule {rule.name})")
                     continue
-                self._observer.schedule(_Handler(self), str(folder), recursive=rule.recursive)
-                self._watched.add(key)
+                except OSError as exc:
+                    self._problem(folder, f"cannot be watched: {exc.strerror or exc}")
+                    continue
+                self._watched[key] = _Watch(handle, (st.st_dev, st.st_ino))
+                if folder in self._problems:
+                    self._problem(folder, None)
+
+    def _unschedule(self, watch: _Watch) -> None:
+        try:
+            self._observer.unschedule(watch.handle)
+        except Exception as exc:  # its emitter may have stopped with its folder
+            log.debug("unscheduling a watch: %s", exc)
+
+    def recheck_soon(self) -> None:
+        self._next_check = 0.0
+        self.wake.set()
+
+    def _check_folders(self) -> None:
+        """Watch again the folders that were deleted, replaced or re-created since they were scheduled."""
+        for (folder, recursive), watch in list(self._watched.items()):
+            try:
+                st = os.stat(folder)
+                same = (st.st_dev, st.st_ino) == watch.identity and stat.S_ISDIR(st.st_mode)
+            except OSError:
+                same = False
+            if same:
+                continue
+            self._unschedule(watch)
+            del self._watched[(folder, recursive)]
+            log.warning("watched folder %s was deleted or replaced; watching it again when it is there", folder)
+        before = set(self._watched)
+        self._schedule()
+        if set(self._watched) - before:
+            self.rescan()  # files that arrived before the new watch
 
     # matching
     def rule_for(self, path: Path) -> Rule | None:
-        if ignored_name(path.name):
-            return None
-        name = path.name.lower()
-        for rule in self.rules:
-            for folder in rule.folders:
-                inside = path.parent == folder or (rule.recursive and folder in path.parents)
-                if inside and any(fnmatch.fnmatchcase(name, p.lower()) for p in rule.patterns):
-                    if any(part.startswith(".") for part in path.relative_to(folder).parts):
-                        return None
-                    return rule
-        return None
+        return rule_for(self.rules, path)
+
+    def _pass_over(self, path: Path, why: str) -> None:
+        with self._lock:
+            self._candidates.pop(path, None)
+            if self._passed_over.get(path) == why:
+                return
+            self._passed_over[path] = why
+        log.warning("not taking %s: %s", display(str(path))[0], why, extra={"EDGEVL_IMAGE": display(str(path))[0]})
 
     def note(self, path: Path, renamed: bool = False) -> None:
         rule = self.rule_for(path)
         if rule is None:
             return
         try:
-            st = path.stat()
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                if not rule.follow_symlinks:
+                    self._pass_over(path, f"a symbolic link (rule {rule.name} does not follow links)")
+                    return
+                st = os.stat(path)  # the target's size and mtime
         except OSError:
+            return  # gone (or a link to nothing: see below at the next rescan)
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode) and rule.recursive:
+                return  # a subfolder of a recursive rule: watched, not taken
+            self._pass_over(path, f"a {kind_of(st.st_mode)}, not a regular file")
             return
         now = time.monotonic()
         with self._lock:
+            self._passed_over.pop(path, None)
             old = self._candidates.get(path)
             if old is None or (old.size, old.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 self._candidates[path] = _Candidate(rule.name, st.st_size, st.st_mtime_ns, now,
@@ -155,21 +262,46 @@ class FolderWatcher:
                 old.renamed = True
         self.wake.set()
 
+    def pass_over(self, path: Path, why: str) -> None:
+        """An entry the spool refused to take (it changed since it was noted): not offered again."""
+        self._pass_over(path, why)
+
     def rescan(self) -> None:
         self._schedule()
         for rule in self.rules:
             for folder in rule.folders:
-                if not folder.is_dir():
-                    continue
-                walker = os.walk(folder) if rule.recursive else [(str(folder), [], os.listdir(folder))]
-                for root, dirs, files in walker:
-                    dirs[:] = [d for d in dirs if not d.startswith(".")]
-                    for name in files:
-                        self.note(Path(root) / name)
+                try:
+                    self._scan(rule, folder)
+                except OSError as exc:
+                    if folder not in self._problems:  # said once, by whichever step met it first
+                        self._problem(folder, f"cannot be read: {exc.strerror or exc}")
+        with self._lock:
+            self._passed_over = {p: why for p, why in self._passed_over.items() if os.path.lexists(p)}
         self._next_rescan = time.monotonic() + self.rescan_interval
 
+    def _scan(self, rule: Rule, folder: Path) -> None:
+        if not folder.is_dir():
+            return
+        if rule.recursive:
+            for root, dirs, files in os.walk(folder):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for name in files:
+                    self.note(Path(root) / name)
+        else:
+            for name in os.listdir(folder):
+                self.note(folder / name)
+        if self._problems.get(folder, "").startswith("cannot be read"):
+            self._problem(folder, None)
+
     def tick(self) -> None:
-        if time.monotonic() >= self._next_rescan:
+        now = time.monotonic()
+        if self._observer is not None and not self._observer.is_alive():
+            log.error("the folder watcher thread died; starting a new one")
+            self.start()
+        if now >= self._next_check:
+            self._next_check = now + CHECK_EVERY
+            self._check_folders()
+        if now >= self._next_rescan:
             self.rescan()
 
     def ready(self) -> list[tuple[Path, str]]:
@@ -180,7 +312,7 @@ class FolderWatcher:
             items = list(self._candidates.items())
         for path, cand in items:
             try:
-                st = path.stat()
+                st = os.stat(path)  # through an accepted link: its target (note() checked the kind)
             except OSError:
                 self.forget(path)
                 continue
@@ -203,6 +335,6 @@ class FolderWatcher:
         """Seconds until the earliest candidate could be ready (for the main loop's sleep)."""
         with self._lock:
             if not self._candidates:
-                return self.rescan_interval
+                return min(self.rescan_interval, CHECK_EVERY)
             oldest = min(c.since for c in self._candidates.values())
         return max(0.0, oldest + self.settle - time.monotonic())

@@ -165,7 +165,7 @@ class Listener:
 
 
 def publish(port: int, topic: str, payload: bytes, protocol: str = "5", properties: Properties | None = None,
-            qos: int = 1, **client_args: Any) -> None:
+            qos: int = 1, retain: bool = False, **client_args: Any) -> None:
     """Publish one message and wait for the broker's acknowledgement."""
     v5 = protocol == "5"
     client = paho.Client(CallbackAPIVersion.VERSION2,
@@ -177,7 +177,7 @@ def publish(port: int, topic: str, payload: bytes, protocol: str = "5", properti
     client.connect("127.0.0.1", port, 10)
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=qos, properties=properties)
+        info = client.publish(topic, payload, qos=qos, properties=properties, retain=retain)
         info.wait_for_publish(10)
     finally:
         client.disconnect()

@@ -6,6 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property-based tests on a fixed set of examples (reproducible); a developer's run
+# explores new ones (HYPOTHESIS_PROFILE=explore makes it explore ten times as many).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,12 +35,9 @@ def fp32_model(test_model_dir: Path):  # type: ignore[no-untyped-def]
     return load_model(str(test_model_dir), "float32")
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB filesystem (root and mount(8) needed, as on the appliance's CI)."""
-    mount = tmp_path / "small"
+def _tmpfs(mount: Path, size: str) -> Iterator[Path]:
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                           check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
@@ -41,6 +45,18 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (root and mount(8) needed, as on the appliance's CI)."""
+    yield from _tmpfs(tmp_path / "small", "1m")
+
+
+@pytest.fixture
+def big_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem other than the test's folder, room for a 1 GiB file."""
+    yield from _tmpfs(tmp_path / "big", "1200m")
 
 
 def fill(filesystem: Path) -> Path:

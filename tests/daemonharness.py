@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -31,9 +32,18 @@ patterns = ["*.jpg", "*.png"]
 """
 
 
+def _without_file_permission_override() -> None:
+    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set,
+    so that root, too, is refused a folder with mode 000 (as any other user, or a share, would be)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
 class DaemonProcess:
     def __init__(self, root: Path, model_dir: Path, config_extra: str = "", rules: str = RULES,
-                 env: dict[str, str] | None = None, http: str = "", http_extra: str = "") -> None:
+                 env: dict[str, str] | None = None, http: str = "", http_extra: str = "",
+                 honour_permissions: bool = False) -> None:
         self.root = root
         self.inbox = root / "inbox"
         self.inbox.mkdir(parents=True, exist_ok=True)
@@ -69,6 +79,7 @@ listen = "{http}"
         self.sock_path = root / "notify.sock"
         self.log_path = root / "daemon.log"
         self.env = env or {}
+        self.honour_permissions = honour_permissions
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.messages: list[str] = []
@@ -86,7 +97,9 @@ listen = "{http}"
         env.pop("JOURNAL_STREAM", None)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "edgevl", "run", "-c", str(self.config)],
-                                         stdout=log, stderr=log, env=env)
+                                         stdout=log, stderr=log, env=env,
+                                         preexec_fn=_without_file_permission_override if self.honour_permissions
+                                         else None)
         return self
 
     def _drain(self, sock: socket.socket) -> None:
@@ -182,6 +195,34 @@ listen = "{http}"
         if sock is not None:
             self._reader.join(5)
             sock.close()
+
+    def in_hand(self) -> dict[str, int]:
+        """What the daemon noted as in hand (state_dir/in-hand.json)."""
+        try:
+            held: dict[str, int] = json.loads((self.state / "in-hand.json").read_text())["held"]
+            return held
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def peak_rss(self) -> int:
+        """The daemon's own resident high-water mark (VmHWM), in bytes."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+    def wait_log(self, needle: str, count: int = 1, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(needle) >= count:
+                return log
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) before {needle!r}:\n{log}")
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not {count} times in the log within {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -58,3 +58,43 @@ def test_check_command_reports_rules_errors_and_fails(tmp_path: Path) -> None:
     assert f"{tmp_path / 'rules.toml'}: rule[0].question[0].type" in proc.stderr
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         check(tmp_path / "absent.toml")
+
+
+def _layout(tmp_path: Path, folder: str, recursive: bool, patterns: str,
+            outputs: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "edgevl.toml").write_text(f'rules = "rules.toml"\nstate_dir = "{tmp_path}/state"\n'
+                                          f"[http]\nlisten = \"\"\n[folders]\n{outputs}\n")
+    (tmp_path / "rules.toml").write_text(
+        f'[[rule]]\nname = "cam"\nfolders = ["{folder}"]\nrecursive = {str(recursive).lower()}\n'
+        f'patterns = [{patterns}]\n[[rule.question]]\nid = "q"\nask = "?"\n')
+    return subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(tmp_path / "edgevl.toml")],
+                          capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize(("folder", "recursive", "patterns", "outputs", "problem"), [
+    ("in", True, '"*.jpg"', 'results = "{t}/in/results"', "folders.results {t}/in/results is inside the watched "
+                                                             "folder {t}/in of rule cam, which is recursive"),
+    ("in", False, '"*"', 'failed = "{t}/in/failed"', "folders.failed {t}/in/failed is inside the watched folder "
+                                                      "{t}/in of rule cam, whose patterns match 'failed'"),
+    ("archive/cam", False, '"*.jpg"', 'archive = "{t}/archive"', "the watched folder {t}/archive/cam of rule cam is "
+                                                                 "inside folders.archive {t}/archive"),
+    ("in", False, '"*.jpg"', 'results = "{t}/in/results"', None),  # not read: no pattern takes "results"
+    ("in", True, '"*"', 'archive = "{t}/in/.archive"', None),  # hidden folders are never read
+])
+def test_outputs_inside_inputs_are_refused_with_both_names(tmp_path: Path, folder: str, recursive: bool,
+                                                           patterns: str, outputs: str, problem: str | None) -> None:
+    proc = _layout(tmp_path, str(tmp_path / folder), recursive, patterns, outputs.format(t=tmp_path))
+    if problem is None:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 2
+        assert problem.format(t=tmp_path) in proc.stderr
+        assert "edgevl would take its own output as input" in proc.stderr
+
+
+def test_run_refuses_such_a_layout_before_anything_starts(tmp_path: Path) -> None:
+    _layout(tmp_path, str(tmp_path / "in"), True, '"*"', f'results = "{tmp_path}/in/r"')
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "run", "-c", str(tmp_path / "edgevl.toml")],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 2
+    assert f"folders.results {tmp_path}/in/r is inside the watched folder" in proc.stderr

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -75,6 +76,7 @@ def _daemon(tmp_path: Path, model: Path, extra: str = "", env: dict[str, str] | 
         DaemonProcess, Client]:
     port = free_port()
     (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").chmod(0o600)  # a secret others may read is refused
     d = DaemonProcess(tmp_path, model, http=f"127.0.0.1:{port}", env=env,
                       http_extra=f'token_file = "{tmp_path / "token"}"\nmax_upload = "64KiB"\n{extra}')
     return d, Client(port)
@@ -250,3 +252,127 @@ def test_on_sigterm_the_running_request_is_answered_and_the_waiting_one_gets_503
         assert answers["running"][0] == 200
     finally:
         assert d.stop() == 0
+
+
+def _hardened(tmp_path: Path, model: Path, extra: str) -> tuple[DaemonProcess, Client]:
+    port = free_port()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").chmod(0o600)
+    d = DaemonProcess(tmp_path, model, http=f"127.0.0.1:{port}",
+                      http_extra=f'token_file = "{tmp_path / "token"}"\n{extra}')
+    return d, Client(port)
+
+
+def _closed(sock: socket.socket, timeout: float) -> bool:
+    """True once the server has closed ``sock`` (within ``timeout``)."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_slow_clients_do_not_take_the_api_away(tmp_path: Path, test_model_dir: Path) -> None:
+    d, client = _hardened(tmp_path, test_model_dir, "read_timeout = 2\nidle_timeout = 3")
+    d.start()
+    idle: list[socket.socket] = []
+    slow: list[socket.socket] = []
+    try:
+        d.wait_notify("READY=1")
+        port = int(client.base.rsplit(":", 1)[1])
+        for _ in range(150):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        for _ in range(5):  # slow-loris: headers one line at a time, never finished
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(s)
+        started = time.monotonic()
+        assert client.get("/healthz", token=None)[0] == 200
+        assert time.monotonic() - started < 10
+        assert client.ask_form([("rule", "cam")], _jpeg(1))[0] == 200
+        dripping_until = time.monotonic() + 8
+        closed_after = None
+        while time.monotonic() < dripping_until and closed_after is None:
+            try:
+                for s in slow:
+                    s.sendall(b"X-Slow: 1\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+            time.sleep(0.3)
+        assert closed_after is not None, "a request must arrive within read_timeout"
+        assert closed_after < 8
+        assert _closed(idle[0], 8), "idle connections are closed after idle_timeout"
+        assert client.get("/healthz", token=None)[0] == 200
+    finally:
+        for s in idle + slow:
+            s.close()
+        assert d.stop() == 0
+
+
+def test_requests_are_bounded_timed_out_and_never_starve_the_folders(tmp_path: Path, test_model_dir: Path) -> None:
+    d, client = _hardened(tmp_path, test_model_dir, "request_timeout = 3")
+    d.start()
+    stop = threading.Event()
+    asked: list[int] = []
+    threads: list[threading.Thread] = []
+
+    def loop_asking() -> None:
+        while not stop.is_set():
+            asked.append(client.ask_form([("rule", "cam")], _jpeg(len(asked)))[0])
+
+    try:
+        d.wait_notify("READY=1")
+        assert d.proc is not None
+        before = d.peak_rss()
+        bomb = b"[" + b"[]," * (6_900_000) + b"[]]"  # 20 MiB of nothing
+        status, _, body = client.request("POST", "/v1/ask", bomb, "application/json")
+        assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
+        status, _, body = client.request("POST", "/v1/ask", b"[" * 100_000 + b"]" * 100_000, "application/json")
+        assert status == 400
+        assert b"Traceback" not in body
+        assert d.peak_rss() - before < 150 << 20, "refused before a parser built anything"
+        status, record = client.ask_json({"image": base64.b64encode(_jpeg(1)).decode(),
+                                          "questions": [{"ask": "?"}], "max_pixels": 16_777_216})
+        assert (status, record["error"]["code"]) == (400, "bad_request")
+        req = urllib.request.Request(client.base + "/v1/rules", headers={"Host": "rebind.example:8080",
+                                                                         "Authorization": f"Bearer {TOKEN}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 400
+        boundary = "b"
+        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"rule\"\r\n\r\ncam\r\n--{boundary}--\r\n")
+        req = urllib.request.Request(client.base + "/v1/ask", data=form.encode(), method="POST", headers={
+            "Origin": "http://evil.example", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)  # a cross-site form post, even without the token
+        assert refused.value.code == 403
+
+        # request_timeout holds even while the model is busy: a stopped worker never answers.
+        worker = client.get("/v1/status")[1]["worker"]["pid"]
+        os.kill(worker, signal.SIGSTOP)
+        started = time.monotonic()
+        status, record = client.ask_form([("rule", "cam")], _jpeg(2))
+        assert (status, record["error"]["code"]) == (503, "timeout")
+        assert time.monotonic() - started < 8
+        os.kill(worker, signal.SIGCONT)
+
+        # Five clients asking in a loop: the folder's images still get their turn.
+        threads += [threading.Thread(target=loop_asking) for _ in range(5)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while len(asked) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(3):
+            (d.inbox / f"f{i}.jpg").write_bytes(_jpeg(10 + i))
+        d.wait_records(3, timeout=60)
+        assert not stop.is_set()
+        assert len(asked) >= 5, "the clients were asking all along"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert d.stop() == 0
+    assert set(asked) <= {200, 429}

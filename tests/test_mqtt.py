@@ -275,8 +275,9 @@ def test_password_and_tls_over_mqtt_3_1_1(tmp_path: Path, test_model_dir: Path) 
     certs = _certificates(tmp_path / "certs")
     tls_conf = f"cafile {certs['ca.crt']}\ncertfile {certs['server.crt']}\nkeyfile {certs['server.key']}\n"
     broker = Broker(tmp_path / "broker", extra=tls_conf, users={"edgevl": "s3cret", "dash": "board"}).start()
-    (tmp_path / "password").write_text("s3cret\n")
-    (tmp_path / "wrong").write_text("guess\n")
+    for name, secret in (("password", "s3cret\n"), ("wrong", "guess\n")):
+        (tmp_path / name).write_text(secret)
+        (tmp_path / name).chmod(0o600)  # a secret others may read is refused
     tls = {"ca_certs": str(certs["ca.crt"])}
     common = f"""protocol = "3.1.1"
 tls = true
@@ -463,4 +464,81 @@ def test_kill_9_with_frames_in_the_spool_and_results_in_the_outbox_loses_nothing
     on_disk = sorted(p.name for p in (d.results / "cam").iterdir())
     assert on_disk == sorted(f"{i}.json" for i in ids), "one result file per frame"
     assert not list((d.state / "spool").iterdir())
+    listener.close()
+
+
+def _deep_meta(job_id: str, depth: int) -> bytes:
+    meta = b'{"m": ' * depth + b"1" + b"}" * depth
+    return b'{"id": "' + job_id.encode() + b'", "image": "' + base64.b64encode(_jpeg(1)) + b'", "meta": ' + meta + b"}"
+
+
+def test_hostile_messages_retained_frames_and_a_record_published_once(tmp_path: Path, test_model_dir: Path,
+                                                                      broker: Broker) -> None:
+    # Retained before edgevl subscribes: replayed by the broker at every subscription, never answered.
+    publish(broker.port, TOPIC, _envelope(_jpeg(1), id="retained-1"), retain=True)
+    listener = Listener(broker.port, [f"{BASE}/#"])
+    d = DaemonProcess(tmp_path, test_model_dir, rules=RULES_MQTT, config_extra=_mqtt_config(broker.port))
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        listener.wait(lambda h: _status(h, "online"), why=d.log)
+        # meta nested 500 and 1,500 deep: the first used to stop edgevl when the job was handed to the
+        # worker, the second was never acknowledged and came back for ever.
+        for i in range(21):
+            publish(broker.port, TOPIC, _deep_meta(f"deep-{i}", 500 if i % 2 else 1500))
+        publish(broker.port, TOPIC, _envelope(_jpeg(2), id="after-deep"))
+        errors = listener.wait(_is(f"{BASE}/errors"), 21, why=d.log)
+        assert {h.json()["error"]["code"] for h in errors} == {"bad_envelope"}
+        assert all("nested deeper than" in h.json()["error"]["message"] for h in errors)
+        listener.wait(lambda h: h.topic == f"{BASE}/results/cam" and h.json()["job_id"] == "after-deep", why=d.log)
+
+        # A frame published with the retain flag while edgevl listens is answered, once.
+        publish(broker.port, TOPIC, _envelope(_jpeg(3), id="retained-2"), retain=True)
+        listener.wait(lambda h: h.topic == f"{BASE}/results/cam" and h.json()["job_id"] == "retained-2", why=d.log)
+
+        # A folder image whose delivery is retried while the results folder cannot be written:
+        # its record goes out over MQTT once, not at every retry.
+        d.results.rename(tmp_path / "results-away")
+        d.results.write_text("a file where the results folder should be")
+        (d.inbox / "retry.jpg").write_bytes(_jpeg(4))
+        d.wait_log("cannot deliver job", count=3)
+        d.results.unlink()
+        (tmp_path / "results-away").rename(d.results)
+        d.wait_records(3)
+        listener.wait(lambda h: h.topic == f"{BASE}/results/cam" and h.json()["source"]["kind"] == "folder",
+                      why=d.log)
+    finally:
+        assert d.stop() == 0
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        publish(broker.port, TOPIC, _envelope(_jpeg(5), id="after-restart"))
+        listener.wait(lambda h: h.topic == f"{BASE}/results/cam" and h.json()["job_id"] == "after-restart",
+                      why=d.log)
+    finally:
+        assert d.stop() == 0
+    results = [h.json() for h in listener.messages(_is(f"{BASE}/results/cam"))]
+    ids = Counter(r["job_id"] for r in results)
+    assert "retained-1" not in ids, "a retained frame is never answered at a subscription"
+    assert ids["retained-2"] == 1, "answered when it was published, not again after the restart"
+    assert Counter(r["source"]["kind"] for r in results)["folder"] == 1, "published once"
+    assert len(listener.messages(_is(f"{BASE}/errors"))) == 21, "nothing came back after the restart"
+    assert d.log().count("ignoring the retained message") == 0, "with MQTT v5 the broker does not even send it"
+    listener.close()
+
+
+def test_retained_frames_over_mqtt_3_1_1_are_ignored(tmp_path: Path, test_model_dir: Path, broker: Broker) -> None:
+    publish(broker.port, TOPIC, _envelope(_jpeg(1), id="retained-old"), retain=True)
+    listener = Listener(broker.port, [f"{BASE}/results/#"])
+    d = DaemonProcess(tmp_path, test_model_dir, rules=RULES_MQTT,
+                      config_extra=_mqtt_config(broker.port, 'protocol = "3.1.1"'))
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        d.wait_log("ignoring the retained message on factory/line1/cam/frame")
+        publish(broker.port, TOPIC, _envelope(_jpeg(2), id="live"), protocol="3.1.1")
+        listener.wait(lambda h: h.json()["job_id"] == "live", why=d.log)
+    finally:
+        assert d.stop() == 0
+    assert [h.json()["job_id"] for h in listener.messages()] == ["live"]
     listener.close()

@@ -27,7 +27,7 @@ def _env(**fields: object) -> bytes:
 def test_raw_and_enveloped_images_and_where_the_id_comes_from() -> None:
     assert parse(Inbound("t", JPEG), 1 << 20) == (JPEG, None, None)
     b64 = base64.b64encode(JPEG).decode()
-    assert parse(Inbound("t", _env(id="a-1", image=b64, meta={"k": 1})), 1 << 20) == (JPEG, "a-1", {"k": 1})
+    assert parse(Inbound("t", _env(id="a-1", image=b64, meta={"k": 1})), 1 << 20) == (JPEG, "a-1", '{"k":1}')
     # Detected by content type even with leading white space, and by the leading brace without one.
     assert parse(Inbound("t", b"  " + _env(image=b64), content_type="application/json"), 1 << 20)[0] == JPEG
     assert parse(Inbound("t", JPEG, correlation=b"req-7"), 1 << 20)[1] == "req-7"

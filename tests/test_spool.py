@@ -18,7 +18,7 @@ def _record(job_id: str, schema: str = "edgevl.result/1") -> dict[str, object]:
 
 def test_claim_of_a_vanished_file_takes_nothing(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    assert spool.claim(tmp_path / "gone.jpg", "cam", "t") is None
+    assert spool.claim(tmp_path / "gone.jpg", "cam", "t", 1 << 20) is None
     assert spool.pending() == []
 
 
@@ -27,7 +27,7 @@ def test_crash_before_the_rename_leaves_the_image_in_its_inbox(tmp_path: Path) -
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "a.jpg").write_bytes(b"x")
-    job = spool.claim(inbox / "a.jpg", "cam", "t")
+    job = spool.claim(inbox / "a.jpg", "cam", "t", 1 << 20)
     assert job is not None
     os.rename(job.image, inbox / "a.jpg")  # as if the rename had never happened
     assert spool.pending() == []
@@ -43,7 +43,7 @@ def test_finish_is_idempotent_after_a_crash_at_any_step(tmp_path: Path) -> None:
     (results / "cam").mkdir(parents=True)
     (results / "cam" / "a.json").write_text(json.dumps({"job_id": "someone-else"}))  # an earlier "a.jpg"
     (inbox / "a.jpg").write_bytes(b"img")
-    job = spool.claim(inbox / "a.jpg", "cam", "t")
+    job = spool.claim(inbox / "a.jpg", "cam", "t", 1 << 20)
     assert job is not None
     job.save_record(_record(job.job_id))
     first = spool.finish(job, results, archive, failed)
@@ -62,7 +62,7 @@ def test_finish_is_idempotent_after_a_crash_at_any_step(tmp_path: Path) -> None:
 def test_failed_image_lands_beside_its_error_record(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     (tmp_path / "bad.png").write_bytes(b"nope")
-    job = spool.claim(tmp_path / "bad.png", "cam", "t")
+    job = spool.claim(tmp_path / "bad.png", "cam", "t", 1 << 20)
     assert job is not None
     job.save_record(_record(job.job_id, "edgevl.error/1"))
     spool.finish(job, tmp_path / "r", None, tmp_path / "failed")
@@ -72,7 +72,7 @@ def test_failed_image_lands_beside_its_error_record(tmp_path: Path) -> None:
 def test_archive_disabled_deletes_the_image(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     (tmp_path / "a.jpg").write_bytes(b"img")
-    job = spool.claim(tmp_path / "a.jpg", "cam", "t")
+    job = spool.claim(tmp_path / "a.jpg", "cam", "t", 1 << 20)
     assert job is not None
     job.save_record(_record(job.job_id))
     spool.finish(job, tmp_path / "r", None, tmp_path / "f")

@@ -41,6 +41,7 @@ def test_unit_exposure_is_low(unit: Path) -> None:
 def test_unit_is_notify_with_watchdog_and_check() -> None:
     text = (ROOT / "systemd/edgevl.service").read_text()
     for line in ("Type=notify", "WatchdogSec=", "ExecStartPre=@PREFIX@/.venv/bin/edgevl check",
-                 "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "StateDirectory=edgevl",
+                 "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "RestartPreventExitStatus=2",
+                 "StateDirectory=edgevl",
                  "ProtectSystem=strict", "MemoryMax=", "Delegate=memory", "KillMode=mixed"):
         assert line in text
