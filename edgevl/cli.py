@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from edgevl import __version__
+from edgevl.config import DEFAULT_MODEL, PRECISIONS
 from edgevl.errors import EdgevlError
-from edgevl.model_files import DEFAULT_MODEL, PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,28 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         if args.command == "run":
-            from edgevl.daemon import run
+            from edgevl.daemon.loop import run
 
             return run(args.config)
         if args.command == "check":
-            from edgevl.config import check
+            from edgevl.commands.check import check
 
             config, rules = check(args.config)
             print(f"{args.config}: ok; {config.rules}: {len(rules.rules)} rules "
                   f"({', '.join(r.name for r in rules.rules)})")
             return 0
         if args.command == "ask":
-            from edgevl.ask import run_ask
+            from edgevl.commands.ask import run_ask
 
             return run_ask(args.images, args.questions, args.rules, args.rule, args.model, args.precision,
                            args.max_pixels, args.threads, args.max_batch)
         if args.command == "model":
-            from edgevl.model_files import pull_model
+            from edgevl.engine.model_files import pull_model
 
             print(pull_model(args.model_id))
             return 0
         if args.command == "bench":
-            from edgevl.bench import run_bench
+            from edgevl.bench.command import run_bench
 
             return run_bench(args.precisions or ["float32", "int8"], args.json, args.checkpoint,
                              args.write_doc, args.threads)

@@ -3,11 +3,17 @@
 ``EDGEVL_MODEL__PRECISION=int8`` overrides ``[model] precision``. Unknown keys
 are errors, and every error names the file and the key.  Nothing is read at
 import time: ``load_config`` is called by the commands that need it.
+
+This module is a leaf: the settings, their defaults and the types of their
+values; every other module may import it, it imports none of them (but errors).
+Checking a configuration as a whole (its rules, secrets, folder layout) is
+``edgevl.commands.check``.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,14 +30,20 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edgevl.errors import ConfigError
-from edgevl.images import DEFAULT_MAX_PIXELS
-from edgevl.memcap import Enforcement
-from edgevl.model_files import DEFAULT_MODEL, Precision
-from edgevl.records import default_device_id
-from edgevl.rules import RulesFile, format_validation_error, load_rules
+from edgevl.errors import ConfigError, format_validation_error
 
 DEFAULT_CONFIG = Path("/etc/edgevl/edgevl.toml")
+DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+Precision = Literal["float32", "bfloat16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
+Enforcement = Literal["auto", "cgroup", "rss"]
+# What an image is resized to at most before encoding: 448x448 keeps a frame to
+# a few seconds on two cores (the processor's own default is ~16 M pixels).
+DEFAULT_MAX_PIXELS = 448 * 448
+
+
+def default_device_id() -> str:
+    return socket.gethostname()
 
 
 def read_secret(path: Path, key: str) -> str:
@@ -275,31 +287,3 @@ def load_config(path: Path) -> Config:
     if not config.rules.is_absolute():
         config.rules = path.parent / config.rules
     return config
-
-
-def load_daemon_rules(path: Path) -> RulesFile:
-    """The rules file as the daemon needs it: valid, with at least one rule."""
-    rules = load_rules(path)
-    if not rules.rules:
-        raise ConfigError(f"{path}: no [[rule]] defined")
-    return rules
-
-
-def check(path: Path) -> tuple[Config, RulesFile]:
-    """Validate the configuration and its rules file, as ``edgevl check`` and ExecStartPre do."""
-    config = load_config(path)
-    rules = load_daemon_rules(config.rules)
-    from edgevl.layout import layout_problems
-
-    problems = layout_problems(config, rules)
-    if problems:
-        raise ConfigError("\n".join(f"{path}: {line}" for line in problems))
-    if config.mqtt.enabled:
-        from edgevl.mqtt_link import read_password, tls_context
-
-        read_password(config.mqtt)
-        if config.mqtt.tls:
-            tls_context(config.mqtt)
-    if config.http.listen:
-        config.http.token()
-    return config, rules

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import ValidationError
+
 
 class EdgevlError(Exception):
     """An error with a stable machine-readable ``code`` and a human message."""
@@ -54,3 +58,18 @@ class StateError(EdgevlError):
     """The state directory cannot be used: a fault of the appliance, not of an input."""
 
     code = "state_unusable"
+
+
+def format_validation_error(path: Path, exc: ValidationError, aliases: dict[str, str] | None = None) -> list[str]:
+    """One line per error: ``file: key.path: message`` with the TOML names of the keys."""
+    lines = []
+    for err in exc.errors():
+        parts: list[str] = []
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
+            else:
+                parts.append((aliases or {}).get(str(loc), str(loc)))
+        key = ".".join(parts) or "(top level)"
+        lines.append(f"{path}: {key}: {err['msg']}")
+    return lines

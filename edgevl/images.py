@@ -16,14 +16,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgevl.errors import ImageError
+from edgevl.records import ImageInfo
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 # 100 megapixels covers the largest industrial line-scan and document cameras;
 # a 1 KB PNG claiming more is a decompression bomb.
 DEFAULT_PIXEL_LIMIT = 100_000_000
-# What an image is resized to at most before encoding: 448x448 keeps a frame to
-# a few seconds on two cores (the processor's own default is ~16 M pixels).
-DEFAULT_MAX_PIXELS = 448 * 448
 MAX_SIDE = 65_500
 
 
@@ -37,7 +35,7 @@ class DecodedImage:
     height: int
     format: str
 
-    def meta(self) -> dict[str, object]:
+    def meta(self) -> ImageInfo:
         return {"sha256": self.sha256, "width": self.width, "height": self.height, "format": self.format}
 
 

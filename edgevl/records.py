@@ -1,23 +1,108 @@
-"""The result and error records: the contract every output of edgevl uses."""
+"""The result and error records: the contract every output of edgevl uses.
+
+One record per image: ``edgevl.result/1`` with its answers, or ``edgevl.error/1``
+with the reason. Records are plain JSON objects, typed here; ``is_error`` is the
+one test of which kind a record is, and ``to_json`` the one serializer.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
-import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
-RESULT_SCHEMA = "edgevl.result/1"
-ERROR_SCHEMA = "edgevl.error/1"
+from typing_extensions import TypeIs
 
-SourceKind = Literal["cli", "folder", "mqtt", "http"]
+from edgevl.config import default_device_id
+
+RESULT_SCHEMA: Literal["edgevl.result/1"] = "edgevl.result/1"
+ERROR_SCHEMA: Literal["edgevl.error/1"] = "edgevl.error/1"
+
+SourceKind = Literal["cli", "folder", "mqtt", "http", "spool"]
 
 
-def is_error(record: dict[str, Any]) -> bool:
+class Source(TypedDict, total=False):
+    """Where an image came from."""
+
+    kind: SourceKind
+    path: str  # folder and cli: the path as text (undecodable bytes as \\xNN)
+    path_base64: str  # folder: the path's bytes, when they are not UTF-8
+    topic: str  # mqtt
+    meta: dict[str, Any]  # mqtt: the sender's meta, as it sent it
+
+
+class ImageInfo(TypedDict):
+    sha256: str
+    width: int
+    height: int
+    format: str
+
+
+class ModelInfo(TypedDict):
+    id: str
+    precision: str
+
+
+class ErrorInfo(TypedDict):
+    code: str
+    message: str
+
+
+class Answer(TypedDict, total=False):
+    """One question's answer; which keys are present depends on its type (see the README)."""
+
+    type: str
+    value: Any
+    confidence: float
+    alarm: bool
+    probabilities: dict[str, float]
+    text: str
+    truncated: bool
+    error: ErrorInfo
+
+
+class ResultRecord(TypedDict):
+    schema: Literal["edgevl.result/1"]
+    job_id: str
+    device_id: str
+    rule: str
+    source: Source
+    received_at: str
+    finished_at: str
+    image: ImageInfo
+    model: ModelInfo
+    answers: dict[str, Answer]
+    timings_ms: dict[str, float]
+
+
+class ErrorRecord(TypedDict):
+    schema: Literal["edgevl.error/1"]
+    job_id: str
+    device_id: str
+    rule: str
+    source: Source
+    received_at: str
+    finished_at: str
+    image: NotRequired[ImageInfo]
+    model: NotRequired[ModelInfo]
+    error: ErrorInfo
+
+
+Record = ResultRecord | ErrorRecord
+
+
+def is_error(record: Record) -> TypeIs[ErrorRecord]:
     """Whether ``record`` is an error record: the one test every output uses."""
-    return record.get("schema") != RESULT_SCHEMA
+    return record["schema"] != RESULT_SCHEMA
+
+
+def to_json(record: Record, indent: int | None = None) -> str:
+    """The record as JSON text: indented for files, compact for messages."""
+    separators = (",", ": ") if indent else (",", ":")
+    return json.dumps(record, ensure_ascii=False, indent=indent, separators=separators)
 
 
 def now_rfc3339() -> str:
@@ -29,48 +114,34 @@ def new_job_id() -> str:
     return f"{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
-def default_device_id() -> str:
-    return socket.gethostname()
-
-
 @dataclass
 class Job:
     """Identity of one image's job, shared by its result or error record."""
 
     rule: str
-    source: dict[str, Any]
+    source: Source
     device_id: str = field(default_factory=default_device_id)
     job_id: str = field(default_factory=new_job_id)
     received_at: str = field(default_factory=now_rfc3339)
 
-    def _base(self, schema: str) -> dict[str, Any]:
+    def result(self, image: ImageInfo, model: ModelInfo, answers: dict[str, Answer],
+               timings_ms: dict[str, float]) -> ResultRecord:
         return {
-            "schema": schema,
-            "job_id": self.job_id,
-            "device_id": self.device_id,
-            "rule": self.rule,
-            "source": dict(self.source),
-            "received_at": self.received_at,
-            "finished_at": now_rfc3339(),
+            "schema": RESULT_SCHEMA, "job_id": self.job_id, "device_id": self.device_id, "rule": self.rule,
+            "source": Source(**self.source), "received_at": self.received_at, "finished_at": now_rfc3339(),
+            "image": image, "model": model, "answers": answers,
+            "timings_ms": {k: round(v, 1) for k, v in timings_ms.items()},
         }
 
-    def result(self, image: dict[str, Any], model: dict[str, str], answers: dict[str, Any],
-               timings_ms: dict[str, float]) -> dict[str, Any]:
-        record = self._base(RESULT_SCHEMA)
-        record.update(
-            image=image,
-            model=model,
-            answers=answers,
-            timings_ms={k: round(v, 1) for k, v in timings_ms.items()},
-        )
-        return record
-
-    def error(self, code: str, message: str, image: dict[str, Any] | None = None,
-              model: dict[str, str] | None = None) -> dict[str, Any]:
-        record = self._base(ERROR_SCHEMA)
+    def error(self, code: str, message: str, image: ImageInfo | None = None,
+              model: ModelInfo | None = None) -> ErrorRecord:
+        record: ErrorRecord = {
+            "schema": ERROR_SCHEMA, "job_id": self.job_id, "device_id": self.device_id, "rule": self.rule,
+            "source": Source(**self.source), "received_at": self.received_at, "finished_at": now_rfc3339(),
+            "error": {"code": code, "message": message},
+        }
         if image is not None:
             record["image"] = image
         if model is not None:
             record["model"] = model
-        record["error"] = {"code": code, "message": message}
         return record

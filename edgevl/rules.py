@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
-from edgevl.errors import ConfigError
+from edgevl.errors import ConfigError, format_validation_error
 from edgevl.questions import Question
 
 
@@ -98,21 +98,6 @@ class RulesFile(BaseModel):
         raise ConfigError(f"no rule named {name!r} (rules: {known})")
 
 
-def format_validation_error(path: Path, exc: ValidationError, aliases: dict[str, str] | None = None) -> list[str]:
-    """One line per error: ``file: key.path: message`` with the TOML names of the keys."""
-    lines = []
-    for err in exc.errors():
-        parts: list[str] = []
-        for loc in err["loc"]:
-            if isinstance(loc, int):
-                parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
-            else:
-                parts.append((aliases or {}).get(str(loc), str(loc)))
-        key = ".".join(parts) or "(top level)"
-        lines.append(f"{path}: {key}: {err['msg']}")
-    return lines
-
-
 def load_rules(path: Path) -> RulesFile:
     """Read and validate a rules file; ``ConfigError`` lists every problem with its key path."""
     try:
@@ -125,3 +110,11 @@ def load_rules(path: Path) -> RulesFile:
         return RulesFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("\n".join(format_validation_error(path, exc))) from None
+
+
+def load_daemon_rules(path: Path) -> RulesFile:
+    """The rules file as the daemon needs it: valid, with at least one rule."""
+    rules = load_rules(path)
+    if not rules.rules:
+        raise ConfigError(f"{path}: no [[rule]] defined")
+    return rules

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from edgevl.config import check, load_config
+from edgevl.commands.check import check
+from edgevl.config import load_config
 from edgevl.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import ROOT
 
 
 def test_shipped_examples_pass_check() -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from edgevl.errors import ImageError
 from edgevl.images import crop_image, decode_image
-from tests.imagegen import encode, noise_image
+from tests.harness.images import encode, noise_image
 
 
 def _png_header_only(width: int, height: int) -> bytes:

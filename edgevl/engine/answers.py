@@ -11,6 +11,7 @@ import torch
 
 from edgevl.errors import AnswerError
 from edgevl.questions import Question
+from edgevl.records import Answer
 
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
 NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")
@@ -30,11 +31,11 @@ def single_token_ids(tokenizer: Any, variants: tuple[str, ...]) -> list[int]:
     return sorted(ids)
 
 
-def yes_no_answer(question: Question, logprobs: torch.Tensor, yes_ids: list[int], no_ids: list[int]) -> dict[str, Any]:
+def yes_no_answer(question: Question, logprobs: torch.Tensor, yes_ids: list[int], no_ids: list[int]) -> Answer:
     yes = torch.logsumexp(logprobs[yes_ids], dim=0)
     no = torch.logsumexp(logprobs[no_ids], dim=0)
     confidence = float(torch.exp(yes - torch.logaddexp(yes, no)))
-    answer: dict[str, Any] = {
+    answer: Answer = {
         "type": "yes_no",
         "value": confidence >= 0.5,
         "confidence": round(confidence, 6),
@@ -45,7 +46,7 @@ def yes_no_answer(question: Question, logprobs: torch.Tensor, yes_ids: list[int]
     return answer
 
 
-def choice_answer(question: Question, scores: list[float]) -> dict[str, Any]:
+def choice_answer(question: Question, scores: list[float]) -> Answer:
     probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
     best = max(range(len(scores)), key=lambda i: scores[i])
     return {
@@ -81,8 +82,8 @@ def parse_json(text: str) -> Any:
         raise AnswerError(f"the answer is not valid JSON ({exc.msg} at {exc.pos})", "invalid_json") from None
 
 
-def generated_answer(question: Question, text: str, truncated: bool) -> dict[str, Any]:
-    answer: dict[str, Any] = {"type": question.type, "value": text, "text": text}
+def generated_answer(question: Question, text: str, truncated: bool) -> Answer:
+    answer: Answer = {"type": question.type, "value": text, "text": text}
     if truncated:
         answer["truncated"] = True
     try:
@@ -92,5 +93,5 @@ def generated_answer(question: Question, text: str, truncated: bool) -> dict[str
             answer["value"] = parse_json(text)
     except AnswerError as exc:
         answer["value"] = None
-        answer["error"] = exc.as_dict()
+        answer["error"] = {"code": exc.code, "message": exc.message}
     return answer

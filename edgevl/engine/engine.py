@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image
 
+from edgevl.config import DEFAULT_MAX_PIXELS
 from edgevl.engine.answers import (
     NO_VARIANTS,
     YES_VARIANTS,
@@ -22,13 +22,13 @@ from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import QuestionPrompt, build_prompt, continuation_ids, preprocess_image
 from edgevl.engine.tuning import default_max_batch
 from edgevl.errors import ModelError
-from edgevl.images import DEFAULT_MAX_PIXELS
 from edgevl.questions import Question
+from edgevl.records import Answer
 
 
 @dataclass(frozen=True)
 class Answered:
-    answers: dict[str, dict[str, Any]]
+    answers: dict[str, Answer]
     encode_ms: float
     answer_ms: float
     image_tokens: int
@@ -82,7 +82,7 @@ class Engine:
         return Branch("generate", prompt.suffix_ids, prompt.suffix_positions, max_new=question.token_budget,
                       ignore_eos=force_full_length)
 
-    def _answer(self, question: Question, branch: Branch) -> dict[str, Any]:
+    def _answer(self, question: Question, branch: Branch) -> Answer:
         if question.type == "yes_no":
             assert branch.logprobs is not None
             return yes_no_answer(question, branch.logprobs, self.yes_ids, self.no_ids)

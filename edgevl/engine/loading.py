@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgevl.config import PRECISIONS, Precision
 from edgevl.engine.kernels import Int8Embedding, convert_linears, int8_linear, quantize_rows
+from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.errors import ModelError
-from edgevl.model_files import PRECISIONS, Precision, read_tensor_infos, resolve_model_path
 
 log = logging.getLogger(__name__)
 

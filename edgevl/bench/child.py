@@ -1,0 +1,124 @@
+"""One precision of ``edgevl bench``, in a process of its own so that its peak RSS is its own
+(``python -m edgevl.bench.child``; started by ``edgevl.bench.command``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from edgevl.bench.workload import FRAMES, W4_QUESTIONS, W4_SHORT_TOKENS, W4_TEXT_TOKENS, frame_bytes
+from edgevl.worker.memcap import own_peak_bytes
+
+
+def naive_generate(model: Any, tokenizer: Any, processor: Any) -> tuple[float, list[int]]:
+    """One ``generate()`` per question on its full prompt, as the model card does."""
+    import torch
+
+    from edgevl.config import DEFAULT_MAX_PIXELS
+    from edgevl.images import decode_image
+
+    image_token = model.config.image_token_id
+    image = decode_image(frame_bytes(1)).image
+    text_tokens: list[int] = []
+    started = time.perf_counter()
+    for q in W4_QUESTIONS:
+        pixels = processor(images=[image], size={"shortest_edge": min(65536, DEFAULT_MAX_PIXELS),
+                                                 "longest_edge": DEFAULT_MAX_PIXELS}, return_tensors="pt")
+        n_image = int(pixels["image_grid_thw"].prod()) // 4
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.prompt_text()}]}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * n_image)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        n = W4_TEXT_TOKENS if q.type == "text" else W4_SHORT_TOKENS
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],
+                image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(ids == image_token).int(),
+                max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            )
+        if q.type == "text":
+            text_tokens = out[0, ids.shape[1]:].tolist()
+    return time.perf_counter() - started, text_tokens
+
+
+def stock(checkpoint: str, precision: str, threads: int) -> tuple[float, list[int]]:
+    """The model card's way end to end: stock ``from_pretrained`` (int8: torch's ``quantize_dynamic`` recipe)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    model = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
+    model.eval()
+    if precision == "int8":
+        quantize = torch.ao.quantization.quantize_dynamic
+        model = quantize(model, {torch.nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+    model.generation_config = GenerationConfig.from_pretrained(checkpoint)
+    return naive_generate(model, AutoTokenizer.from_pretrained(checkpoint),
+                          Qwen2VLImageProcessorPil.from_pretrained(checkpoint))
+
+
+def main() -> int:
+    checkpoint, precision, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if len(sys.argv) > 4 and sys.argv[4] == "stock":
+        stock_seconds, stock_text = stock(checkpoint, precision, threads)
+        print(json.dumps({"stock_seconds_per_image": round(stock_seconds, 3), "text_tokens": stock_text}))
+        return 0
+    from edgevl.config import DEFAULT_MAX_PIXELS
+    from edgevl.engine.engine import Engine
+    from edgevl.engine.loading import load_model
+    from edgevl.images import decode_image
+
+    lm = load_model(checkpoint, precision, threads)  # type: ignore[arg-type]
+    engine = Engine(lm)
+    seconds, prefill, steps, decode_seconds = [], [], 0, 0.0
+    answers: list[dict[str, Any]] = []
+    ours_text: list[int] = []
+    for frame in range(FRAMES):
+        started = time.perf_counter()
+        image = decode_image(frame_bytes(frame)).image
+        answered = engine.answer(image, W4_QUESTIONS, DEFAULT_MAX_PIXELS, force_full_length=True)
+        elapsed = time.perf_counter() - started
+        answers.append({qid: {k: a.get(k) for k in ("value", "text")} | {"tokens": answered.tokens.get(qid)}
+                        for qid, a in answered.answers.items()})
+        if frame == 0:
+            continue
+        seconds.append(elapsed)
+        prefill.append(answered.encode_ms / 1000)
+        steps += answered.decode_steps
+        decode_seconds += answered.decode_seconds
+        if frame == 1:
+            ours_text = answered.tokens["label"]
+        print(f"  frame {frame}: {elapsed:.2f} s", file=sys.stderr)
+    peak = own_peak_bytes("VmHWM")
+    virtual_peak = own_peak_bytes("VmPeak")
+    per_image = statistics.median(seconds)
+    # The baseline on this very model (same weights, same kernels): the speedup
+    # is then the engine's alone.
+    naive_seconds, naive_text = naive_generate(lm.model, lm.tokenizer, lm.image_processor)
+    print(f"  naive generate(): {naive_seconds:.2f} s", file=sys.stderr)
+    print(json.dumps({
+        "workload": "W4",
+        "precision": precision,
+        "seconds_per_image": round(per_image, 3),
+        "naive_seconds_per_image": round(naive_seconds, 3),
+        "speedup": round(naive_seconds / per_image, 2),
+        "peak_rss_bytes": peak,
+        "peak_virtual_bytes": virtual_peak,
+        "max_batch": engine.max_batch,
+        "prefill_seconds": round(statistics.median(prefill), 3),
+        "decode_seconds_per_token": round(decode_seconds / max(steps, 1), 4),
+        "load_seconds": round(lm.load_seconds, 1),
+        "text_tokens": ours_text,
+        "text_identical_to_naive": ours_text == naive_text,
+        "answers": answers,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The ``edgevl`` commands that are not the daemon: ``ask`` and ``check``."""

@@ -1,0 +1,78 @@
+"""``edgevl ask``: answer questions about image files from the command line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from edgevl.config import DEFAULT_MAX_PIXELS, Precision, default_device_id
+from edgevl.engine.engine import Engine
+from edgevl.engine.loading import load_model
+from edgevl.engine.pipeline import answer_image
+from edgevl.errors import ConfigError
+from edgevl.questions import Question
+from edgevl.records import Job, Record, Source, is_error, to_json
+from edgevl.rules import Rule, load_rules
+
+log = logging.getLogger(__name__)
+
+_TYPED = re.compile(r"^(?P<type>text|yes_no|number|json|choice\((?P<options>[^)]*)\))\s*:\s*(?P<ask>.+)$", re.DOTALL)
+
+
+def parse_question(index: int, text: str) -> Question:
+    """``-q`` syntax: ``QUESTION``, ``TYPE: QUESTION`` or ``choice(A|B|C): QUESTION``."""
+    match = _TYPED.match(text.strip())
+    try:
+        if not match:
+            return Question(id=f"q{index}", ask=text.strip(), type="text")
+        kind = match.group("type")
+        if kind.startswith("choice"):
+            options = tuple(o.strip() for o in (match.group("options") or "").split("|"))
+            return Question(id=f"q{index}", ask=match.group("ask"), type="choice", options=options)
+        return Question.model_validate({"id": f"q{index}", "ask": match.group("ask"), "type": kind})
+    except ValidationError as exc:
+        raise ConfigError(f"question {text!r}: {exc.errors()[0]['msg']}") from None
+
+
+def ask_rule(args_questions: list[str], rules: Path | None, rule_name: str | None) -> Rule:
+    if rules is not None or rule_name is not None:
+        if rules is None or rule_name is None:
+            raise ConfigError("--rules and --rule go together")
+        if args_questions:
+            raise ConfigError("give either -q questions or --rules/--rule, not both")
+        return load_rules(rules).get(rule_name)
+    if not args_questions:
+        raise ConfigError("no questions: give -q QUESTION or --rules FILE --rule NAME")
+    questions = tuple(parse_question(i + 1, q) for i, q in enumerate(args_questions))
+    return Rule.model_validate({"name": "cli", "question": questions})
+
+
+def run_ask(images: list[Path], questions: list[str], rules: Path | None, rule_name: str | None, model: str,
+            precision: Precision, max_pixels: int | None, threads: int, max_batch: int) -> int:
+    rule = ask_rule(questions, rules, rule_name)
+    lm = load_model(model, precision, threads)
+    engine = Engine(lm, max_batch=max_batch, max_pixels=DEFAULT_MAX_PIXELS)
+    device = default_device_id()
+    failed = 0
+    for path in images:
+        job = Job(rule=rule.name, source=Source(kind="cli", path=str(path.resolve())), device_id=device)
+        record: Record
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            record = job.error("file_unreadable", f"cannot read {path}: {exc.strerror or exc}")
+        else:
+            record = answer_image(engine, job, data, rule.questions, rule.crop, max_pixels or rule.max_pixels)
+        print(to_json(record), flush=True)
+        if is_error(record):
+            failed += 1
+            log.info("%s: failed: %s", path, record["error"]["code"])
+        else:
+            log.info("%s: answered in %.0f ms", path, record["timings_ms"].get("total", 0.0))
+    if failed:
+        print(f"{failed} of {len(images)} images failed", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,119 @@
+"""What edgevl publishes over MQTT: topics and payloads, built from records and rules.
+
+Everything lives under the base topic ``<topic_prefix>/<device_id>``:
+
+- ``results/<rule>``: the full result record (QoS 1, not retained);
+- ``answers/<rule>/<question>``: one small retained message per answer, for dashboards;
+- ``errors``: error records, of images and of input messages that were not images;
+- ``status``: retained ``online`` / ``stopping`` / ``offline`` (the last will).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgevl import __version__
+from edgevl.records import Record, is_error, to_json
+from edgevl.rules import Rule
+from edgevl.spool.job import Reply
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    """One message to publish; plain data so that the outbox can keep it on disk."""
+
+    topic: str
+    payload: str
+    qos: int
+    retain: bool = False
+    correlation: str | None = None  # base64 of MQTT v5 correlation data
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OutMessage:
+        return cls(topic=str(data["topic"]), payload=str(data["payload"]), qos=int(data["qos"]),
+                   retain=bool(data.get("retain", False)), correlation=data.get("correlation"))
+
+    @property
+    def correlation_bytes(self) -> bytes | None:
+        return None if self.correlation is None else base64.b64decode(self.correlation)
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+class Topics:
+    def __init__(self, prefix: str, device_id: str) -> None:
+        self.base = f"{prefix.rstrip('/')}/{device_id}"
+        self.status = f"{self.base}/status"
+        self.errors = f"{self.base}/errors"
+
+    def results(self, rule: str) -> str:
+        return f"{self.base}/results/{rule}"
+
+    def answer(self, rule: str, question: str) -> str:
+        return f"{self.base}/answers/{rule}/{question}"
+
+
+def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | None = None) -> list[OutMessage]:
+    """The messages one job's record produces, in the order they are published."""
+    payload = to_json(record)
+    if is_error(record):
+        messages = [OutMessage(topics.errors, payload, qos)]
+    else:
+        messages = [OutMessage(topics.results(record["rule"]), payload, qos)]
+        for question, answer in record["answers"].items():
+            small: dict[str, Any] = {"value": answer.get("value"), "confidence": answer.get("confidence"),
+                                     "alarm": answer.get("alarm"), "job_id": record["job_id"],
+                                     "ts": record["finished_at"]}
+            if "error" in answer:
+                small["error"] = answer["error"]
+            messages.append(OutMessage(topics.answer(record["rule"], question), _dumps(small), qos, retain=True))
+    if reply and reply.get("topic"):
+        messages.append(OutMessage(reply["topic"], payload, qos, correlation=reply.get("correlation")))
+    return messages
+
+
+def status_payload(state: str, **fields: Any) -> str:
+    return _dumps({"state": state, "version": __version__, **fields})
+
+
+def _object_id(*parts: str) -> str:
+    return "_".join(p.replace(".", "_").replace("-", "_") for p in parts)
+
+
+def discovery_messages(topics: Topics, prefix: str, device_id: str, model_id: str,
+                       rules: tuple[Rule, ...]) -> dict[str, str]:
+    """Home Assistant MQTT discovery: topic -> retained config, one entity per question."""
+    device = {"identifiers": [f"edgevl_{device_id}"], "name": f"edgevl {device_id}", "manufacturer": "edgevl",
+              "model": model_id, "sw_version": __version__}
+    out = {}
+    for rule in rules:
+        for q in rule.questions:
+            object_id = _object_id(rule.name, q.id)
+            state = topics.answer(rule.name, q.id)
+            config: dict[str, Any] = {
+                "name": f"{rule.name} {q.id}",
+                "unique_id": f"edgevl_{_object_id(device_id)}_{object_id}",
+                "state_topic": state,
+                "json_attributes_topic": state,
+                "availability_topic": topics.status,
+                "availability_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
+                "device": device,
+            }
+            if q.type == "yes_no":
+                component = "binary_sensor"
+                config["value_template"] = "{{ 'ON' if value_json.value else 'OFF' }}"
+            else:
+                component = "sensor"
+                config["value_template"] = "{{ value_json.value }}"
+            out[f"{prefix}/{component}/edgevl_{_object_id(device_id)}/{object_id}/config"] = _dumps(config)
+    return out

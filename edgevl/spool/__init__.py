@@ -1,0 +1,1 @@
+"""Durable state of the inputs: the job spool, and the ledger of what is in hand."""

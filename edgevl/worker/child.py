@@ -1,0 +1,136 @@
+"""The model worker: a child process of the daemon that loads the model once and answers jobs.
+
+Started as ``python -m edgevl.worker.child FD PARENT_PID`` with one end of a
+socket pair; it speaks ``edgevl.worker.protocol``. torch is imported here, in
+the capped process, and nowhere in the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from edgevl.errors import EdgevlError
+from edgevl.records import Record
+from edgevl.worker.protocol import (
+    Channel,
+    ChannelClosed,
+    Done,
+    Fatal,
+    FromWorker,
+    Load,
+    Progress,
+    Ready,
+    Stop,
+    ToWorker,
+    Work,
+    worker_end,
+)
+
+log = logging.getLogger("edgevl.worker")
+
+# The daemon learns of progress at most this often; its stall timeouts are minutes.
+PROGRESS_EVERY = 0.5
+_PR_SET_PDEATHSIG = 1
+
+
+def become_worker(parent: int) -> None:
+    """What makes a process a well-behaved worker of ``parent``; test workers call it too."""
+    # A worker orphaned by a killed daemon would hold gigabytes and a claim on
+    # the CPU; the kernel ends it with its parent.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+    # The daemon decides when the worker stops; a stop signal meant for the
+    # service (systemd, Ctrl-C on the terminal) must not cut a job short here.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The daemon asks a stuck worker where it is before it kills it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def join_cgroup(load: Load, channel: Channel[FromWorker, ToWorker]) -> bool:
+    """Enter the memory-capped cgroup before anything is allocated; False (and Fatal sent) when that fails."""
+    if not load.procs_file:
+        return True
+    try:
+        Path(load.procs_file).write_text(str(os.getpid()))
+    except OSError as exc:
+        channel.send(Fatal("memory_cap_failed", f"cannot join {load.procs_file}: {exc.strerror or exc}"))
+        return False
+    return True
+
+
+class _Progress:
+    def __init__(self, channel: Channel[FromWorker, ToWorker]) -> None:
+        self.channel = channel
+        self.last = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            self.channel.send(Progress())
+
+
+def serve(channel: Channel[FromWorker, ToWorker]) -> int:
+    load = channel.recv()
+    if not isinstance(load, Load):
+        raise ChannelClosed(f"expected Load, got {type(load).__name__}")
+    if not join_cgroup(load, channel):
+        return 1
+    # Heavy imports only here, inside the capped process.
+    from edgevl.engine.engine import Engine
+    from edgevl.engine.loading import load_model
+    from edgevl.engine.pipeline import answer_image
+
+    try:
+        lm = load_model(load.model_path, load.precision, load.threads)  # type: ignore[arg-type]
+        lm.model_id = load.model_id
+        engine = Engine(lm, max_batch=load.max_batch, max_pixels=load.max_pixels, on_progress=_Progress(channel))
+    except EdgevlError as exc:
+        channel.send(Fatal(exc.code, exc.message))
+        return 1
+    channel.send(Ready(os.getpid(), lm.load_seconds))
+    while True:
+        message = channel.recv()
+        if isinstance(message, Stop):
+            return 0
+        if not isinstance(message, Work):
+            raise ChannelClosed(f"expected Work or Stop, got {type(message).__name__}")
+        record: Record
+        try:
+            record = answer_image(engine, message.job, message.data, message.rule.questions, message.rule.crop,
+                                  message.rule.max_pixels)
+        except MemoryError:
+            record = message.job.error("memory_limit", "the model ran out of memory on this image")
+        except Exception as exc:  # a bug must cost one image, not the worker
+            log.exception("job %s failed inside the engine", message.job.job_id)
+            record = message.job.error("engine_failed", f"{type(exc).__name__}: {exc}")
+        channel.send(Done(message.key, record))
+
+
+def main(argv: list[str]) -> int:
+    fd, parent = int(argv[1]), int(argv[2])
+    become_worker(parent)
+    from edgevl.logsetup import setup_logging
+
+    setup_logging(verbose=os.environ.get("EDGEVL_VERBOSE") == "1")
+    channel = worker_end(socket.socket(fileno=fd))
+    try:
+        return serve(channel)
+    except ChannelClosed:
+        return 0  # the daemon is gone or closed the channel: nothing left to do
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,94 @@
+"""The model's memory, estimated before it is loaded, from its config and tensor shapes.
+
+The daemon refuses to start a worker that cannot fit under ``memory_limit``,
+instead of loading for a minute and being killed. ``edgevl bench`` prints this
+estimate next to the measured peak of the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgevl.config import Precision
+from edgevl.engine.model_files import TensorInfo, read_config, read_tensor_infos
+from edgevl.worker.memcap import format_bytes
+
+# Python, torch with its libraries and thread pools, the tokenizer: about
+# 370 MB resident once the test model is loaded.
+RUNTIME_BYTES = 400 << 20
+# A question's prompt plus a generous answer, per decoded row.
+TOKENS_PER_ROW = 160
+HEADROOM = 1.05
+
+
+@dataclass(frozen=True)
+class Footprint:
+    weights: int
+    kv_cache: int
+    activations: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return int((self.weights + self.kv_cache + self.activations + self.runtime) * HEADROOM)
+
+
+def _weight_bytes(info: TensorInfo, precision: Precision) -> int:
+    if precision == "float32":
+        return info.numel * 4
+    if precision == "bfloat16":
+        return info.numel * 2
+    # int8: matrices are stored as int8 rows with one float scale per row;
+    # norms, biases and convolution kernels stay float32.
+    if len(info.shape) == 2 and info.name.endswith(".weight"):
+        return info.numel + info.shape[0] * 4
+    return info.numel * 4
+
+
+def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int) -> Footprint:
+    config: dict[str, Any] = read_config(path)
+    text: dict[str, Any] = config.get("text_config", config)
+    vision: dict[str, Any] = config.get("vision_config", {})
+    infos = read_tensor_infos(path)
+    weights = sum(_weight_bytes(info, precision) for info in infos)
+
+    hidden = int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    layers = int(text["num_hidden_layers"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    patch = int(vision.get("patch_size", 16))
+    merge = int(vision.get("spatial_merge_size", 2))
+    act_bytes = 2 if precision == "bfloat16" else 4
+
+    image_tokens = max_pixels // (patch * merge) ** 2
+    tokens = image_tokens + 32 + max_batch * TOKENS_PER_ROW
+    kv_cache = layers * 2 * kv_heads * head_dim * act_bytes * tokens
+
+    patches = max_pixels // patch**2
+    vision_act = patches * int(vision.get("intermediate_size", 4 * hidden)) * act_bytes * 3
+    # Prefill of the image tokens: the MLP's intermediate activations, and the
+    # attention mask with its float form.
+    text_act = image_tokens * int(text["intermediate_size"]) * act_bytes * 3 + 5 * tokens * tokens
+    logits = max_batch * int(text["vocab_size"]) * 4
+    activations = vision_act + text_act + logits
+    if precision == "int8":
+        # The token embedding is read as bfloat16 before it is quantized.
+        activations += int(text["vocab_size"]) * hidden * 2
+    return Footprint(weights, kv_cache, activations, RUNTIME_BYTES)
+
+
+def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,
+            int8: Footprint | None = None) -> str:
+    """The one message that says why the model does not fit, and what to change."""
+    advice = "raise it"
+    if precision != "int8" and int8 is not None and int8.total <= limit:
+        advice += ' or use precision = "int8"'
+    else:
+        advice += " or lower model.max_pixels and model.max_batch"
+    return (f"{model_id} in {precision} needs ≈ {format_bytes(needed.total)} "
+            f"(weights {format_bytes(needed.weights)}, cache and activations "
+            f"{format_bytes(needed.kv_cache + needed.activations)}, runtime {format_bytes(needed.runtime)}); "
+            f"model.memory_limit is {format_bytes(limit)}: {advice}")

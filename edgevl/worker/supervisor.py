@@ -1,0 +1,364 @@
+"""The daemon's side of the model worker: start it, feed it, watch it, cap it and replace it.
+
+One worker process at a time. A reader thread turns the worker's messages into
+events for the daemon's loop and wakes it; a sampler thread reads the worker's
+resident size for the status and, when no cgroup caps it, kills it above the
+limit. Everything else happens on the daemon's loop: stall detection, restarts
+and their rate limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgevl.config import DEFAULT_MAX_PIXELS, Config
+from edgevl.engine.model_files import resolve_model_path
+from edgevl.errors import ConfigError, ModelError
+from edgevl.records import Job, Record
+from edgevl.rules import Rule
+from edgevl.worker import footprint, memcap
+from edgevl.worker.protocol import ChannelClosed, Done, Fatal, FromWorker, Load, Progress, Ready, Stop, Work, daemon_end
+
+log = logging.getLogger(__name__)
+
+SAMPLE_EVERY = 0.05  # RSS sampling period: at ~30 GB/s a worker cannot outrun it by much
+STOP_GRACE = 10.0  # seconds a worker gets to leave after "stop"
+# A stuck worker is first asked for its Python stacks (SIGUSR1, faulthandler),
+# which tell in the log where it hung, and killed this much later.
+STUCK_KILL_GRACE = 2.0
+# The worker: started with one end of the socket pair and the daemon's pid as its last two arguments.
+WORKER_COMMAND = (sys.executable, "-m", "edgevl.worker.child")
+
+
+@dataclass(frozen=True)
+class Finished:
+    key: str
+    record: Record
+
+
+@dataclass(frozen=True)
+class Lost:
+    """The worker died or was killed; ``key`` is the job it was on, if any."""
+
+    key: str | None
+    code: str  # memory_limit | worker_crashed | worker_stalled
+    detail: str
+
+
+class _Worker:
+    def __init__(self, command: Sequence[str], request: Load, events: queue.Queue[tuple[_Worker, FromWorker | None]],
+                 wake: threading.Event, oom_kills: int) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.proc = subprocess.Popen(
+                [*command, str(theirs.fileno()), str(os.getpid())], pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        self.channel = daemon_end(ours)
+        self.started = time.monotonic()
+        self.ready = False
+        self.last_progress = self.started
+        self.job: Work | None = None
+        self.job_started = 0.0
+        self.stall_timeout = 0.0
+        self.kill_reason: tuple[str, str] | None = None
+        self.stuck_since: float | None = None
+        self.oom_kills = oom_kills
+        self.rss = 0
+        self.gone = False
+        self._events = events
+        self._wake = wake
+        threading.Thread(target=self._read, name=f"worker-{self.pid}", daemon=True).start()
+        with contextlib.suppress(ChannelClosed):  # it died at once: the reader reports it
+            self.channel.send(request)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message: FromWorker | None = self.channel.recv()
+            except ChannelClosed:
+                # It is gone, or it spoke outside the protocol: either way it is done (and reaping
+                # a worker that still runs would block the loop).
+                message = None
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+            self._events.put((self, message))
+            self._wake.set()
+            if message is None:
+                return
+
+    def kill(self, code: str, detail: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = (code, detail)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+
+class WorkerSupervisor:
+    def __init__(self, config: Config, wake: threading.Event, command: Sequence[str] = WORKER_COMMAND) -> None:
+        self.config = config
+        self.wake = wake
+        self.command = tuple(command)
+        self.worker: _Worker | None = None
+        self.restarts = 0
+        self.up_since = 0.0  # wall clock, for the status
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._events: queue.Queue[tuple[_Worker, FromWorker | None]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self.cap: memcap.MemoryCap | None = None
+        self._request: Load | None = None
+        # Set when the worker had to be replaced too often: the daemon exits and lets systemd decide.
+        self.gave_up: str | None = None
+
+    # lifecycle
+
+    def __enter__(self) -> WorkerSupervisor:
+        model = self.config.model
+        path = resolve_model_path(model.id)
+        max_batch = model.max_batch or _default_max_batch()
+        needed = footprint.estimate(path, model.precision, max_batch, model.max_pixels)
+        limit = int(model.memory_limit)
+        if needed.total > limit:
+            int8 = footprint.estimate(path, "int8", max_batch, model.max_pixels)
+            raise ConfigError(footprint.refusal(model.id, model.precision, needed, limit, int8))
+        try:
+            self.cap = memcap.setup(limit, model.memory_enforcement)
+        except memcap.CgroupUnavailable as exc:
+            raise ConfigError(f'model.memory_enforcement = "cgroup", but no cgroup can be made: {exc}') from None
+        log.info("model worker: %s in %s needs ≈ %s; memory cap %s", model.id, model.precision,
+                 memcap.format_bytes(needed.total), self.cap.describe())
+        self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
+                             model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None)
+        self._start()
+        self._sampler = threading.Thread(target=self._sample, name="worker-rss", daemon=True)
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closing.set()
+        worker = self.worker
+        if worker is not None:
+            if worker.job is None and worker.ready:
+                try:
+                    worker.channel.send(Stop())
+                    worker.proc.wait(STOP_GRACE)
+                except (ChannelClosed, subprocess.TimeoutExpired):
+                    pass
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+            worker.proc.wait()
+            worker.channel.close()
+        if self.cap is not None:
+            self.cap.close()
+
+    def _start(self) -> None:
+        assert self._request is not None
+        assert self.cap is not None
+        worker = _Worker(self.command, self._request, self._events, self.wake, self.cap.oom_kills())
+        with self._lock:
+            self.worker = worker
+        self.up_since = time.time()
+        log.info("model worker %d starting", worker.pid)
+
+    def wait_ready(self, stop_requested: Any) -> bool:
+        """Block until the first worker has loaded the model; False if a stop was requested first."""
+        while not self.ready:
+            if stop_requested():
+                return False
+            for event in self.poll(time.monotonic()):
+                if isinstance(event, Lost):
+                    raise ModelError(f"the model worker could not load the model: {event.detail}", event.code)
+            self.wake.wait(0.2)
+            self.wake.clear()
+        return True
+
+    # state
+
+    @property
+    def ready(self) -> bool:
+        """Loaded and idle: it can take a job."""
+        w = self.worker
+        return w is not None and w.ready and w.job is None and w.kill_reason is None
+
+    @property
+    def busy(self) -> bool:
+        w = self.worker
+        return w is not None and w.job is not None
+
+    @property
+    def current(self) -> str | None:
+        w = self.worker
+        return w.job.key if w is not None and w.job is not None else None
+
+    def seconds_since_progress(self, now: float) -> float:
+        w = self.worker
+        if w is None or (w.ready and w.job is None):
+            return 0.0
+        return now - max(w.last_progress, w.job_started)
+
+    def healthy(self, now: float) -> bool:
+        """Idle, loading within its time, or making progress on a job; not stuck."""
+        w = self.worker
+        if w is None:
+            return True  # between a death and its replacement (the replacement starts at once)
+        return w.stuck_since is None and self._in_time(w, now)
+
+    def _in_time(self, w: _Worker, now: float) -> bool:
+        limit = w.stall_timeout if w.job is not None else self.config.model.load_timeout
+        return self.seconds_since_progress(now) < limit
+
+    def health(self) -> dict[str, Any]:
+        w = self.worker
+        now = time.monotonic()
+        return {
+            "pid": w.pid if w else None,
+            "state": "down" if w is None else "stuck" if w.stuck_since else "busy" if w.job else
+                     "ready" if w.ready else "loading",
+            "up_since": self.up_since,
+            "restarts": self.restarts,
+            "rss": w.rss if w else 0,
+            "memory_limit": int(self.config.model.memory_limit),
+            "job": w.job.key if w and w.job else None,
+            "job_seconds": round(now - w.job_started, 1) if w and w.job else 0.0,
+        }
+
+    # work
+
+    def submit(self, key: str, job: Job, data: bytes, rule: Rule) -> None:
+        w = self.worker
+        if w is None or not self.ready:
+            raise RuntimeError("the model worker is not ready")
+        pixels = rule.max_pixels or self.config.model.max_pixels
+        w.stall_timeout = self.config.model.stall_timeout or 120.0 * max(1.0, pixels / DEFAULT_MAX_PIXELS)
+        w.job = Work(key, job, data, rule)
+        w.job_started = w.last_progress = time.monotonic()
+        try:
+            w.channel.send(w.job)
+        except ChannelClosed:
+            pass  # the reader reports the exit; the job is lost with it
+        except Exception:
+            w.job = None  # it could not even be encoded: nothing was sent, the worker is still free
+            raise
+
+    def poll(self, now: float) -> list[Finished | Lost]:
+        """Handle the worker's messages and deaths, kill it when stalled; the daemon acts on what comes back."""
+        out: list[Finished | Lost] = []
+        while True:
+            try:
+                worker, message = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if message is None:
+                lost = self._reap(worker)
+                if lost is not None:
+                    out.append(lost)
+                continue
+            if worker is not self.worker:
+                continue
+            if isinstance(message, Progress):
+                worker.last_progress = now
+            elif isinstance(message, Ready):
+                worker.ready = True
+                worker.last_progress = now
+                log.info("model worker %d ready: model loaded in %.1f s", worker.pid, message.load_seconds)
+            elif isinstance(message, Done):
+                worker.job = None
+                out.append(Finished(message.key, message.record))
+            elif isinstance(message, Fatal):
+                # Deterministic (missing or unloadable model): no restart would help.
+                worker.proc.wait()
+                raise ModelError(message.message, message.code)
+        w = self.worker
+        if w is not None and w.kill_reason is None and not self._in_time(w, now):
+            if w.job is not None:
+                w.kill_reason = ("worker_stalled", f"no progress for {w.stall_timeout:.0f} s")
+            else:
+                w.kill_reason = ("worker_stalled", f"still loading after {self.config.model.load_timeout:.0f} s")
+            w.stuck_since = now
+            log.error("model worker %d is stuck: %s (model.stall_timeout, model.load_timeout); "
+                      "its Python stacks follow, then it is killed", w.pid, w.kill_reason[1])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w.pid, signal.SIGUSR1)
+        if w is not None and w.stuck_since is not None and now - w.stuck_since >= STUCK_KILL_GRACE:
+            w.kill(*w.kill_reason or ("worker_stalled", "stuck"))
+        return out
+
+    def _reap(self, worker: _Worker) -> Lost | None:
+        code = worker.proc.wait()
+        worker.channel.close()
+        worker.gone = True
+        if worker is not self.worker or self._closing.is_set():
+            return None
+        assert self.cap is not None
+        limit = memcap.format_bytes(self.cap.limit)
+        if worker.kill_reason is not None:
+            reason, detail = worker.kill_reason
+        elif self.cap.oom_kills() > worker.oom_kills:
+            reason, detail = "memory_limit", f"the kernel killed it at its memory limit of {limit}"
+        else:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            reason, detail = "worker_crashed", f"it ended with {how}"
+        key = worker.job.key if worker.job is not None else None
+        log.error("model worker %d lost%s: %s (%s)", worker.pid, f" on job {key}" if key else "", reason, detail,
+                  extra={"EDGEVL_JOB": key} if key else None)
+        with self._lock:
+            self.worker = None
+        # A death on a job is that job's (it is tried once more, then failed): only deaths with no
+        # job in hand count against max_restarts, so that no stream of bad inputs ends the daemon.
+        self._restart(counted=key is None)
+        return Lost(key, reason, detail)
+
+    def _restart(self, counted: bool) -> None:
+        model = self.config.model
+        now = time.monotonic()
+        if counted:
+            self._restart_times.append(now)
+        while self._restart_times and self._restart_times[0] < now - model.restart_window:
+            self._restart_times.popleft()
+        if len(self._restart_times) > model.max_restarts:
+            self.gave_up = (f"the model worker had to be replaced {len(self._restart_times)} times within "
+                            f"{model.restart_window:.0f} s (model.max_restarts = {model.max_restarts})")
+            return
+        self.restarts += 1
+        self._start()
+
+    def _sample(self) -> None:
+        assert self.cap is not None
+        while not self._closing.wait(SAMPLE_EVERY):
+            with self._lock:
+                w = self.worker
+            if w is None or w.gone:
+                continue
+            rss = memcap.rss_bytes(w.pid)
+            if rss is None:
+                continue
+            w.rss = rss
+            if not self.cap.kernel_enforced and rss > self.cap.limit and w.kill_reason is None:
+                w.kill("memory_limit", f"its resident size reached {memcap.format_bytes(rss)}, over the limit "
+                                       f"of {memcap.format_bytes(self.cap.limit)}")
+                self.wake.set()
+
+
+def _default_max_batch() -> int:
+    from edgevl.engine.tuning import default_max_batch
+
+    return default_max_batch()

@@ -1,0 +1,118 @@
+"""Loading: every precision through the one code path, clear errors, never two copies of the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgevl.engine.engine import Engine
+from edgevl.engine.kernels import Int8Embedding, PackedLinear
+from edgevl.engine.loading import load_model
+from edgevl.engine.model_files import resolve_model_path
+from edgevl.errors import ModelError
+from edgevl.questions import Question
+from tests.harness.images import noise_image
+
+QUESTIONS = [
+    Question(id="d", ask="Is there a defect?", type="yes_no"),
+    Question(id="c", ask="Which type?", type="choice", options=("A", "B")),
+    Question(id="t", ask="Read the label.", max_tokens=6),
+]
+
+
+def test_float32_uses_packed_kernels(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    layer = fp32_model.model.model.language_model.layers[0]
+    assert isinstance(layer.mlp.gate_proj, PackedLinear)
+    assert isinstance(fp32_model.model.model.visual.blocks[0].attn.qkv, PackedLinear)
+    # the tied output head shares the embedding matrix instead of a packed copy
+    assert fp32_model.model.lm_head.weight is fp32_model.model.model.language_model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_other_precisions_answer(test_model_dir: Path, fp32_model, precision: str) -> None:  # type: ignore[no-untyped-def]
+    lm = load_model(str(test_model_dir), precision)  # type: ignore[arg-type]
+    if precision == "int8":
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
+
+        assert isinstance(lm.model.lm_head, DynamicQuantLinear)
+        assert isinstance(lm.model.model.language_model.layers[1].self_attn.o_proj, DynamicQuantLinear)
+        embedding = lm.model.model.language_model.embed_tokens
+        assert isinstance(embedding, Int8Embedding)
+        assert embedding.qweight.dtype == torch.int8
+        # the int8 rows stay within half a quantization step (plus the bfloat16
+        # rounding of the row read for quantization) of the float32 embedding
+        reference = fp32_model.model.model.language_model.embed_tokens.weight
+        ids = torch.arange(reference.shape[0])
+        bound = embedding.scales / 2 + reference.abs() * 2**-8 + 1e-6
+        assert bool(((embedding(ids) - reference).abs() <= bound).all())
+    else:
+        assert lm.model.model.language_model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    image = noise_image(96, 96, seed=5)
+    answered = Engine(lm).answer(image, QUESTIONS, 96 * 96)
+    reference = Engine(fp32_model).answer(image, QUESTIONS, 96 * 96)
+    assert answered.answers["c"]["value"] in ("A", "B")
+    assert 0.0 <= answered.answers["d"]["confidence"] <= 1.0
+    assert len(answered.tokens["t"]) >= 1
+    # the same model in another precision stays close to float32
+    assert answered.answers["d"]["confidence"] == pytest.approx(reference.answers["d"]["confidence"], abs=0.15)
+
+
+def test_missing_repo_names_the_pull_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError) as err:
+        resolve_model_path("nobody/absent-model")
+    assert err.value.code == "model_missing"
+    assert "edgevl model pull nobody/absent-model" in err.value.message
+
+
+def test_missing_directory_and_non_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "nothing-here"))
+    with pytest.raises(ModelError, match=r"no config\.json"):
+        resolve_model_path(str(tmp_path))
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest, with a model
+# loaded) across exec, which would hide the child's own peak.
+_MEASURE = """
+import json, sys
+import torch, transformers  # baseline: the libraries themselves
+from edgevl.engine.loading import load_model
+from edgevl.worker.memcap import own_peak_bytes
+base = own_peak_bytes("VmHWM")
+lm = load_model(sys.argv[1], sys.argv[2])
+print(json.dumps({"base": base, "peak": own_peak_bytes("VmHWM")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def medium_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~0.6 GB of float32 weights: large enough that a second copy would show in the peak RSS."""
+    from edgevl.bench.checkpoints import Shapes, build_checkpoint
+
+    shapes = Shapes(hidden=1024, layers=8, intermediate=3072, heads=8, kv_heads=4, head_dim=128, vocab=32000,
+                    mrope_section=(24, 20, 20), vision_depth=2, vision_hidden=256, vision_intermediate=512,
+                    vision_heads=4, deepstack=(0,))
+    return build_checkpoint(tmp_path_factory.mktemp("medium"), shapes)
+
+
+# Two copies would be 2x the file in float32 and at least 1x in int8; the margins leave room for the
+# layer being converted and the allocator's slack, not for a second copy.  The lower bounds make sure
+# the child's own peak was measured.
+@pytest.mark.parametrize(("precision", "min_fraction", "max_fraction"), [("float32", 0.9, 1.4), ("int8", 0.2, 0.75)])
+def test_loading_never_holds_two_copies(medium_checkpoint: Path, precision: str, min_fraction: float,
+                                        max_fraction: float) -> None:
+    weights = sum(f.stat().st_size for f in medium_checkpoint.glob("*.safetensors"))
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(medium_checkpoint), precision],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = measured["peak"] - measured["base"]
+    assert grown < max_fraction * weights, f"{precision}: peak grew {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
+    assert grown > min_fraction * weights, f"{precision}: the measurement saw only {grown / 1e6:.0f} MB"

@@ -1,0 +1,87 @@
+"""The commissioning page in a real headless Chromium, driven by Selenium: upload, ask, see the answers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.select import Select
+from selenium.webdriver.support.wait import WebDriverWait
+
+from tests.http.test_http import TOKEN, _daemon, _jpeg
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+                f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(arg)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
+                              options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_upload_ask_and_see_the_answers(tmp_path: Path, test_model_dir: Path, browser: webdriver.Chrome) -> None:
+    d, client = _daemon(tmp_path, test_model_dir)
+    image = tmp_path / "sample.jpg"
+    image.write_bytes(_jpeg(3))
+    d.start()
+    wait = WebDriverWait(browser, 60)
+    try:
+        d.wait_notify("READY=1")
+        browser.get(client.base + "/")
+        # The API wants the token: the page asks for it.
+        token_box = wait.until(expected_conditions.visibility_of_element_located((By.ID, "token")))
+        token_box.send_keys(TOKEN)
+        browser.find_element(By.ID, "save-token").click()
+        wait.until(lambda b: len(Select(b.find_element(By.ID, "rule")).options) == 2)
+        wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "healthy"))
+
+        # A typed question first (the page starts with one yes/no row), then the rule.
+        browser.find_element(By.ID, "image").send_keys(str(image))
+        browser.find_element(By.ID, "ask").click()
+        row = wait.until(expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "#answers tr[data-question='q1']")))
+        assert row.find_element(By.CSS_SELECTOR, ".value").text in ("true", "false")
+
+        Select(browser.find_element(By.ID, "rule")).select_by_value("cam")
+        browser.find_element(By.ID, "ask").click()
+        wait.until(expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "#answers tr[data-question='label']")))
+        defect = browser.find_element(By.CSS_SELECTOR, "#answers tr[data-question='defect']")
+        cells = [c.text for c in defect.find_elements(By.TAG_NAME, "td")]
+        assert cells[1] == "yes_no"
+        assert 0.0 <= float(cells[3]) <= 1.0
+        assert "total" in browser.find_element(By.ID, "timings").text
+        # The latest results list shows both asks.
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results tr")) >= 2)
+
+        shot = Path(os.environ.get("EDGEVL_TEST_ARTIFACTS", tmp_path)) / "commissioning-page.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        assert shot.stat().st_size > 10_000
+
+        # A corrupt upload shows the error, not a stale answer.
+        bad = tmp_path / "broken.jpg"
+        bad.write_bytes(_jpeg(4)[:300])
+        browser.find_element(By.ID, "image").send_keys(str(bad))
+        browser.find_element(By.ID, "ask").click()
+        error = wait.until(expected_conditions.presence_of_element_located((By.ID, "answer-error")))
+        assert error.text.startswith("image_unreadable")
+    finally:
+        assert d.stop() == 0

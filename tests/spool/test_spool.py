@@ -1,0 +1,81 @@
+"""The spool's steps, each interrupted where a crash could interrupt it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from edgevl.spool.claim import claim
+from edgevl.spool.store import Spool
+
+
+def _record(job_id: str, schema: str = "edgevl.result/1") -> dict[str, object]:
+    rec: dict[str, object] = {"schema": schema, "job_id": job_id}
+    if schema != "edgevl.result/1":
+        rec["error"] = {"code": "image_unreadable", "message": "x"}
+    return rec
+
+
+def test_claim_of_a_vanished_file_takes_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    assert claim(spool, tmp_path / "gone.jpg", "cam", "t", 1 << 20) is None
+    assert spool.pending() == []
+
+
+def test_crash_before_the_rename_leaves_the_image_in_its_inbox(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.jpg").write_bytes(b"x")
+    job = claim(spool, inbox / "a.jpg", "cam", "t", 1 << 20)
+    assert job is not None
+    os.rename(job.image, inbox / "a.jpg")  # as if the rename had never happened
+    assert spool.pending() == []
+    assert (inbox / "a.jpg").exists()
+    assert not job.dir.exists()
+
+
+def test_finish_is_idempotent_after_a_crash_at_any_step(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    results, archive, failed = tmp_path / "results", tmp_path / "archive", tmp_path / "failed"
+    (results / "cam").mkdir(parents=True)
+    (results / "cam" / "a.json").write_text(json.dumps({"job_id": "someone-else"}))  # an earlier "a.jpg"
+    (inbox / "a.jpg").write_bytes(b"img")
+    job = claim(spool, inbox / "a.jpg", "cam", "t", 1 << 20)
+    assert job is not None
+    job.save_record(_record(job.job_id))
+    first = spool.finish(job, results, archive, failed)
+    assert first.name == "a.1.json"
+    # Replay as after a crash just before the job folder was removed: no second result.
+    job.dir.mkdir()
+    (job.dir / "job.json").write_text(json.dumps(job.meta))
+    job.save_record(_record(job.job_id))
+    again = spool.pending()
+    assert [j.job_id for j in again] == [job.job_id]
+    assert spool.finish(again[0], results, archive, failed) == first
+    assert sorted(p.name for p in (results / "cam").iterdir()) == ["a.1.json", "a.json"]
+    assert [p.name for p in (archive / "cam").iterdir()] == ["a.jpg"]
+
+
+def test_failed_image_lands_beside_its_error_record(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    job = claim(spool, tmp_path / "bad.png", "cam", "t", 1 << 20)
+    assert job is not None
+    job.save_record(_record(job.job_id, "edgevl.error/1"))
+    spool.finish(job, tmp_path / "r", None, tmp_path / "failed")
+    assert sorted(p.name for p in (tmp_path / "failed" / "cam").iterdir()) == ["bad.png", "bad.png.error.json"]
+
+
+def test_archive_disabled_deletes_the_image(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    (tmp_path / "a.jpg").write_bytes(b"img")
+    job = claim(spool, tmp_path / "a.jpg", "cam", "t", 1 << 20)
+    assert job is not None
+    job.save_record(_record(job.job_id))
+    spool.finish(job, tmp_path / "r", None, tmp_path / "f")
+    assert not (tmp_path / "a.jpg").exists()
+    assert spool.count() == 0

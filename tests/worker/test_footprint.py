@@ -1,0 +1,76 @@
+"""The memory estimate made before loading, for the test model and for the real 2B shapes."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from edgevl.engine.model_files import read_tensor_infos
+from edgevl.errors import ModelError
+from edgevl.worker import footprint
+
+GIB = 1 << 30
+
+
+def _shapes_only_checkpoint(out: Path) -> Path:
+    """config.json and safetensors headers (no tensor data) of Qwen3-VL-2B, from the real model class."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from edgevl.bench.checkpoints import QWEN3_VL_2B, QWEN_SPECIAL_TOKENS, qwen3_vl_config
+
+    ids = {token: 151643 + i for i, token in enumerate(QWEN_SPECIAL_TOKENS)}
+    config = qwen3_vl_config(QWEN3_VL_2B, ids, QWEN3_VL_2B.vocab or 151936)
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration._from_config(config)
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to the embedding: not stored, as in the published checkpoint
+            continue
+        size = tensor.numel() * 2
+        header[name] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    out.mkdir()
+    config.save_pretrained(out)
+    raw = json.dumps(header).encode()
+    (out / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return out
+
+
+def test_estimate_of_the_2b_shapes_covers_the_measured_peaks(tmp_path: Path) -> None:
+    path = _shapes_only_checkpoint(tmp_path / "2b")
+    params = sum(info.numel for info in read_tensor_infos(path))
+    assert 2.0e9 < params < 2.3e9  # Qwen3-VL-2B
+    fp32 = footprint.estimate(path, "float32", 8, 448 * 448)
+    int8 = footprint.estimate(path, "int8", 8, 448 * 448)
+    # docs/performance.md (edgevl bench, same shapes): peak RSS 9.07 GB in float32, 3.26 GB in int8.
+    assert 9.07e9 <= fp32.total <= 10 * GIB, "covers the peak, and fits the default memory_limit"
+    assert 3.26e9 <= int8.total <= 4.5 * GIB
+    assert fp32.weights == params * 4
+    bigger = footprint.estimate(path, "float32", 8, 1920 * 1080)
+    assert bigger.activations > fp32.activations
+    assert bigger.kv_cache > fp32.kv_cache
+
+    message = footprint.refusal("Qwen/Qwen3-VL-2B-Instruct", "float32", fp32, 4 * GIB, int8)
+    assert message.startswith("Qwen/Qwen3-VL-2B-Instruct in float32 needs ≈ 9.1 GiB (weights 7.9 GiB")
+    assert message.endswith('model.memory_limit is 4.0 GiB: raise it or use precision = "int8"')
+    message = footprint.refusal("Qwen/Qwen3-VL-2B-Instruct", "int8", int8, 2 * GIB, int8)
+    assert message.endswith("raise it or lower model.max_pixels and model.max_batch")
+
+
+def test_estimate_of_the_test_model_is_close_to_its_use(test_model_dir: Path) -> None:
+    estimate = footprint.estimate(test_model_dir, "float32", 8, 40_000)
+    # The test model's worker holds about 0.4 GB resident after a job (tests/test_worker.py caps it at 640 MiB).
+    assert 0.35e9 < estimate.total < 640 << 20
+
+
+def test_a_broken_checkpoint_header_is_a_model_error(tmp_path: Path, test_model_dir: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((test_model_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\xff" * 8 + b"{")
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        footprint.estimate(broken, "float32", 8, 40_000)

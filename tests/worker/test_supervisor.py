@@ -1,0 +1,176 @@
+"""The supervisor in process, against a small fake worker (tests/worker/fakechild.py) that speaks the real
+protocol: answers, crashes, stalls, memory over the limit, a worker outside the protocol, the restart limit.
+
+The real worker's kernel cap and kill -9 behaviour are tested with real processes in test_worker.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from edgevl.config import Config, load_config
+from edgevl.errors import ModelError
+from edgevl.records import Job, Source
+from edgevl.rules import Rule
+from edgevl.worker.supervisor import Finished, Lost, WorkerSupervisor
+
+RULE = Rule.model_validate({"name": "cam", "question": [{"id": "q", "ask": "?"}]})
+Event = Finished | Lost
+
+
+def _config(tmp_path: Path, model: Path, extra: str = "") -> Config:
+    path = tmp_path / "edgevl.toml"
+    path.write_text(f'state_dir = "{tmp_path}/state"\n[model]\nid = "{model}"\nmax_pixels = 40000\nthreads = 1\n'
+                    f'memory_enforcement = "rss"\n{extra}\n')
+    return load_config(path)
+
+
+@pytest.fixture
+def supervise(tmp_path: Path, test_model_dir: Path) -> Iterator[Callable[..., WorkerSupervisor]]:
+    """A started supervisor of fake workers; ``load`` says how they load, ``extra`` is [model] configuration."""
+    with_stack: list[WorkerSupervisor] = []
+
+    def start(load: str = "ok", extra: str = "") -> WorkerSupervisor:
+        command = [sys.executable, "-m", "tests.worker.fakechild", f"--load={load}"]
+        supervisor = WorkerSupervisor(_config(tmp_path, test_model_dir, extra), threading.Event(), command)
+        supervisor.__enter__()
+        with_stack.append(supervisor)
+        return supervisor
+
+    yield start
+    for supervisor in with_stack:
+        supervisor.__exit__(None, None, None)
+
+
+def _until(supervisor: WorkerSupervisor, done: Callable[[list[Event]], bool], timeout: float = 30) -> list[Event]:
+    events: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events += supervisor.poll(time.monotonic())
+        if done(events):
+            return events
+        supervisor.wake.wait(0.05)
+        supervisor.wake.clear()
+    raise AssertionError(f"not within {timeout} s; events so far: {events}")
+
+
+def _ready(supervisor: WorkerSupervisor) -> int:
+    assert supervisor.wait_ready(lambda: False)
+    pid = supervisor.health()["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def _submit(supervisor: WorkerSupervisor, key: str, what: bytes) -> None:
+    supervisor.submit(key, Job(rule="cam", source=Source(kind="http")), what, RULE)
+
+
+def test_a_job_is_answered_and_the_worker_stops_when_asked(supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise()
+    pid = _ready(supervisor)
+    _submit(supervisor, "k1", b"slow:0.3")
+    assert supervisor.busy
+    (event,) = _until(supervisor, lambda e: bool(e))
+    assert isinstance(event, Finished)
+    assert (event.key, event.record["schema"]) == ("k1", "edgevl.result/1")
+    assert supervisor.ready
+    supervisor.__exit__(None, None, None)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_crash_on_a_job_loses_that_job_and_the_worker_is_replaced(
+        supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise()
+    first = _ready(supervisor)
+    _submit(supervisor, "poison", b"crash")
+    (lost,) = _until(supervisor, lambda e: bool(e))
+    assert lost == Lost("poison", "worker_crashed", "it ended with signal SIGSEGV")
+    second = _ready(supervisor)
+    assert second != first
+    assert supervisor.restarts == 1
+    _submit(supervisor, "next", b"answer")
+    assert isinstance(_until(supervisor, lambda e: bool(e))[0], Finished)
+
+
+def test_a_stalled_worker_shows_its_stack_then_is_killed(supervise: Callable[..., WorkerSupervisor],
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    supervisor = supervise(extra="stall_timeout = 1")
+    _ready(supervisor)
+    _submit(supervisor, "stuck", b"hang")
+    _until(supervisor, lambda e: supervisor.health()["state"] == "stuck", timeout=10)
+    assert not supervisor.healthy(time.monotonic()), "a stuck worker starves the service watchdog"
+    (lost,) = _until(supervisor, lambda e: bool(e), timeout=10)
+    assert (lost.key, lost.code, lost.detail) == ("stuck", "worker_stalled", "no progress for 1 s")
+    err = capfd.readouterr().err
+    assert 'fakechild.py", line' in err, "the worker's Python stack is in the log before it is killed"
+    assert "in _hang" in err
+    _ready(supervisor)
+    assert supervisor.healthy(time.monotonic())
+
+
+def test_a_long_job_that_makes_progress_is_not_stalled(supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise(extra="stall_timeout = 1")
+    _ready(supervisor)
+    _submit(supervisor, "long", b"slow:2.5")
+    (event,) = _until(supervisor, lambda e: bool(e), timeout=15)
+    assert isinstance(event, Finished)
+
+
+def test_memory_over_the_limit_kills_the_worker_alone(supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise(extra='memory_limit = "500MiB"')
+    _ready(supervisor)
+    _submit(supervisor, "big", b"grow:900")
+    (lost,) = _until(supervisor, lambda e: bool(e))
+    assert (lost.key, lost.code) == ("big", "memory_limit")
+    assert "over the limit of 500 MiB" in lost.detail
+    _ready(supervisor)
+
+
+def test_a_worker_outside_the_protocol_is_killed_not_waited_for(
+        supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise()
+    _ready(supervisor)
+    _submit(supervisor, "odd", b"garbage")
+    (lost,) = _until(supervisor, lambda e: bool(e), timeout=10)
+    assert (lost.key, lost.code) == ("odd", "worker_crashed")
+    _ready(supervisor)
+
+
+def test_deaths_on_jobs_are_the_jobs_but_idle_deaths_end_the_supervision(
+        supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise(extra="max_restarts = 1\nrestart_window = 600")
+    for i in range(3):
+        _ready(supervisor)
+        _submit(supervisor, f"bad{i}", b"exit:3")
+        (lost,) = _until(supervisor, lambda e: bool(e))
+        assert lost.detail == "it ended with exit status 3"
+    assert supervisor.gave_up is None, "a stream of bad inputs never ends the daemon"
+    for _ in range(2):
+        os.kill(_ready(supervisor), signal.SIGKILL)
+        _until(supervisor, lambda e: bool(e))
+    assert supervisor.gave_up == ("the model worker had to be replaced 2 times within 600 s "
+                                  "(model.max_restarts = 1)")
+
+
+def test_a_model_that_cannot_load_is_fatal(supervise: Callable[..., WorkerSupervisor]) -> None:
+    with pytest.raises(ModelError, match="no model here") as fatal:
+        _ready(supervise(load="fatal"))
+    assert fatal.value.code == "model_missing"
+
+
+@pytest.mark.parametrize(("load", "extra", "why"), [
+    ("crash", "", "it ended with signal SIGSEGV"),
+    ("hang", "load_timeout = 1", "still loading after 1 s"),
+])
+def test_a_worker_that_dies_or_hangs_while_loading_stops_the_start(
+        supervise: Callable[..., WorkerSupervisor], load: str, extra: str, why: str) -> None:
+    with pytest.raises(ModelError, match=why):
+        _ready(supervise(load=load, extra=extra))

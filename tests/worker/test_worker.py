@@ -1,0 +1,190 @@
+"""The model in its own memory-capped worker process: real processes, real kills, the kernel's cgroups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from edgevl.worker import memcap
+from tests.harness.daemon import RULES, DaemonProcess
+from tests.harness.images import encode, noise_image
+
+pytestmark = pytest.mark.slow
+
+# A second rule whose images are encoded at 4 M pixels: about 0.9 GB resident
+# for the test model, against 0.4 GB for the ordinary rule.
+HUGE_RULE = """
+[[rule]]
+name = "huge"
+folders = ["{inbox}/huge"]
+patterns = ["*.jpg"]
+max_pixels = 4000000
+  [[rule.question]]
+  id = "defect"
+  ask = "Is there a visible defect?"
+  type = "yes_no"
+"""
+
+
+def _jpeg(seed: int = 0, size: tuple[int, int] = (160, 120)) -> bytes:
+    return encode(noise_image(*size, seed=seed), "JPEG")
+
+
+def _cgroup_available() -> bool:
+    try:
+        cap = memcap.setup(1 << 30, "cgroup")
+    except memcap.CgroupUnavailable:
+        return False
+    cap.close()
+    return True
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return True  # dead, waiting to be reaped by whoever is its parent now
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading(tmp_path: Path, test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir, config_extra="")
+    d.config.write_text(d.config.read_text().replace("threads = 1", 'threads = 1\nmemory_limit = "256MiB"'))
+    d.start()
+    assert d.proc is not None
+    assert d.proc.wait(60) == 2
+    d.close()
+    log = d.log()
+    assert f"{test_model_dir} in float32 needs ≈" in log
+    assert "model.memory_limit is 256 MiB: raise it" in log
+    assert "model worker" not in log, "nothing was started"
+
+
+@pytest.mark.parametrize("enforcement", ["cgroup", "rss"])
+def test_a_job_over_the_memory_limit_kills_only_the_worker(tmp_path: Path, test_model_dir: Path,
+                                                           enforcement: str) -> None:
+    if enforcement == "cgroup" and not _cgroup_available():
+        pytest.skip("no cgroup with a memory controller can be created here")
+    d = DaemonProcess(tmp_path, test_model_dir, rules=RULES + HUGE_RULE)
+    (d.inbox / "huge").mkdir()
+    # max_restarts = 1: the two deaths on the poison image are that image's, not the appliance's.
+    d.config.write_text(d.config.read_text().replace(
+        "threads = 1", f'threads = 1\nmemory_limit = "640MiB"\nmemory_enforcement = "{enforcement}"\n'
+                       "max_restarts = 1"))
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        first = d.wait_worker("ready")
+        if enforcement == "cgroup":
+            assert "edgevl-worker-" in Path(f"/proc/{first}/cgroup").read_text()
+        (d.inbox / "huge" / "big.jpg").write_bytes(_jpeg(7, (4000, 3000)))
+        (d.inbox / "after.jpg").write_bytes(_jpeg(8))
+        records = d.wait_records(2, timeout=120)
+        by_name = {Path(r["source"]["path"]).name: r for r in records}
+        big = by_name["big.jpg"]
+        assert big["schema"] == "edgevl.error/1"
+        assert big["error"]["code"] == "memory_limit"
+        assert "2 times" in big["error"]["message"]
+        assert by_name["after.jpg"]["schema"] == "edgevl.result/1", "the next job is answered"
+        assert (d.failed / "huge" / "big.jpg").exists()
+        second = d.wait_worker("ready", restarts=2)
+        assert second != first
+        assert d.proc is not None
+        assert d.proc.poll() is None, "the daemon lives on"
+        assert d.log().count("memory_limit (") == 2
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_answered(tmp_path: Path, test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir)
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        worker = d.freeze_worker()
+        (d.inbox / "a.jpg").write_bytes(_jpeg(1))
+        assert d.wait_worker("busy") == worker
+        assert d.proc is not None
+        assert "libtorch" not in _maps(d.proc.pid), "the daemon never loads torch"
+        assert "libtorch" in _maps(worker)
+        os.kill(worker, signal.SIGKILL)
+        (record,) = d.wait_records(1)  # the same job, retried by the new worker
+        assert record["schema"] == "edgevl.result/1"
+        assert Path(record["source"]["path"]).name == "a.jpg"
+        assert "worker_crashed (it ended with signal SIGKILL)" in d.log()
+        replacement = d.wait_worker("ready", restarts=1)
+        assert replacement != worker
+    finally:
+        assert d.stop() == 0
+    assert _gone(replacement), "a clean stop ends the worker too"
+
+
+def test_a_hung_worker_starves_the_watchdog_and_is_replaced(tmp_path: Path, test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir)
+    d.config.write_text(d.config.read_text().replace("threads = 1", "threads = 1\nstall_timeout = 2"))
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        d.wait_notify("WATCHDOG=1")
+        # The signal a stuck worker gets first: the real worker answers it with its Python stacks.
+        worker = d.wait_worker("ready")
+        os.kill(worker, signal.SIGUSR1)
+        d.wait_log('edgevl/worker/child.py", line')
+        d.freeze_worker()  # it hangs on the next job: no progress at all
+        (d.inbox / "hung.jpg").write_bytes(_jpeg(1))
+        d.wait_worker("busy")
+        (d.inbox / "ok.jpg").write_bytes(_jpeg(2))  # behind the hung job
+        d.wait_worker("stuck")
+        d.messages.clear()
+        d.quiet(1.0)
+        assert d.messages, "status updates continue"
+        assert not any("WATCHDOG=1" in m for m in d.messages), "a stuck worker must starve the watchdog"
+        records = d.wait_records(2, timeout=60)
+        assert {r["schema"] for r in records} == {"edgevl.result/1"}, "the hung job is tried again, then the next"
+        d.wait_worker("ready", restarts=1)
+        d.messages.clear()
+        d.wait_notify("WATCHDOG=1")
+        assert d.log().count("is stuck: no progress for 2 s") == 1
+        assert "its Python stacks follow, then it is killed" in d.log()
+    finally:
+        assert d.stop() == 0
+
+
+def test_too_many_worker_restarts_end_the_daemon_with_failure(tmp_path: Path, test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir)
+    d.config.write_text(d.config.read_text().replace(
+        "threads = 1", "threads = 1\nmax_restarts = 2\nrestart_window = 600"))
+    d.start()
+    assert d.proc is not None
+    d.wait_notify("READY=1")
+    pids = []
+    for restarts in range(3):
+        pid = d.wait_worker("ready", restarts=restarts)
+        pids.append(pid)
+        os.kill(pid, signal.SIGKILL)
+    assert d.proc.wait(60) == 3
+    d.close()
+    assert "replaced 3 times within 600 s (model.max_restarts = 2)" in d.log()
+    assert all(_gone(pid) for pid in pids)
+
+
+def test_a_killed_daemon_takes_its_worker_with_it(tmp_path: Path, test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir)
+    d.start()
+    d.wait_notify("READY=1")
+    worker = d.wait_worker("ready")
+    d.kill()
+    assert _gone(worker), "no orphaned worker holding the model's memory"
