@@ -64,28 +64,27 @@ class Answer(TypedDict, total=False):
     error: ErrorInfo
 
 
-class ResultRecord(TypedDict):
-    schema: Literal["edgevl.result/1"]
+class _Identity(TypedDict):
+    """What every record says of its job, result or error."""
+
     job_id: str
     device_id: str
     rule: str
     source: Source
     received_at: str
     finished_at: str
+
+
+class ResultRecord(_Identity):
+    schema: Literal["edgevl.result/1"]
     image: ImageInfo
     model: ModelInfo
     answers: dict[str, Answer]
     timings_ms: dict[str, float]
 
 
-class ErrorRecord(TypedDict):
+class ErrorRecord(_Identity):
     schema: Literal["edgevl.error/1"]
-    job_id: str
-    device_id: str
-    rule: str
-    source: Source
-    received_at: str
-    finished_at: str
     image: NotRequired[ImageInfo]
     model: NotRequired[ModelInfo]
     error: ErrorInfo

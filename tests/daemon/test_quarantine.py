@@ -8,17 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.daemon import RULES, DaemonProcess
+from tests.harness.daemon import QUESTIONS, RULES, DaemonProcess
 from tests.harness.images import encode, noise_image
 
 pytestmark = pytest.mark.slow
-
-QUESTIONS = """
-  [[rule.question]]
-  id = "defect"
-  ask = "Is there a visible defect?"
-  type = "yes_no"
-"""
 
 
 def _jpeg(seed: int) -> bytes:

@@ -41,6 +41,15 @@ def _without_file_permission_override() -> None:
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
 
 
+# One yes_no question, for rules a test writes itself.
+QUESTIONS = """
+  [[rule.question]]
+  id = "defect"
+  ask = "Is there a visible defect?"
+  type = "yes_no"
+"""
+
+
 class DaemonProcess:
     def __init__(self, root: Path, model_dir: Path, config_extra: str = "", rules: str = RULES,
                  env: dict[str, str] | None = None, http: str = "", http_extra: str = "",
