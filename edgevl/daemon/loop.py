@@ -325,7 +325,7 @@ class Daemon:
                 log.error("cannot record the worker's failure on job %s: %s", event.key, exc, extra=extra)
                 return
             except ValueError:
-                self.delivery.deliver(event.key, None)  # damaged: pending() gives it its error record
+                self.delivery.deliver(event.key, None)  # damaged: delivery sets it aside with an error record
                 return
             if len(failures) < WORKER_ATTEMPTS:
                 log.warning("job %s will be tried once more (%s: %s)", event.key, event.code, event.detail,

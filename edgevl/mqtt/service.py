@@ -43,7 +43,7 @@ class MqttService:
         state = config.state_dir / "mqtt"
         self.outbox = Outbox(state / "outbox")
         self.seen = SeenIds(state / "seen-ids")
-        for job in spool.pending():  # taken before a crash that came before its id was noted
+        for job in spool.readable():  # taken before a crash that came before its id was noted
             if job.meta["source"].get("kind") == "mqtt":
                 self.seen.add(job.job_id)
         self.intake = MqttIntake(spool, self.seen, self.outbox, self.topics, config.device_id, s.qos,

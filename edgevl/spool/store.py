@@ -91,6 +91,17 @@ class Spool:
         _ = (job.job_id, job.rule, job.name, job.image, meta["received_at"], dict(meta["source"]))
         return job
 
+    def readable(self) -> list[SpoolJob]:
+        """The jobs whose description can be read, as they are: nothing is recovered or changed (that is
+        ``pending``'s, which runs only after the quarantine at start)."""
+        jobs = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                jobs.append(self.load(entry.name))
+        return jobs
+
     def pending(self, device_id: str = "") -> list[SpoolJob]:
         """Claimed jobs not yet finished, oldest first. A damaged job comes with its error record."""
         jobs = []

@@ -79,3 +79,23 @@ def test_archive_disabled_deletes_the_image(tmp_path: Path) -> None:
     spool.finish(job, tmp_path / "r", None, tmp_path / "f")
     assert not (tmp_path / "a.jpg").exists()
     assert spool.count() == 0
+
+
+def test_listing_the_spool_before_the_quarantine_recovers_nothing(tmp_path: Path, small_tmpfs: Path) -> None:
+    # MQTT reads the spool's job ids at start, before poison inputs are quarantined: a copy
+    # that stopped edgevl twice must not be started a third time by that listing.
+    inbox = small_tmpfs / "inbox"  # another filesystem than the spool
+    inbox.mkdir()
+    (inbox / "a.jpg").write_bytes(b"\xff\xd8\xff image")
+    spool = Spool(tmp_path / "spool")
+    job = claim(spool, inbox / "a.jpg", "cam", "t", 1 << 20)
+    assert job is not None
+    held = inbox / ".edgevl-claim" / f"{job.key}.jpg"
+    held.write_bytes(job.image.read_bytes())  # as if the copy had been cut short
+    job.image.unlink()
+    assert [j.key for j in spool.readable()] == [job.key]
+    assert held.exists(), "the listing copied nothing"
+    assert not job.image.exists()
+    assert [j.key for j in spool.pending()] == [job.key]
+    assert job.image.exists(), "pending() recovers it"
+    assert not held.exists()
