@@ -16,12 +16,18 @@ from edgevl.mqtt.link import read_password, tls_context
 from edgevl.rules import RulesFile, load_daemon_rules
 
 
-def check(path: Path) -> tuple[Config, RulesFile]:
-    config = load_config(path)
+def check_rules(config: Config, config_path: Path) -> RulesFile:
+    """The rules file, valid and with no watched folder that edgevl writes to (``check``, and a reload)."""
     rules = load_daemon_rules(config.rules)
     problems = layout_problems(config, rules)
     if problems:
-        raise ConfigError("\n".join(f"{path}: {line}" for line in problems))
+        raise ConfigError("\n".join(f"{config_path}: {line}" for line in problems))
+    return rules
+
+
+def check(path: Path) -> tuple[Config, RulesFile]:
+    config = load_config(path)
+    rules = check_rules(config, path)
     if config.mqtt.enabled:
         read_password(config.mqtt)
         if config.mqtt.tls:

@@ -25,14 +25,13 @@ from pathlib import Path
 from types import FrameType
 
 from edgevl import __version__
-from edgevl.commands.check import check
+from edgevl.commands.check import check, check_rules
 from edgevl.config import Config
 from edgevl.daemon.delivery import Delivery
 from edgevl.daemon.notify import Notifier
 from edgevl.daemon.quarantine import quarantine_poison
 from edgevl.daemon.status import Status
 from edgevl.errors import ConfigError, InputError
-from edgevl.folders.layout import layout_problems
 from edgevl.folders.watcher import FolderWatcher
 from edgevl.fsutil import read_regular
 from edgevl.http.api import Backend, make_app
@@ -42,7 +41,7 @@ from edgevl.http.server import HttpServer
 from edgevl.mqtt.service import MqttService
 from edgevl.names import display
 from edgevl.records import new_job_id, now_rfc3339
-from edgevl.rules import Rule, RulesFile, load_daemon_rules
+from edgevl.rules import Rule, RulesFile
 from edgevl.spool.claim import claim
 from edgevl.spool.hand import Hand
 from edgevl.spool.job import SpoolJob
@@ -256,9 +255,6 @@ class Daemon:
                 continue
             claimed = self._claim(path, rule)
             if claimed is not None:
-                log.info("took %s as job %s", display(str(path))[0], claimed.job_id,
-                         extra={"EDGEVL_JOB": claimed.job_id, "EDGEVL_RULE": rule.name,
-                                "EDGEVL_IMAGE": display(str(path))[0]})
                 self._run(claimed)
                 return True
         return False
@@ -272,7 +268,10 @@ class Daemon:
         # filesystems, its recovery after a crash): each stage counts the same input's deaths.
         with self.hand.holding(f"file:{path}"), self.hand.holding(f"job:{job_id}"):
             try:
-                return claim(self.spool, *args, job_id=job_id)
+                claimed = claim(self.spool, *args, job_id=job_id)
+                if claimed is not None:
+                    log.info("took %s as job %s", shown, claimed.job_id, extra={**extra, "EDGEVL_JOB": claimed.job_id})
+                return claimed
             except InputError as exc:
                 self.watcher.pass_over(path, exc.message)
             except OSError as exc:
@@ -357,10 +356,7 @@ class Daemon:
     def _reload(self) -> None:
         self.notifier.reloading()
         try:
-            rules = load_daemon_rules(self.config.rules)
-            problems = layout_problems(self.config, rules)
-            if problems:
-                raise ConfigError("\n".join(problems))
+            rules = check_rules(self.config, self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the current rules:\n%s", exc.message)
             self.notifier.reloaded(self.status.text())

@@ -21,6 +21,7 @@ from edgevl.records import now_rfc3339
 from edgevl.rules import RulesFile
 from edgevl.spool.claim import claim
 from edgevl.spool.hand import POISON_DEATHS, Hand
+from edgevl.spool.job import POISON_PREFIX
 from edgevl.spool.store import Spool
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _file(spool: Spool, rules: RulesFile, path: Path, deaths: int, message: str,
     if not os.path.lexists(path):
         return
     if deaths > POISON_DEATHS:
-        hidden = path.with_name(".edgevl-poison-" + path.name)
+        hidden = path.with_name(POISON_PREFIX + path.name)
         os.rename(path, hidden)
         log.error("%s stopped edgevl even when quarantined; renamed to %s, which is never taken",
                   display(str(path))[0], display(str(hidden))[0])

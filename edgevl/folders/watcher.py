@@ -204,13 +204,16 @@ class FolderWatcher:
     def rule_for(self, path: Path) -> Rule | None:
         return rule_for(self.rules, path)
 
-    def _pass_over(self, path: Path, why: str) -> None:
+    def pass_over(self, path: Path, why: str) -> None:
+        """Not offered again (one log line): an entry that is not a regular file, or one the spool
+        refused to take because it changed since it was noted."""
         with self._lock:
             self._candidates.pop(path, None)
             if self._passed_over.get(path) == why:
                 return
             self._passed_over[path] = why
-        log.warning("not taking %s: %s", display(str(path))[0], why, extra={"EDGEVL_IMAGE": display(str(path))[0]})
+        shown = display(str(path))[0]
+        log.warning("not taking %s: %s", shown, why, extra={"EDGEVL_IMAGE": shown})
 
     def note(self, path: Path, renamed: bool = False) -> None:
         rule = self.rule_for(path)
@@ -218,17 +221,21 @@ class FolderWatcher:
             return
         try:
             st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                if not rule.follow_symlinks:
-                    self._pass_over(path, f"a symbolic link (rule {rule.name} does not follow links)")
-                    return
-                st = os.stat(path)  # the target's size and mtime
         except OSError:
-            return  # gone (or a link to nothing: see below at the next rescan)
+            return  # gone
+        if stat.S_ISLNK(st.st_mode):
+            if not rule.follow_symlinks:
+                self.pass_over(path, f"a symbolic link (rule {rule.name} does not follow links)")
+                return
+            try:
+                st = os.stat(path)  # the target's size and mtime
+            except OSError as exc:
+                self.pass_over(path, f"a link to nothing ({exc.strerror or exc})")
+                return
         if not stat.S_ISREG(st.st_mode):
             if stat.S_ISDIR(st.st_mode) and rule.recursive:
                 return  # a subfolder of a recursive rule: watched, not taken
-            self._pass_over(path, f"a {kind_of(st.st_mode)}, not a regular file")
+            self.pass_over(path, f"a {kind_of(st.st_mode)}, not a regular file")
             return
         now = time.monotonic()
         with self._lock:
@@ -240,10 +247,6 @@ class FolderWatcher:
             elif renamed:
                 old.renamed = True
         self.wake.set()
-
-    def pass_over(self, path: Path, why: str) -> None:
-        """An entry the spool refused to take (it changed since it was noted): not offered again."""
-        self._pass_over(path, why)
 
     def rescan(self) -> None:
         self._schedule()

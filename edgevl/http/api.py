@@ -34,7 +34,7 @@ from edgevl.http.metrics import Metrics
 from edgevl.images import accepted_suffix
 from edgevl.jsonshape import ShapeError, check_shape
 from edgevl.questions import Question
-from edgevl.records import ERROR_SCHEMA, Job, is_error
+from edgevl.records import ERROR_SCHEMA, Job, Source, is_error
 from edgevl.rules import Rule
 
 log = logging.getLogger(__name__)
@@ -179,10 +179,7 @@ class _Ask:
         """(image, rule name or None, ad-hoc questions, options) from a multipart form or a JSON body."""
         media_type = (req.content_type or "").split(";")[0].strip().lower()
         if media_type == falcon.MEDIA_JSON:
-            limit = int(self.settings.max_upload)
-            raw = req.bounded_stream.read(limit + 1)
-            if len(raw) > limit:
-                raise ApiError(413, "payload_too_large", f"the request is over http.max_upload ({limit} bytes)")
+            raw = req.bounded_stream.read()  # its Content-Length, checked against max_upload in on_post
             try:
                 check_shape(raw, MAX_DEPTH, MAX_ITEMS)
             except ShapeError as exc:
@@ -192,7 +189,7 @@ class _Ask:
                 if not isinstance(body, dict):
                     raise TypeError("the body is not an object")
                 image = base64.b64decode(body["image"], validate=True)
-            except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
                 raise ApiError(400, "bad_request",
                                f'a JSON request is {{"image": base64, "rule": NAME}} or with "questions": {exc}'
                                ) from None
@@ -260,7 +257,7 @@ class _Ask:
                 raise ApiError(400, "bad_request", str(exc.errors()[0]["msg"])) from None
         else:
             raise ApiError(400, "bad_request", "give a rule (rule=NAME) or at least one question")
-        job = HttpJob(Job(rule=rule.name, source={"kind": "http"}, device_id=self.backend.device_id), image, rule)
+        job = HttpJob(Job(rule=rule.name, source=Source(kind="http"), device_id=self.backend.device_id), image, rule)
         try:
             self.backend.queue.put(job)
         except QueueFull as exc:

@@ -109,7 +109,7 @@ def parse(message: Inbound, max_payload: int) -> tuple[bytes, str | None, str | 
             envelope = json.loads(message.payload)
         except ShapeError as exc:
             raise Rejected(f"{exc} (meta is a small object)", "bad_envelope") from None
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        except ValueError as exc:  # UnicodeDecodeError too; nesting was bounded above
             raise Rejected(f"not valid JSON: {exc}", "bad_envelope") from None
         if not isinstance(envelope, dict) or not isinstance(envelope.get("image"), str):
             raise Rejected('a JSON message must be an object with "image": base64 of the image', "bad_envelope")
@@ -181,8 +181,9 @@ class MqttIntake:
         with self.hand.holding(key):
             try:
                 if self.hand.take_poison(key):
-                    raise Rejected("edgevl stopped twice in a row while it handled this message; it is not taken "
-                                   "again", "quarantined")
+                    return self._reject(message, rule, Rejected(
+                        "edgevl stopped twice in a row while it handled this message; it is not taken again",
+                        "quarantined"))
                 return self._take(message, rule)
             except OSError as exc:
                 log.error("cannot store a message from %s: %s; not acknowledged, so the broker keeps it",

@@ -31,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgevl.config import MqttSettings, read_secret
 from edgevl.errors import ConfigError
-from edgevl.mqtt.intake import Inbound
+from edgevl.mqtt.intake import Inbound, Outcome
 from edgevl.mqtt.messages import JSON, OutMessage
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
 
 class MqttLink:
     def __init__(self, settings: MqttSettings, client_id: str, will: tuple[str, str],
-                 on_message: Callable[[Inbound], str], on_connected: Callable[[], None],
+                 on_message: Callable[[Inbound], Outcome], on_connected: Callable[[], None],
                  wake: threading.Event) -> None:
         self.settings = settings
         self.client_id = client_id

@@ -84,7 +84,8 @@ class Hand:
         """
         with self._lock:
             self._held[key] += 1
-            self._write()
+            if self._held[key] == 1:  # a nested hold of the same key changes nothing on disk
+                self._write()
         try:
             yield
         except (OSError, EdgevlError):
@@ -98,7 +99,7 @@ class Hand:
             if self._held[key] <= 0:
                 del self._held[key]
                 self.carried.pop(key, None)
-            self._write()
+                self._write()
 
     # MQTT payloads cannot be set aside at start (the broker holds them): they are
     # remembered until they come again.

@@ -21,6 +21,8 @@ from edgevl.records import Job, Record, Source, to_json
 log = logging.getLogger(__name__)
 
 CLAIM_DIR = ".edgevl-claim"  # beside an inbox on another filesystem than the spool
+# A hidden name beside its inbox for a file that stopped edgevl: the watcher never takes it again.
+POISON_PREFIX = ".edgevl-poison-"
 
 
 class Reply(TypedDict):

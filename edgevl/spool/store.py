@@ -23,10 +23,10 @@ from pathlib import Path
 
 from edgevl.errors import InputError, StateError
 from edgevl.fsutil import atomic_write, candidate_names, fsync_dir, move_new, place_new
-from edgevl.names import display, name_max, safe_name
+from edgevl.names import NAME_MAX, display, name_max, safe_name
 from edgevl.records import Source, is_error, new_job_id
 from edgevl.spool.hand import Hand
-from edgevl.spool.job import JobMeta, Reply, SpoolJob, is_output_of, record_bytes
+from edgevl.spool.job import POISON_PREFIX, JobMeta, Reply, SpoolJob, is_output_of, record_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,33 +81,34 @@ class Spool:
         fsync_dir(self.root)
         return SpoolJob(self.root / key, meta)
 
+    def _entries(self) -> list[Path]:
+        """The job folders, oldest first (hidden ones are being assembled, or set aside)."""
+        return [e for e in sorted(self.root.iterdir()) if not e.name.startswith(".") and e.is_dir()]
+
     def load(self, key: str) -> SpoolJob:
-        """The job ``key``; ``ValueError`` (or ``KeyError``, ``TypeError``) when its job.json is damaged."""
+        """The job ``key``; ``ValueError`` when its job.json is damaged, whatever the damage."""
         folder = self.root / key
         meta: JobMeta = json.loads((folder / "job.json").read_bytes())
-        if not isinstance(meta, dict):
-            raise ValueError("job.json is not an object")
-        job = SpoolJob(folder, meta)
-        _ = (job.job_id, job.rule, job.name, job.image, meta["received_at"], dict(meta["source"]))
+        try:
+            job = SpoolJob(folder, meta)
+            _ = (job.job_id, job.rule, job.name, job.image, meta["received_at"], dict(meta["source"]))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"job.json lacks {exc}") from None
         return job
 
     def readable(self) -> list[SpoolJob]:
         """The jobs whose description can be read, as they are: nothing is recovered or changed (that is
         ``pending``'s, which runs only after the quarantine at start)."""
         jobs = []
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        for entry in self._entries():
+            with contextlib.suppress(OSError, ValueError):
                 jobs.append(self.load(entry.name))
         return jobs
 
     def pending(self, device_id: str = "") -> list[SpoolJob]:
         """Claimed jobs not yet finished, oldest first. A damaged job comes with its error record."""
         jobs = []
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
+        for entry in self._entries():
             try:
                 job = self._recover(entry, device_id)
             except OSError as exc:
@@ -126,7 +127,7 @@ class Spool:
                 shutil.rmtree(entry, ignore_errors=True)
                 return None
             return self._damaged(entry, "job.json is missing", device_id)
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             return self._damaged(entry, f"job.json is unreadable: {exc}", device_id)
         if not os.path.lexists(job.image) and job.record() is None:
             held = job.held()
@@ -165,11 +166,11 @@ class Spool:
             job = self.load(key)
             job.meta["name"] = job.key + Path(safe_name(job.name)).suffix
             job.write_meta()
-        except (ValueError, KeyError, TypeError, FileNotFoundError):
+        except (ValueError, FileNotFoundError):
             job = self._damaged(self.root / key, "unreadable when it was quarantined", device_id)
         held = job.held()
         if not os.path.lexists(job.image) and held is not None and os.path.lexists(held):
-            kept = held.parent.parent / f".edgevl-poison-{job.key}{held.suffix}"
+            kept = held.parent.parent / f"{POISON_PREFIX}{job.key}{held.suffix}"
             os.rename(held, kept)
             message += f"; the file is kept as {display(str(kept))[0]}"
         job.save_record(job.job(device_id).error(code, message))
@@ -216,7 +217,7 @@ class Spool:
     def _stem_suffix(job: SpoolJob, folder: Path) -> tuple[str, str]:
         name = job.name
         limit = name_max(folder)
-        if limit < 255:  # a filesystem with shorter names than the spool assumed
+        if limit < NAME_MAX:  # a filesystem with shorter names than the spool assumed
             name = safe_name(name, limit)
         return Path(name).stem, Path(name).suffix
 
@@ -229,4 +230,4 @@ class Spool:
             job.image.unlink()
 
     def count(self) -> int:
-        return sum(1 for e in self.root.iterdir() if e.is_dir() and not e.name.startswith("."))
+        return len(self._entries())

@@ -56,8 +56,9 @@ def test_hostile_entries_never_stop_hang_or_blind_the_daemon(tmp_path: Path, tes
     os.symlink("/dev/zero", links / "zero.jpg")
     os.mkfifo(tmp_path / "fifo")
     os.symlink(tmp_path / "fifo", links / "fifo.jpg")
+    os.symlink(tmp_path / "nothing.jpg", links / "nothing.jpg")
     refused = [inbox / n for n in ("pipe.png", "sock.png", "dir.png", "zero.png", "passwd.png", "dangling.png")]
-    refused += [links / "zero.jpg", links / "fifo.jpg"]
+    refused += [links / "zero.jpg", links / "fifo.jpg", links / "nothing.jpg"]
     d.start()
     try:
         d.wait_notify("READY=1")

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from edgevl.spool.claim import claim
 from edgevl.spool.store import Spool
 
@@ -99,3 +101,16 @@ def test_listing_the_spool_before_the_quarantine_recovers_nothing(tmp_path: Path
     assert [j.key for j in spool.pending()] == [job.key]
     assert job.image.exists(), "pending() recovers it"
     assert not held.exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '"a string"', '{"job_id": "x"}', '{"job_id": "x", "rule": "cam", '
+                                  '"name": 7, "received_at": "t", "source": {}}', '{"job_id": "x", "rule": "cam", '
+                                  '"name": "a.jpg", "received_at": "t", "source": 3}'])
+def test_any_damage_to_a_job_description_is_one_kind_of_error(tmp_path: Path, text: str) -> None:
+    # Callers (the worker-loss policy among them) handle ValueError; a KeyError from a half-written
+    # job.json must not pass them by and end the daemon.
+    spool = Spool(tmp_path / "spool")
+    (spool.root / "0000000000000001deadbeef").mkdir()
+    (spool.root / "0000000000000001deadbeef" / "job.json").write_text(text)
+    with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the damage
+        spool.load("0000000000000001deadbeef")
