@@ -7,6 +7,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from edgevl.errors import ImageError
@@ -141,3 +143,43 @@ def test_crop() -> None:
     with pytest.raises(ImageError) as err:
         crop_image(img, (200, 0, 10, 10))
     assert err.value.code == "crop_outside_image"
+
+
+_SEEDS = {fmt: encode(noise_image(24, 16, seed=3), fmt) for fmt in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")}
+_CODES = {"image_empty", "image_unreadable", "unsupported_format", "image_too_large"}
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> bytes:
+    """A real image of an accepted format, then cut, flipped, overwritten or grown at random."""
+    data = bytearray(_SEEDS[draw(st.sampled_from(sorted(_SEEDS)))])
+    for _ in range(draw(st.integers(0, 6))):
+        op = draw(st.sampled_from(["flip", "cut", "write", "insert"]))
+        at = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "cut":
+            del data[at:]
+        elif op == "write":
+            chunk = draw(st.binary(min_size=1, max_size=8))
+            data[at : at + len(chunk)] = chunk
+        else:
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+    return bytes(data)
+
+
+@settings(deadline=None)
+@given(data=st.one_of(_mutated(), st.binary(max_size=512)))
+def test_any_bytes_decode_to_rgb_or_a_typed_error(data: bytes) -> None:
+    error: ImageError | None = None
+    try:
+        decoded = decode_image(data)
+    except ImageError as exc:
+        error = exc
+    if error is not None:
+        assert error.code in _CODES, error.code
+        assert error.message
+        return
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.size == (decoded.width, decoded.height)
+    assert decoded.width * decoded.height > 0
