@@ -30,6 +30,33 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--threads", type=int, default=0, help="0: one per usable core")
     ask.add_argument("--max-batch", type=int, default=0, help="rows decoded together; 0: from the core count")
 
+    ev = sub.add_parser("eval", help="measure a rule's answers against labelled images, per precision; "
+                                     "a JSON summary on stdout")
+    ev.add_argument("folder", type=Path, metavar="DIR", help="the labelled images with labels.csv or labels.jsonl")
+    ev.add_argument("-c", "--config", type=Path, default=None,
+                    help="the appliance's edgevl.toml: its rules file, model, precision and max_pixels")
+    ev.add_argument("--rules", type=Path, default=None, help="rules file holding the rule (default: from -c)")
+    ev.add_argument("--rule", required=True, help="name of the rule to evaluate")
+    ev.add_argument("--labels", type=Path, default=None, help="the labels file (default: DIR/labels.csv or .jsonl)")
+    ev.add_argument("--model", default=None, help="Hugging Face repo id (local cache) or directory "
+                                                  "(default: from -c, else " + DEFAULT_MODEL + ")")
+    ev.add_argument("--precision", default=None,
+                    help=f"comma-separated precisions to compare ({', '.join(PRECISIONS)}; default: from -c, "
+                         "else float32)")
+    ev.add_argument("--max-pixels", type=int, default=None,
+                    help="the model's resolution where the rule sets none (default: from -c, else the model's)")
+    ev.add_argument("--report", type=Path, default=None, help="write a self-contained HTML report with plots here")
+    ev.add_argument("--max-false-alarm-rate", type=float, default=0.01,
+                    help="the proposed alarm_above keeps false alarms at most this rate on the labels")
+    ev.add_argument("--tolerance", type=float, default=0.0, help="number answers within this of the label count")
+    ev.add_argument("--calibrate", action="store_true",
+                    help="fit a calibration per yes_no and choice question and propose it with alarm_above")
+    ev.add_argument("--write", action="store_true",
+                    help="with --calibrate: write the proposals into the rules file, comments kept")
+    ev.add_argument("--cache", type=Path, default=None,
+                    help="answers kept between runs (default: ~/.cache/edgevl/eval-answers.jsonl)")
+    ev.add_argument("--threads", type=int, default=None, help="0: one per usable core (default: from -c, else 0)")
+
     run = sub.add_parser("run", help="the daemon: watch the rules' folders and answer every image")
     run.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"))
     chk = sub.add_parser("check", help="validate the configuration and the rules; every error with file and key")
@@ -71,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_ask(args.images, args.questions, args.rules, args.rule, args.model, args.precision,
                            args.max_pixels, args.threads, args.max_batch)
+        if args.command == "eval":
+            from edgevl.evaluation.command import run_eval, target
+            from edgevl.evaluation.summary import Settings
+
+            t = target(args.config, args.rules, args.model, args.precision, args.max_pixels, args.threads)
+            settings = Settings(args.max_false_alarm_rate, args.tolerance, args.calibrate)
+            return run_eval(args.folder, t.rules, args.rule, t.model, t.precisions, args.report, settings,
+                            args.write, args.cache, t.threads, args.labels, t.max_pixels)
         if args.command == "model":
             from edgevl.engine.model_files import pull_model
 
@@ -84,4 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except EdgevlError as exc:
         print(f"edgevl: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C in ask or eval: what was finished is printed or kept (eval's answer cache).
+        print("edgevl: interrupted", file=sys.stderr)
+        return 130
     return 2

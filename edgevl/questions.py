@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +19,49 @@ TYPE_HINTS: dict[str, str] = {
     "number": "Answer with a number only.",
     "json": "Answer with JSON only.",
 }
+
+
+class Calibration(BaseModel):
+    """A fitted map from the model's raw scores to probabilities that match observed frequencies.
+
+    ``edgevl eval --calibrate`` fits it on labelled frames.  yes_no: Platt scaling,
+    P(yes) = sigmoid(slope × log-odds + offset), where log-odds = log P(yes) − log P(no)
+    from the model.  choice: a temperature dividing the option scores before the softmax.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slope: float | None = Field(default=None, gt=0.0, le=1000.0,
+                                description="yes_no: multiplies the model's yes-vs-no log-odds.")
+    offset: float | None = Field(default=None, ge=-1000.0, le=1000.0,
+                                 description="yes_no: added to the scaled log-odds.")
+    temperature: float | None = Field(default=None, gt=0.0, le=1000.0,
+                                      description="choice: divides the option scores before the softmax.")
+    labels: int | None = Field(default=None, ge=0, description="How many labelled frames it was fitted on.")
+
+    def p_yes(self, log_odds: float) -> float:
+        assert self.slope is not None
+        assert self.offset is not None
+        return sigmoid(self.slope * log_odds + self.offset)
+
+    def option_probabilities(self, scores: Sequence[float]) -> list[float]:
+        assert self.temperature is not None
+        return softmax([s / self.temperature for s in scores])
+
+
+def sigmoid(x: float) -> float:
+    # Written for both signs so that large |x| neither overflows nor loses the small tail.
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def softmax(scores: Sequence[float]) -> list[float]:
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 class Question(BaseModel):
@@ -41,7 +86,12 @@ class Question(BaseModel):
         default=(), description="The possible answers of a choice question (at least two)."
     )
     alarm_above: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="yes_no: `alarm` is true when P(yes) is above this."
+        default=None, ge=0.0, le=1.0,
+        description="yes_no: `alarm` is true when P(yes) (calibrated, when the question is) is above this.",
+    )
+    calibration: Calibration | None = Field(
+        default=None,
+        description="yes_no: {slope, offset}; choice: {temperature}. Written by `edgevl eval --calibrate --write`.",
     )
 
     @model_validator(mode="after")
@@ -57,6 +107,14 @@ class Question(BaseModel):
             raise ValueError(f"options are only for choice questions, not {self.type}")
         if self.alarm_above is not None and self.type != "yes_no":
             raise ValueError("alarm_above is only for yes_no questions")
+        if self.calibration is not None:
+            c = self.calibration
+            if self.type == "yes_no" and (c.slope is None or c.offset is None or c.temperature is not None):
+                raise ValueError("a yes_no calibration is {slope, offset}")
+            if self.type == "choice" and (c.temperature is None or c.slope is not None or c.offset is not None):
+                raise ValueError("a choice calibration is {temperature}")
+            if self.type not in ("yes_no", "choice"):
+                raise ValueError(f"calibration is for yes_no and choice questions, not {self.type}")
         if self.max_tokens is not None and self.type in ("yes_no", "choice"):
             raise ValueError(f"{self.type} answers are scored, not generated: max_tokens does not apply")
         return self

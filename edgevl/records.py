@@ -1,6 +1,6 @@
 """The result and error records: the contract every output of edgevl uses.
 
-One record per image: ``edgevl.result/1`` with its answers, or ``edgevl.error/1``
+One record per image: ``edgevl.result/2`` with its answers, or ``edgevl.error/1``
 with the reason. Records are plain JSON objects, typed here; ``is_error`` is the
 one test of which kind a record is, and ``to_json`` the one serializer.
 """
@@ -18,7 +18,7 @@ from typing_extensions import TypeIs
 
 from edgevl.config import default_device_id
 
-RESULT_SCHEMA: Literal["edgevl.result/1"] = "edgevl.result/1"
+RESULT_SCHEMA: Literal["edgevl.result/2"] = "edgevl.result/2"
 ERROR_SCHEMA: Literal["edgevl.error/1"] = "edgevl.error/1"
 
 SourceKind = Literal["cli", "folder", "mqtt", "http", "spool"]
@@ -56,7 +56,10 @@ class Answer(TypedDict, total=False):
 
     type: str
     value: Any
-    confidence: float
+    p_yes: float  # yes_no: P(yes), calibrated when the question is
+    p_yes_raw: float  # yes_no, calibrated: the model's own P(yes)
+    confidence: float  # the probability of the answer given
+    confidence_raw: float  # choice, calibrated: the model's own probability of the option chosen
     alarm: bool
     probabilities: dict[str, float]
     text: str
@@ -76,7 +79,7 @@ class _Identity(TypedDict):
 
 
 class ResultRecord(_Identity):
-    schema: Literal["edgevl.result/1"]
+    schema: Literal["edgevl.result/2"]
     image: ImageInfo
     model: ModelInfo
     answers: dict[str, Answer]

@@ -9,6 +9,9 @@ from hypothesis import settings
 
 from tests.harness.disks import tmpfs
 
+# Fixtures shared by name across the test packages.
+pytest_plugins = ["tests.harness.browser"]
+
 # CI runs the property-based tests on a fixed set of examples (reproducible); a developer's run
 # explores new ones (HYPOTHESIS_PROFILE=explore makes it explore ten times as many).
 settings.register_profile("ci", derandomize=True, print_blob=True)

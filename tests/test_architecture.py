@@ -87,14 +87,15 @@ def test_no_test_hooks_in_the_package() -> None:
     assert hooked == []
 
 
-def test_neither_the_daemon_nor_its_worker_imports_the_bench() -> None:
+def test_neither_the_daemon_nor_its_worker_imports_the_bench_or_the_evaluation() -> None:
     for entry in ("edgevl.daemon.loop", "edgevl.worker.child"):
-        assert not {m for m in _closure(entry) if m.startswith("edgevl.bench")}, entry
+        assert not {m for m in _closure(entry) if m.startswith(("edgevl.bench", "edgevl.evaluation"))}, entry
+    tools = ("edgevl.bench", "edgevl.evaluation", "torch", "matplotlib", "tomlkit", "tqdm")
     loaded = subprocess.run(
         [sys.executable, "-c", "import sys, edgevl.daemon.loop, edgevl.worker.child, edgevl.cli; "
-                               "print(sorted(m for m in sys.modules if m.startswith(('edgevl.bench', 'torch'))))"],
+                               f"print(sorted(m for m in sys.modules if m.startswith({tools!r})))"],
         capture_output=True, text=True, check=True, cwd=ROOT)
-    assert loaded.stdout.strip() == "[]", "nor torch, in the daemon"
+    assert loaded.stdout.strip() == "[]", "nor torch or the tools' libraries, in the daemon"
 
 
 def test_the_configuration_is_a_leaf() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from edgevl.errors import AnswerError
-from edgevl.questions import Question
+from edgevl.questions import Question, sigmoid, softmax
 from edgevl.records import Answer
 
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
@@ -31,31 +31,47 @@ def single_token_ids(tokenizer: Any, variants: tuple[str, ...]) -> list[int]:
     return sorted(ids)
 
 
-def yes_no_answer(question: Question, logprobs: torch.Tensor, yes_ids: list[int], no_ids: list[int]) -> Answer:
+def yes_no_log_odds(logprobs: torch.Tensor, yes_ids: list[int], no_ids: list[int]) -> float:
+    """log P(yes) − log P(no) over the answer's first token: the score calibration starts from."""
     yes = torch.logsumexp(logprobs[yes_ids], dim=0)
     no = torch.logsumexp(logprobs[no_ids], dim=0)
-    confidence = float(torch.exp(yes - torch.logaddexp(yes, no)))
+    return float(yes - no)
+
+
+def yes_no_answer(question: Question, log_odds: float) -> Answer:
+    """``p_yes`` (calibrated when the question is), ``confidence`` = the probability of the answer given."""
+    raw = sigmoid(log_odds)
+    p_yes = question.calibration.p_yes(log_odds) if question.calibration else raw
+    yes = p_yes >= 0.5
     answer: Answer = {
         "type": "yes_no",
-        "value": confidence >= 0.5,
-        "confidence": round(confidence, 6),
-        "text": "yes" if confidence >= 0.5 else "no",
+        "value": yes,
+        "p_yes": round(p_yes, 6),
+        "confidence": round(p_yes if yes else 1.0 - p_yes, 6),
+        "text": "yes" if yes else "no",
     }
+    if question.calibration:
+        answer["p_yes_raw"] = round(raw, 6)
     if question.alarm_above is not None:
-        answer["alarm"] = confidence > question.alarm_above
+        answer["alarm"] = p_yes > question.alarm_above
     return answer
 
 
 def choice_answer(question: Question, scores: list[float]) -> Answer:
-    probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
+    """The most likely option; ``probabilities`` (calibrated when the question is) over all of them."""
+    raw = softmax(scores)
+    probs = question.calibration.option_probabilities(scores) if question.calibration else raw
     best = max(range(len(scores)), key=lambda i: scores[i])
-    return {
+    answer: Answer = {
         "type": "choice",
         "value": question.options[best],
         "confidence": round(probs[best], 6),
         "probabilities": {o: round(p, 6) for o, p in zip(question.options, probs, strict=True)},
         "text": question.options[best],
     }
+    if question.calibration:
+        answer["confidence_raw"] = round(raw[best], 6)
+    return answer
 
 
 def parse_number(text: str) -> float:

@@ -16,6 +16,7 @@ from edgevl.engine.answers import (
     generated_answer,
     single_token_ids,
     yes_no_answer,
+    yes_no_log_odds,
 )
 from edgevl.engine.decoding import Branch, encode_prefix, run_branches
 from edgevl.engine.loading import LoadedModel
@@ -33,6 +34,8 @@ class Answered:
     answer_ms: float
     image_tokens: int
     tokens: dict[str, list[int]]  # generated token ids of text, number and json answers
+    # Uncalibrated scores of scored answers: yes_no [log-odds], choice [one per option].
+    scores: dict[str, list[float]]
     decode_steps: int = 0
     decode_seconds: float = 0.0
 
@@ -66,11 +69,12 @@ class Engine:
 
         branches = [self._branch(q, p, force_full_length) for q, p in zip(questions, prompts, strict=True)]
         stats = run_branches(prefix, branches, self.max_batch)
-        answers = {q.id: self._answer(q, b) for q, b in zip(questions, branches, strict=True)}
+        scores = {q.id: self._scores(b) for q, b in zip(questions, branches, strict=True) if b.kind != "generate"}
+        answers = {q.id: self._answer(q, b, scores.get(q.id, [])) for q, b in zip(questions, branches, strict=True)}
         tokens = {q.id: list(b.generated) for q, b in zip(questions, branches, strict=True) if b.kind == "generate"}
         done = time.perf_counter()
         return Answered(answers, (encoded_at - started) * 1000, (done - encoded_at) * 1000, encoded.n_tokens,
-                        tokens, stats.steps, stats.seconds)
+                        tokens, scores, stats.steps, stats.seconds)
 
     def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
         if question.type == "yes_no":
@@ -82,12 +86,17 @@ class Engine:
         return Branch("generate", prompt.suffix_ids, prompt.suffix_positions, max_new=question.token_budget,
                       ignore_eos=force_full_length)
 
-    def _answer(self, question: Question, branch: Branch) -> Answer:
-        if question.type == "yes_no":
+    def _scores(self, branch: Branch) -> list[float]:
+        if branch.kind == "next":
             assert branch.logprobs is not None
-            return yes_no_answer(question, branch.logprobs, self.yes_ids, self.no_ids)
+            return [yes_no_log_odds(branch.logprobs, self.yes_ids, self.no_ids)]
+        return list(branch.scores)
+
+    def _answer(self, question: Question, branch: Branch, scores: list[float]) -> Answer:
+        if question.type == "yes_no":
+            return yes_no_answer(question, scores[0])
         if question.type == "choice":
-            return choice_answer(question, branch.scores)
+            return choice_answer(question, scores)
         tokens = [t for t in branch.generated if t not in self.lm.eos_ids]
         text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return generated_answer(question, text, truncated=not branch.finished_by_eos)

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from edgevl.engine.engine import Engine
+from edgevl.engine.engine import Answered, Engine
 from edgevl.errors import EdgevlError
 from edgevl.images import crop_image, decode_image
 from edgevl.questions import Question
@@ -17,7 +17,14 @@ log = logging.getLogger(__name__)
 
 def answer_image(engine: Engine, job: Job, data: bytes, questions: Sequence[Question],
                  crop: tuple[int, int, int, int] | None = None, max_pixels: int | None = None) -> Record:
-    """Return the job's ``edgevl.result/1`` record, or its ``edgevl.error/1`` record when the image fails."""
+    """Return the job's ``edgevl.result/2`` record, or its ``edgevl.error/1`` record when the image fails."""
+    return run_image(engine, job, data, questions, crop, max_pixels)[0]
+
+
+def run_image(engine: Engine, job: Job, data: bytes, questions: Sequence[Question],
+              crop: tuple[int, int, int, int] | None = None,
+              max_pixels: int | None = None) -> tuple[Record, Answered | None]:
+    """The record, and the engine's full output behind it (None when the image failed)."""
     model = ModelInfo(id=engine.lm.model_id, precision=engine.lm.precision)
     started = time.perf_counter()
     image_meta: ImageInfo | None = None
@@ -29,7 +36,7 @@ def answer_image(engine: Engine, job: Job, data: bytes, questions: Sequence[Ques
         answered = engine.answer(picture, questions, max_pixels)
     except EdgevlError as exc:
         log.warning("job %s failed: %s (%s)", job.job_id, exc.message, exc.code)
-        return job.error(exc.code, exc.message, image_meta, model)
+        return job.error(exc.code, exc.message, image_meta, model), None
     total = (time.perf_counter() - started) * 1000
     timings = {
         "decode": (decoded_at - started) * 1000,
@@ -37,4 +44,4 @@ def answer_image(engine: Engine, job: Job, data: bytes, questions: Sequence[Ques
         "answer": answered.answer_ms,
         "total": total,
     }
-    return job.result(decoded.meta(), model, answered.answers, timings)
+    return job.result(decoded.meta(), model, answered.answers, timings), answered

@@ -74,6 +74,8 @@ def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | Non
             small: dict[str, Any] = {"value": answer.get("value"), "confidence": answer.get("confidence"),
                                      "alarm": answer.get("alarm"), "job_id": record["job_id"],
                                      "ts": record["finished_at"]}
+            if "p_yes" in answer:
+                small["p_yes"] = answer["p_yes"]
             if "error" in answer:
                 small["error"] = answer["error"]
             messages.append(OutMessage(topics.answer(record["rule"], question), _dumps(small), qos, retain=True))

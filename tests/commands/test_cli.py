@@ -26,7 +26,7 @@ def test_ask_prints_one_record_per_image_and_fails_on_bad_ones(tmp_path: Path, t
                 "-q", "number: How many parts?", "--max-pixels", "40000")
     assert proc.returncode == 1, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [r["schema"] for r in records] == ["edgevl.result/1", "edgevl.error/1", "edgevl.error/1"]
+    assert [r["schema"] for r in records] == ["edgevl.result/2", "edgevl.error/1", "edgevl.error/1"]
     ok = records[0]
     assert ok["source"] == {"kind": "cli", "path": str(good)}
     assert ok["image"]["format"] == "JPEG"

@@ -211,5 +211,5 @@ def test_any_http_body_gets_a_status_and_a_record(appliance: Appliance, body: by
     data = response.read()
     conn.close()
     assert response.status in (200, 400, 413, 415, 429), (response.status, data[:200])
-    assert json.loads(data)["schema"] in ("edgevl.result/1", "edgevl.error/1")
+    assert json.loads(data)["schema"] in ("edgevl.result/2", "edgevl.error/1")
     appliance.alive()

@@ -65,7 +65,7 @@ def test_folder_to_results_under_systemd_notify(tmp_path: Path, test_model_dir: 
         [".hidden.jpg", "upload.tmp", "x.part", "~$lock.jpg", "y.crdownload", "notes.txt"])
     by_name = {Path(r["source"]["path"]).name: r for r in records}
     slow = by_name["slow.jpg"]
-    assert slow["schema"] == "edgevl.result/1"
+    assert slow["schema"] == "edgevl.result/2"
     assert slow["source"]["kind"] == "folder"
     assert slow["device_id"] == "test-station"
     assert slow["rule"] == "cam"

@@ -66,7 +66,7 @@ def test_an_input_in_hand_at_two_deaths_is_quarantined_and_never_met_again(tmp_p
         kept = share / f".edgevl-poison-{quarantined['job_id']}.jpg"
         assert f"the file is kept as {kept}" in quarantined["error"]["message"]
         assert kept.stat().st_size == 1 << 30
-        assert by_rule["cam"]["schema"] == "edgevl.result/1", "the daemon keeps answering"
+        assert by_rule["cam"]["schema"] == "edgevl.result/2", "the daemon keeps answering"
         assert "quarantined" in d.log()
     finally:
         assert d.stop() == 0

@@ -63,7 +63,7 @@ def test_unusable_results_folder_is_retried_until_it_works(tmp_path: Path, test_
     finally:
         assert d.stop() == 0
     assert sorted(p.name for p in (d.results / "cam").iterdir()) == ["a.json", "b.json"]
-    assert {r["schema"] for r in records} == {"edgevl.result/1"}
+    assert {r["schema"] for r in records} == {"edgevl.result/2"}
 
 
 def test_inbox_on_another_filesystem_is_claimed_atomically(tmp_path: Path, test_model_dir: Path,
@@ -104,6 +104,6 @@ def test_a_full_state_directory_leaves_files_in_their_inbox(tmp_path: Path, test
         assert not list((d.inbox / ".edgevl-claim").iterdir())
         filler.unlink()
         records = d.wait_records(1)
-        assert records[0]["schema"] == "edgevl.result/1"
+        assert records[0]["schema"] == "edgevl.result/2"
     finally:
         assert d.stop() == 0

@@ -81,10 +81,12 @@ def test_yes_no_confidence_is_the_next_token_distribution_of_the_full_prompt(fp3
         no = torch.logsumexp(logp[engine.no_ids], 0)
         expected = float(torch.exp(yes - torch.logaddexp(yes, no)))
         answer = answered.answers[q.id]
-        assert answer["confidence"] == pytest.approx(expected, abs=1e-5)
+        assert answer["p_yes"] == pytest.approx(expected, abs=1e-5)
+        assert answer["confidence"] == pytest.approx(max(expected, 1 - expected), abs=1e-5)
         assert answer["value"] is (expected >= 0.5)
         assert answer["text"] == ("yes" if expected >= 0.5 else "no")
-    assert answered.answers["a"]["alarm"] is (answered.answers["a"]["confidence"] > 0.2)
+        assert answered.scores[q.id][0] == pytest.approx(float(yes - no), abs=1e-4)
+    assert answered.answers["a"]["alarm"] is (answered.answers["a"]["p_yes"] > 0.2)
     assert "alarm" not in answered.answers["b"]
 
 

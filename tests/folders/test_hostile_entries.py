@@ -67,7 +67,7 @@ def test_hostile_entries_never_stop_hang_or_blind_the_daemon(tmp_path: Path, tes
         assert set(by_name) == {"sparse.png", "caf\\xe9.jpg", long.name, "good.jpg", "linked.jpg"}
         assert by_name["sparse.png"]["error"]["code"] == "file_too_large"
         for name in ("caf\\xe9.jpg", long.name, "good.jpg", "linked.jpg"):
-            assert by_name[name]["schema"] == "edgevl.result/1", by_name[name]
+            assert by_name[name]["schema"] == "edgevl.result/2", by_name[name]
         cafe = by_name["caf\\xe9.jpg"]["source"]
         assert base64.b64decode(cafe["path_base64"]) == latin1, "the original name is kept"
         d.quiet(4.5)  # two rescans more
@@ -125,7 +125,7 @@ def test_unreadable_and_recreated_inboxes_are_watched_again(tmp_path: Path, test
         d.quiet(2.5)
         assert d.log().count("Permission denied") == 1, "said once, not at every retry"
         d.inbox.chmod(0o755)
-        assert d.wait_records(1)[0]["schema"] == "edgevl.result/1"
+        assert d.wait_records(1)[0]["schema"] == "edgevl.result/2"
         assert "can be read again" in d.log()
 
         # Deleted and made again (a share remounted, a folder replaced): watched again at once,

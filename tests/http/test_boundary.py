@@ -75,7 +75,7 @@ def _check(result: falcon.testing.Result) -> dict[str, Any]:
     assert result.status_code in ALLOWED, (result.status_code, result.text[:300])
     assert "Traceback" not in result.text
     data: dict[str, Any] = json.loads(result.text)
-    assert data["schema"] in ("edgevl.result/1", "edgevl.error/1")
+    assert data["schema"] in ("edgevl.result/2", "edgevl.error/1")
     return data
 
 
@@ -98,7 +98,7 @@ ASKS = st.fixed_dictionaries({"image": st.sampled_from([B64, "", "@@", B64[:40]]
 def test_any_body_gets_a_status_and_an_error_record(client: falcon.testing.TestClient, body: bytes,
                                                     content_type: str | None) -> None:
     data = _check(_post(client, body, content_type))
-    if data["schema"] == "edgevl.result/1":
+    if data["schema"] == "edgevl.result/2":
         assert content_type == "application/json"
 
 
@@ -126,7 +126,7 @@ def test_requests_are_bounded_by_the_configuration(client: falcon.testing.TestCl
     assert "http.max_tokens" in record["error"]["message"]
     assert ask(questions=[{"ask": "?"}] * 33)[0] == 400
     status, record = ask(rule="cam")
-    assert (status, record["schema"]) == (200, "edgevl.result/1")
+    assert (status, record["schema"]) == (200, "edgevl.result/2")
 
 
 def test_deep_and_huge_json_is_refused_before_parsing(client: falcon.testing.TestClient) -> None:

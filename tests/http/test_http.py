@@ -108,7 +108,7 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
 
         status, record = client.ask_form([("rule", "cam")], _jpeg(2))
         assert status == 200, record
-        assert record["schema"] == "edgevl.result/1"
+        assert record["schema"] == "edgevl.result/2"
         assert record["source"] == {"kind": "http"}
         assert record["rule"] == "cam"
         assert set(record["answers"]) == {"defect", "label"}

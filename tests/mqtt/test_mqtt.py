@@ -86,7 +86,7 @@ def test_images_in_results_answers_replies_and_status_out(tmp_path: Path, test_m
         results = listener.wait(_is(f"{BASE}/results/cam"), 4, why=d.log)
         records = [h.json() for h in results]
         assert Counter(r["source"]["kind"] for r in records) == {"mqtt": 3, "folder": 1}
-        assert all(r["schema"] == "edgevl.result/1" for r in records)
+        assert all(r["schema"] == "edgevl.result/2" for r in records)
         assert all(h.content_type == "application/json" for h in results)
         envelope = next(r for r in records if r["job_id"] == "frame-0001")
         assert envelope["source"] == {"kind": "mqtt", "topic": "factory/line2/cam/frame", "meta": meta}
@@ -95,7 +95,7 @@ def test_images_in_results_answers_replies_and_status_out(tmp_path: Path, test_m
 
         reply = listener.wait(_is("replies/s3"), why=d.log)[0]
         assert reply.correlation == b"\x01\x02req"
-        assert reply.json()["schema"] == "edgevl.result/1"
+        assert reply.json()["schema"] == "edgevl.result/2"
         assert reply.json()["source"]["topic"] == TOPIC
 
         # Retained answers: a dashboard that subscribes later still gets the latest ones.
@@ -105,7 +105,7 @@ def test_images_in_results_answers_replies_and_status_out(tmp_path: Path, test_m
         by_question = {h.topic.rsplit("/", 1)[1]: h.json() for h in answers}
         assert set(by_question) == {"defect", "label"}
         assert isinstance(by_question["defect"]["value"], bool)
-        assert 0.0 <= by_question["defect"]["confidence"] <= 1.0
+        assert 0.0 <= by_question["defect"]["p_yes"] <= 1.0
         assert by_question["defect"]["job_id"] in {r["job_id"] for r in records}
         assert {"value", "confidence", "alarm", "job_id", "ts"} <= set(by_question["label"])
 

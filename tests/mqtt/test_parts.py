@@ -107,15 +107,15 @@ def test_topic_filters(topic: str, ok: bool) -> None:
 def test_a_result_becomes_a_full_record_retained_answers_and_a_reply() -> None:
     job = Job(rule="cam", source={"kind": "mqtt", "topic": "t"}, device_id="dev", job_id="j1")
     record = job.result({}, {"id": "m", "precision": "float32"},
-                        {"defect": {"type": "yes_no", "value": True, "confidence": 0.9, "alarm": True},
+                        {"defect": {"type": "yes_no", "value": True, "p_yes": 0.9, "confidence": 0.9, "alarm": True},
                          "count": {"type": "number", "value": None, "error": {"code": "answer_invalid"}}}, {})
     topics = Topics("edgevl", "dev")
     messages = record_messages(topics, record, 1, {"topic": "r/1", "correlation": "Yw=="})
     assert [(m.topic, m.retain) for m in messages] == [
         ("edgevl/dev/results/cam", False), ("edgevl/dev/answers/cam/defect", True),
         ("edgevl/dev/answers/cam/count", True), ("r/1", False)]
-    assert json.loads(messages[1].payload) == {"value": True, "confidence": 0.9, "alarm": True, "job_id": "j1",
-                                               "ts": record["finished_at"]}
+    assert json.loads(messages[1].payload) == {"value": True, "confidence": 0.9, "p_yes": 0.9, "alarm": True,
+                                               "job_id": "j1", "ts": record["finished_at"]}
     assert json.loads(messages[2].payload)["error"] == {"code": "answer_invalid"}
     error = record_messages(topics, job.error("image_unreadable", "x"), 1)
     assert [m.topic for m in error] == ["edgevl/dev/errors"]

@@ -113,7 +113,7 @@ def test_any_entry_is_taken_whole_or_left_alone(tmp_path_factory: pytest.TempPat
         else:
             assert record is None
             assert read_regular(job.image, MAX).startswith(b"\xff\xd8\xff")
-            job.save_record({"schema": "edgevl.result/1", "job_id": job.job_id})
+            job.save_record({"schema": "edgevl.result/2", "job_id": job.job_id})
         delivered = spool.finish(job, root / "results", root / "archive", root / "failed")
         assert len(delivered.name.encode()) <= 255
         assert json.loads(delivered.read_bytes())["job_id"] == job.job_id

@@ -12,9 +12,9 @@ from edgevl.spool.claim import claim
 from edgevl.spool.store import Spool
 
 
-def _record(job_id: str, schema: str = "edgevl.result/1") -> dict[str, object]:
+def _record(job_id: str, schema: str = "edgevl.result/2") -> dict[str, object]:
     rec: dict[str, object] = {"schema": schema, "job_id": job_id}
-    if schema != "edgevl.result/1":
+    if schema != "edgevl.result/2":
         rec["error"] = {"code": "image_unreadable", "message": "x"}
     return rec
 

@@ -80,7 +80,7 @@ def test_a_job_is_answered_and_the_worker_stops_when_asked(supervise: Callable[.
     assert supervisor.busy
     (event,) = _until(supervisor, lambda e: bool(e))
     assert isinstance(event, Finished)
-    assert (event.key, event.record["schema"]) == ("k1", "edgevl.result/1")
+    assert (event.key, event.record["schema"]) == ("k1", "edgevl.result/2")
     assert supervisor.ready
     supervisor.__exit__(None, None, None)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]

@@ -98,7 +98,7 @@ def test_a_job_over_the_memory_limit_kills_only_the_worker(tmp_path: Path, test_
         assert big["schema"] == "edgevl.error/1"
         assert big["error"]["code"] == "memory_limit"
         assert "2 times" in big["error"]["message"]
-        assert by_name["after.jpg"]["schema"] == "edgevl.result/1", "the next job is answered"
+        assert by_name["after.jpg"]["schema"] == "edgevl.result/2", "the next job is answered"
         assert (d.failed / "huge" / "big.jpg").exists()
         second = d.wait_worker("ready", restarts=2)
         assert second != first
@@ -122,7 +122,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_answered(tmp_path: Path
         assert "libtorch" in _maps(worker)
         os.kill(worker, signal.SIGKILL)
         (record,) = d.wait_records(1)  # the same job, retried by the new worker
-        assert record["schema"] == "edgevl.result/1"
+        assert record["schema"] == "edgevl.result/2"
         assert Path(record["source"]["path"]).name == "a.jpg"
         assert "worker_crashed (it ended with signal SIGKILL)" in d.log()
         replacement = d.wait_worker("ready", restarts=1)
@@ -153,7 +153,7 @@ def test_a_hung_worker_starves_the_watchdog_and_is_replaced(tmp_path: Path, test
         assert d.messages, "status updates continue"
         assert not any("WATCHDOG=1" in m for m in d.messages), "a stuck worker must starve the watchdog"
         records = d.wait_records(2, timeout=60)
-        assert {r["schema"] for r in records} == {"edgevl.result/1"}, "the hung job is tried again, then the next"
+        assert {r["schema"] for r in records} == {"edgevl.result/2"}, "the hung job is tried again, then the next"
         d.wait_worker("ready", restarts=1)
         d.messages.clear()
         d.wait_notify("WATCHDOG=1")
