@@ -119,10 +119,13 @@ def _image_path(folder: Path, file: Any) -> Path:
     if relative.is_absolute():
         raise ValueError(f"{file!r} must be relative to the labelled folder")
     path = folder / relative
-    if not path.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"{file!r} lies outside the labelled folder")
-    if not path.is_file():
-        raise ValueError(f"{file!r}: no such image in {folder}")
+    try:
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"{file!r} lies outside the labelled folder")
+        if not path.is_file():
+            raise ValueError(f"{file!r}: no such image in {folder}")
+    except OSError as exc:  # a name too long, a loop of links: the file cannot be the image meant
+        raise ValueError(f"{file!r}: {exc.strerror or exc}") from None
     return path
 
 

@@ -26,6 +26,7 @@ RULES = """\
 [[rule]]
 name = "weld"
 max_pixels = 12544
+max_bytes = "256KiB"
 
 [[rule.question]]
 id = "defect"  # the question the line stops for
@@ -203,16 +204,17 @@ def test_precisions_compared_and_a_report_a_browser_renders(
     rules.write_text(RULES)
     names = _images(folder, 12)
     (folder / "cut.png").write_bytes(encode(noise_image(96, 96), "PNG")[:200])
+    (folder / "huge.png").write_bytes(encode(noise_image(96, 96), "PNG") + bytes(300 << 10))
     rows = [{"file": n, "defect": "yes" if i % 3 == 0 else "no", "kind": "none", "count": i % 4}
-            for i, n in enumerate([*names, "cut.png"])]
+            for i, n in enumerate([*names, "cut.png", "huge.png"])]
     _csv(folder, rows, ["defect", "kind", "count"])
     report = tmp_path / "report.html"
     summary = _eval(capsys, folder, rules, test_model_dir, cache, ("float32", "int8"), report=report)
     for precision in ("float32", "int8"):
         result = summary["precisions"][precision]
-        assert (result["images_answered"], result["images_failed"]) == (12, 1)
-        assert result["failed_images"][0]["file"] == "cut.png"
-        assert result["failed_images"][0]["code"] == "image_unreadable"
+        assert (result["images_answered"], result["images_failed"]) == (12, 2)
+        assert [(f["file"], f["code"]) for f in result["failed_images"]] == [
+            ("cut.png", "image_unreadable"), ("huge.png", "file_too_large")], "the rule's max_bytes holds here too"
         assert result["seconds_per_image"] > 0
         defect = result["questions"]["defect"]
         assert 0.0 <= defect["agreement_with_float32"] <= 1.0
@@ -233,6 +235,7 @@ def test_precisions_compared_and_a_report_a_browser_renders(
                for p in plots)
     assert all(p.get_attribute("src").startswith("data:image/png;base64,") for p in plots)
     assert "cut.png" in browser.find_element(By.ID, "failed").text
+    assert "huge.png" in browser.find_element(By.ID, "failed").text
     shot = Path(os.environ.get("EDGEVL_TEST_ARTIFACTS", tmp_path)) / "eval-report.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(shot))

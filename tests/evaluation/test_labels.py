@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgevl.errors import ConfigError
 from edgevl.evaluation.labels import LabelsError, load_labels
@@ -104,3 +107,37 @@ def test_no_labels_or_both_kinds(tmp_path: Path) -> None:
     (tmp_path / "labels.jsonl").write_text("")
     with pytest.raises(ConfigError, match=r"both labels\.csv and labels\.jsonl"):
         load_labels(tmp_path, QUESTIONS)
+
+
+_cells = st.one_of(st.text(max_size=30), st.sampled_from(["a.jpg", "yes", "no", "type-A", "3.5", "{}", "../x", "/"]),
+                   st.text(alphabet="a/.\x00", min_size=250, max_size=300),
+                   st.text(alphabet="ab", min_size=256, max_size=300))  # a name longer than a file name may be
+
+
+@given(st.lists(st.lists(_cells, max_size=7), max_size=6), st.sampled_from([",", ";", "\t"]))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+def test_any_csv_is_a_labelled_set_or_a_labels_error(tmp_path: Path, rows: list[list[str]], sep: str) -> None:
+    folder = _folder(tmp_path, "a.jpg")
+    (folder / "labels.csv").write_text(
+        "\n".join(sep.join(['"' + c.replace('"', '""') + '"' for c in row]) for row in
+                  [["file", "defect", "kind", "count", "label", "fields"], *rows]), encoding="utf-8")
+    try:
+        labelled = load_labels(folder, QUESTIONS)
+    except ConfigError as exc:
+        assert exc.message
+    else:
+        assert all(image.path.is_file() for image in labelled.images)
+
+
+@given(st.lists(st.one_of(st.text(max_size=40), st.dictionaries(
+    st.sampled_from(["file", "defect", "kind", "count", "fields", "x"]),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10),
+              st.lists(st.integers(), max_size=2)), max_size=5).map(json.dumps)), max_size=6))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+def test_any_json_lines_are_a_labelled_set_or_a_labels_error(tmp_path: Path, lines: list[str]) -> None:
+    folder = _folder(tmp_path, "a.jpg")
+    (folder / "labels.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    try:
+        load_labels(folder, QUESTIONS)
+    except ConfigError as exc:
+        assert exc.message
