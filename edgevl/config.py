@@ -112,6 +112,30 @@ class FolderSettings(BaseModel):
     )
 
 
+class FolderRetention(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_age_days: float = Field(
+        default=0, ge=0, description="Files older than this many days are deleted; 0 keeps them whatever their age.")
+    max_size: ByteSize = Field(
+        default=ByteSize(0), ge=0,
+        description='The folder holds at most this much, e.g. "20GiB"; the oldest files go first; 0: no limit.')
+
+
+class RetentionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    archive: FolderRetention = Field(default_factory=FolderRetention, description="folders.archive: the images.")
+    results: FolderRetention = Field(default_factory=FolderRetention, description="folders.results: the records.")
+    failed: FolderRetention = Field(default_factory=FolderRetention,
+                                    description="folders.failed: failed images and their error records.")
+    min_free: ByteSize = Field(
+        default=ByteSize(0), ge=0,
+        description='Below this free space on the archive\'s filesystem the oldest archived images are deleted, '
+                    'e.g. "2GiB"; 0: off.')
+    interval: float = Field(default=300, gt=0, description="Seconds between sweeps.")
+
+
 class DaemonSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -247,6 +271,9 @@ class Config(BaseSettings):
     state_dir: Path = Field(default=Path("/var/lib/edgevl"), description="Spool and other durable state.")
     model: ModelSettings = Field(default_factory=ModelSettings, description="The model.")
     folders: FolderSettings = Field(default_factory=FolderSettings, description="Folder inputs and outputs.")
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings,
+        description="How long the output folders keep their files. Never touches the spool or the MQTT outbox.")
     daemon: DaemonSettings = Field(default_factory=DaemonSettings, description="Process behaviour.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT inputs and outputs.")
     http: HttpSettings = Field(default_factory=HttpSettings, description="Local HTTP API and commissioning page.")

@@ -30,6 +30,7 @@ from edgevl.config import Config
 from edgevl.daemon.delivery import Delivery
 from edgevl.daemon.notify import Notifier
 from edgevl.daemon.quarantine import quarantine_poison
+from edgevl.daemon.retention import Retention
 from edgevl.daemon.status import Status
 from edgevl.errors import ConfigError, InputError
 from edgevl.folders.watcher import FolderWatcher
@@ -88,6 +89,10 @@ class Daemon:
                              RecentRecords(config.http.recent_results))
         self.metrics = Metrics(config.model.id, config.model.precision, self.supervisor.health, self.status.queued)
         self.status.metrics = self.metrics
+        self.retention = Retention(config.retention, config.folders, config.state_dir,
+                                   lambda: [f for r in self.rules.rules for f in r.folders])
+        self.status.retention = self.retention.counts
+        self.metrics.watch_retention(self.retention.counts)
         self.delivery = Delivery(self.spool, config.folders, config.device_id, self.hand, self.status.record_done)
         self.mqtt: MqttService | None = None
         if config.mqtt.enabled:
@@ -134,6 +139,7 @@ class Daemon:
                 return 0
             stack.enter_context(self.watcher)
             self.status.watching = True
+            stack.enter_context(self.retention)
             if self.mqtt is not None:
                 stack.enter_context(self.mqtt)
             elif any(r.topics for r in self.rules.rules):

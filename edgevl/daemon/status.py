@@ -20,6 +20,7 @@ from edgevl.worker.memcap import format_bytes
 from edgevl.worker.supervisor import WorkerSupervisor
 
 if TYPE_CHECKING:
+    from edgevl.daemon.retention import Counts
     from edgevl.http.metrics import Metrics
     from edgevl.mqtt.service import MqttService
 
@@ -38,6 +39,7 @@ class Status:
         self.watching = False  # the folders are watched (after the model loaded)
         self.metrics: Metrics | None = None
         self.mqtt: MqttService | None = None
+        self.retention: Counts | None = None
 
     def record_done(self, record: Record) -> None:
         """Count a finished job of any source."""
@@ -81,6 +83,8 @@ class Status:
         }
         if self.mqtt is not None:
             status["mqtt"] = {"connected": self.mqtt.link.connected, "outbox": len(self.mqtt.outbox)}
+        if self.retention is not None:
+            status["retention"] = self.retention.as_dict()
         return status
 
     def text(self) -> str:

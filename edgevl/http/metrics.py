@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from edgevl import __version__
 from edgevl.records import Record, is_error
+
+if TYPE_CHECKING:
+    from edgevl.daemon.retention import Counts
 
 # Seconds; the stages of one image on a 2-core CPU run from milliseconds (decode) to a minute (a big frame).
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -35,6 +40,10 @@ class Metrics:
         Info("edgevl_model", "The model answering.", registry=self.registry).info(
             {"id": model_id, "precision": precision, "version": __version__})
 
+    def watch_retention(self, counts: Counts) -> None:
+        """The retention sweeps' counts, read at each scrape."""
+        self.registry.register(_RetentionCollector(counts))
+
     def observe(self, record: Record) -> None:
         source = record["source"].get("kind", "unknown")
         if is_error(record):
@@ -46,3 +55,21 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RetentionCollector(Collector):
+    def __init__(self, counts: Counts) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        files = CounterMetricFamily("edgevl_retention_deleted_files", "Files the retention sweeps deleted, by folder.",
+                                    labels=["folder"])
+        size = CounterMetricFamily("edgevl_retention_deleted_bytes", "Bytes the retention sweeps deleted, by folder.",
+                                   labels=["folder"])
+        held = GaugeMetricFamily("edgevl_output_folder_bytes", "Bytes an output folder held at the last sweep.",
+                                 labels=["folder"])
+        for kind, c in self.counts.folders.items():
+            files.add_metric([kind], c.deleted_files)
+            size.add_metric([kind], c.deleted_bytes)
+            held.add_metric([kind], c.size_bytes)
+        yield from (files, size, held)
