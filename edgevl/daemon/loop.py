@@ -99,6 +99,8 @@ class Daemon:
             self.mqtt = MqttService(config, self.rules.rules, self.spool, self.hand, self.wake,
                                     self.status.mqtt_fields)
             self.status.mqtt = self.mqtt
+            mqtt = self.mqtt
+            self.metrics.watch_mqtt(lambda: mqtt.link.connected, lambda: len(mqtt.outbox))
             self.delivery.publisher = self.mqtt
         self.http: HttpServer | None = None
         if config.http.listen:

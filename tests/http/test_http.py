@@ -163,7 +163,12 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
         assert samples[("edgevl_jobs_total", (("outcome", "answered"), ("source", "folder")))] == 1
         assert samples[("edgevl_jobs_total", (("outcome", "image_unreadable"), ("source", "http")))] == 1
         assert samples[("edgevl_stage_seconds_count", (("stage", "total"),))] == 4
-        assert samples[("edgevl_worker_restarts", ())] == 0
+        assert samples[("edgevl_worker_restarts_total", ())] == 0
+        assert not [k for k in samples if k[0].endswith("_created")], "no _created series"
+        assert samples[("edgevl_last_result_timestamp_seconds", (("rule", "cam"),))] > time.time() - 600
+        families = {f.name: f.type for f in text_string_to_metric_families(text)}
+        assert families["edgevl_jobs"] == families["edgevl_worker_restarts"] == "counter"
+        assert families["edgevl_queue_depth"] == "gauge"
         assert samples[("edgevl_worker_up", ())] == 1
         assert samples[("edgevl_worker_rss_bytes", ())] > 50e6
         assert samples[("edgevl_queue_depth", ())] == 0
