@@ -206,6 +206,10 @@ class HttpSettings(BaseModel):
     token_file: OptionalPath = Field(
         default=None, description='File holding a token; when set, the API needs "Authorization: Bearer <token>".'
     )
+    public_url: str = Field(
+        default="", pattern=r"^(https?://\S+)?$",
+        description="The page's address as others reach it (Home Assistant's link to the device), e.g. "
+                    '"http://line3.local:8080/"; default: from listen, unless it listens on every address.')
     max_upload: ByteSize = Field(default=ByteSize(20 << 20), description="Larger requests are refused (413).")
     max_waiting: int = Field(
         default=4, ge=1, le=256, description="HTTP requests waiting for the model at once; more get 429."
@@ -246,6 +250,17 @@ class HttpSettings(BaseModel):
     def address(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    def page_url(self) -> str | None:
+        """The commissioning page's address for links to it, or None when it has none to give."""
+        if self.public_url:
+            return self.public_url
+        if not self.listen:
+            return None
+        host, port = self.address
+        if host in ("0.0.0.0", "::", ""):
+            return None
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
     def token(self) -> str | None:
         if self.token_file is None:

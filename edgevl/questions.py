@@ -89,6 +89,9 @@ class Question(BaseModel):
         default=None, ge=0.0, le=1.0,
         description="yes_no: `alarm` is true when P(yes) (calibrated, when the question is) is above this.",
     )
+    unit: str | None = Field(
+        default=None, min_length=1, max_length=32,
+        description='number: the unit of the value, e.g. "mm" (Home Assistant\'s unit_of_measurement).')
     calibration: Calibration | None = Field(
         default=None,
         description="yes_no: {slope, offset}; choice: {temperature}. Written by `edgevl eval --calibrate --write`.",
@@ -105,6 +108,8 @@ class Question(BaseModel):
                 raise ValueError("choice options must not be empty")
         elif self.options:
             raise ValueError(f"options are only for choice questions, not {self.type}")
+        if self.unit is not None and self.type != "number":
+            raise ValueError(f"unit is only for number questions, not {self.type}")
         if self.alarm_above is not None and self.type != "yes_no":
             raise ValueError("alarm_above is only for yes_no questions")
         if self.calibration is not None:

@@ -40,10 +40,14 @@ class Status:
         self.metrics: Metrics | None = None
         self.mqtt: MqttService | None = None
         self.retention: Counts | None = None
+        self.last_error: dict[str, str] | None = None
 
     def record_done(self, record: Record) -> None:
         """Count a finished job of any source."""
         self.counts["failed" if is_error(record) else "done"] += 1
+        if is_error(record):
+            self.last_error = {"code": record["error"]["code"], "message": record["error"]["message"],
+                               "rule": record["rule"], "job_id": record["job_id"], "at": record["finished_at"]}
         self.recent.add(record)
         if self.metrics is not None:
             self.metrics.observe(record)
@@ -59,7 +63,7 @@ class Status:
         """The counters and the worker's health, for the retained MQTT status."""
         h = self.supervisor.health()
         worker = {"state": h["state"], "restarts": h["restarts"], "rss": h["rss"], "memory_limit": h["memory_limit"]}
-        return {**self.counters(), "worker": worker}
+        return {**self.counters(), "worker": worker, "last_error": self.last_error}
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """For /healthz: the worker is up and the inputs are read."""

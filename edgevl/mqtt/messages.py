@@ -17,7 +17,6 @@ from typing import Any
 
 from edgevl import __version__
 from edgevl.records import Record, is_error, to_json
-from edgevl.rules import Rule
 from edgevl.spool.job import Reply
 
 JSON = "application/json"
@@ -86,36 +85,3 @@ def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | Non
 
 def status_payload(state: str, **fields: Any) -> str:
     return _dumps({"state": state, "version": __version__, **fields})
-
-
-def _object_id(*parts: str) -> str:
-    return "_".join(p.replace(".", "_").replace("-", "_") for p in parts)
-
-
-def discovery_messages(topics: Topics, prefix: str, device_id: str, model_id: str,
-                       rules: tuple[Rule, ...]) -> dict[str, str]:
-    """Home Assistant MQTT discovery: topic -> retained config, one entity per question."""
-    device = {"identifiers": [f"edgevl_{device_id}"], "name": f"edgevl {device_id}", "manufacturer": "edgevl",
-              "model": model_id, "sw_version": __version__}
-    out = {}
-    for rule in rules:
-        for q in rule.questions:
-            object_id = _object_id(rule.name, q.id)
-            state = topics.answer(rule.name, q.id)
-            config: dict[str, Any] = {
-                "name": f"{rule.name} {q.id}",
-                "unique_id": f"edgevl_{_object_id(device_id)}_{object_id}",
-                "state_topic": state,
-                "json_attributes_topic": state,
-                "availability_topic": topics.status,
-                "availability_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
-                "device": device,
-            }
-            if q.type == "yes_no":
-                component = "binary_sensor"
-                config["value_template"] = "{{ 'ON' if value_json.value else 'OFF' }}"
-            else:
-                component = "sensor"
-                config["value_template"] = "{{ value_json.value }}"
-            out[f"{prefix}/{component}/edgevl_{_object_id(device_id)}/{object_id}/config"] = _dumps(config)
-    return out

@@ -15,9 +15,10 @@ from types import TracebackType
 from typing import Any
 
 from edgevl.config import Config
+from edgevl.mqtt.discovery import discovery_messages, legacy_topics
 from edgevl.mqtt.intake import MqttIntake
 from edgevl.mqtt.link import MqttLink
-from edgevl.mqtt.messages import OutMessage, Topics, discovery_messages, record_messages, status_payload
+from edgevl.mqtt.messages import OutMessage, Topics, record_messages, status_payload
 from edgevl.mqtt.outbox import Outbox
 from edgevl.mqtt.seen import SeenIds
 from edgevl.records import ErrorRecord, Record, now_rfc3339
@@ -98,8 +99,9 @@ class MqttService:
 
     def _publish_discovery(self) -> None:
         configs = discovery_messages(self.topics, self.settings.ha_prefix, self.config.device_id,
-                                     self.config.model.id, self.intake.rules)
-        for topic in sorted(self._discovered - set(configs)):  # questions that left the rules
+                                     self.config.model.id, self.intake.rules, self.config.http.page_url())
+        gone = self._discovered | legacy_topics(self.settings.ha_prefix, self.config.device_id, self.intake.rules)
+        for topic in sorted(gone - set(configs)):  # questions that left the rules, configs of the old scheme
             self.link.publish(OutMessage(topic, "", 1, retain=True))
         for topic, payload in configs.items():
             self.link.publish(OutMessage(topic, payload, 1, retain=True))

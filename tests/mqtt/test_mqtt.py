@@ -109,11 +109,17 @@ def test_images_in_results_answers_replies_and_status_out(tmp_path: Path, test_m
         assert by_question["defect"]["job_id"] in {r["job_id"] for r in records}
         assert {"value", "confidence", "alarm", "job_id", "ts"} <= set(by_question["label"])
 
-        discovery = {h.topic: h.json() for h in listener.messages(lambda h: h.topic.startswith("homeassistant/"))}
-        binary = discovery["homeassistant/binary_sensor/edgevl_test_station/cam_defect/config"]
+        published = listener.messages(lambda h: h.topic.startswith("homeassistant/"))
+        discovery = {h.topic: h.json() for h in published if h.payload}
+        # The configs of the first scheme (dashes as underscores) are cleared, so no entity is there twice.
+        assert "homeassistant/binary_sensor/edgevl_test_station/cam_defect/config" in {
+            h.topic for h in published if not h.payload}
+        binary = discovery["homeassistant/binary_sensor/edgevl_test-station/cam_defect/config"]
         assert binary["state_topic"] == f"{BASE}/answers/cam/defect"
-        assert binary["availability_topic"] == f"{BASE}/status"
-        assert discovery["homeassistant/sensor/edgevl_test_station/cam_label/config"]["value_template"]
+        assert binary["availability"][0]["topic"] == f"{BASE}/status"
+        assert binary["device_class"] == "problem", "the rule's defect question has alarm_above"
+        assert discovery["homeassistant/sensor/edgevl_test-station/cam_label/config"]["value_template"]
+        assert "homeassistant/sensor/edgevl_test-station/_queue_depth/config" in discovery
 
         # The same id again (a sender's retry) is not answered twice; the next id is.
         publish(broker.port, TOPIC, _envelope(_jpeg(2), id="frame-0001"))
