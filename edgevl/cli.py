@@ -9,23 +9,26 @@ from pathlib import Path
 from edgevl import __version__
 from edgevl.config import DEFAULT_MODEL, PRECISIONS
 from edgevl.errors import EdgevlError
+from edgevl.logsetup import LEVELS, setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgevl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgevl {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (as --log-level debug)")
+    parser.add_argument("--log-level", choices=LEVELS, default=None,
+                        help="log messages at this level and above (default: [log] level for run, else info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer questions about image files; one JSON record per image on stdout")
-    ask.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    ask.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files to answer")
     ask.add_argument("-q", "--question", action="append", default=[], dest="questions",
                      help="a question: 'TEXT', 'yes_no: TEXT', 'number: TEXT', 'json: TEXT' or "
                           "'choice(A|B|C): TEXT' (repeatable)")
     ask.add_argument("--rules", type=Path, help="rules file to take the questions from")
     ask.add_argument("--rule", help="name of the rule in --rules")
     ask.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face repo id (local cache) or directory")
-    ask.add_argument("--precision", choices=PRECISIONS, default="float32")
+    ask.add_argument("--precision", choices=PRECISIONS, default="float32", help="weights and arithmetic")
     ask.add_argument("--max-pixels", type=int, default=None, help="resize images to at most this many pixels")
     ask.add_argument("--threads", type=int, default=0, help="0: one per usable core")
     ask.add_argument("--max-batch", type=int, default=0, help="rows decoded together; 0: from the core count")
@@ -58,34 +61,37 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, help="0: one per usable core (default: from -c, else 0)")
 
     run = sub.add_parser("run", help="the daemon: watch the rules' folders and answer every image")
-    run.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"))
+    run.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"),
+                     help="the configuration file (default: /etc/edgevl/edgevl.toml)")
     chk = sub.add_parser("check", help="validate the configuration and the rules; every error with file and key")
-    chk.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"))
+    chk.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"),
+                     help="the configuration file (default: /etc/edgevl/edgevl.toml)")
 
     model = sub.add_parser("model", help="manage model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     pull = model_sub.add_parser("pull", help="download a model into the local Hugging Face cache")
-    pull.add_argument("model_id", nargs="?", default=DEFAULT_MODEL)
+    pull.add_argument("model_id", nargs="?", default=DEFAULT_MODEL,
+                      help=f"Hugging Face repo id (default: {DEFAULT_MODEL})")
 
     bench = sub.add_parser("bench", help="measure workload W4 on a random checkpoint with the real 2B shapes")
-    bench.add_argument("--precision", action="append", choices=PRECISIONS, dest="precisions")
+    bench.add_argument("--precision", action="append", choices=PRECISIONS, dest="precisions",
+                       help="a precision to measure (repeatable; default: float32 and int8)")
     bench.add_argument("--json", action="store_true", help="one JSON object per precision on stdout")
     bench.add_argument("--checkpoint", type=Path, default=None, help="where the random checkpoint is cached")
     bench.add_argument("--write-doc", type=Path, default=None, help="write the results as Markdown to this file")
-    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--threads", type=int, default=0, help="0: one per usable core")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from edgevl.logsetup import setup_logging
-
-    setup_logging(args.verbose)
+    level = "debug" if args.verbose else args.log_level
+    setup_logging(level or "info")
     try:
         if args.command == "run":
             from edgevl.daemon.loop import run
 
-            return run(args.config)
+            return run(args.config, level)
         if args.command == "check":
             from edgevl.commands.check import check
 

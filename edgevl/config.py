@@ -136,6 +136,13 @@ class RetentionSettings(BaseModel):
     interval: float = Field(default=300, gt=0, description="Seconds between sweeps.")
 
 
+class LogSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Messages below this level are not logged (edgevl --log-level overrides it).")
+
+
 class DaemonSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -290,6 +297,7 @@ class Config(BaseSettings):
         default_factory=RetentionSettings,
         description="How long the output folders keep their files. Never touches the spool or the MQTT outbox.")
     daemon: DaemonSettings = Field(default_factory=DaemonSettings, description="Process behaviour.")
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT inputs and outputs.")
     http: HttpSettings = Field(default_factory=HttpSettings, description="Local HTTP API and commissioning page.")
 

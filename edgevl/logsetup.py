@@ -6,9 +6,17 @@ import logging
 import os
 import sys
 
+LEVELS = ("debug", "info", "warning", "error")
+# The model worker is a process of its own: it takes the daemon's level from here.
+LEVEL_VARIABLE = "EDGEVL_LOG_LEVEL"
 
-def setup_logging(verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+    os.environ[LEVEL_VARIABLE] = level
+
+
+def setup_logging(level: str = "info") -> None:
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM"):
         # stderr is the journal: send native entries so that EDGEVL_JOB,
@@ -22,4 +30,4 @@ def setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    set_level(level)

@@ -65,6 +65,7 @@ class Answer(TypedDict, total=False):
     text: str
     truncated: bool
     error: ErrorInfo
+    question: str  # ad-hoc questions (edgevl ask -q, POST /v1/ask with questions): the text asked
 
 
 class _Identity(TypedDict):
@@ -105,6 +106,15 @@ def to_json(record: Record, indent: int | None = None) -> str:
     """The record as JSON text: indented for files, compact for messages."""
     separators = (",", ": ") if indent else (",", ":")
     return json.dumps(record, ensure_ascii=False, indent=indent, separators=separators)
+
+
+def with_questions(record: Record, asked: dict[str, str]) -> Record:
+    """The record with each answer's question text beside it: an ad-hoc question has no rule to look it up in."""
+    if not is_error(record):
+        for question, answer in record["answers"].items():
+            if question in asked:
+                answer["question"] = asked[question]
+    return record
 
 
 def now_rfc3339() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import sys
@@ -15,17 +16,22 @@ from edgevl.engine.loading import load_model
 from edgevl.engine.pipeline import answer_image
 from edgevl.errors import ConfigError
 from edgevl.questions import Question
-from edgevl.records import Job, Record, Source, is_error, to_json
+from edgevl.records import Job, Record, Source, is_error, to_json, with_questions
 from edgevl.rules import Rule, load_rules
 
 log = logging.getLogger(__name__)
 
 _TYPED = re.compile(r"^(?P<type>text|yes_no|number|json|choice\((?P<options>[^)]*)\))\s*:\s*(?P<ask>.+)$", re.DOTALL)
+# "word: ..." where the word looks like a type that is not one: a typo, not a question about a "yesno".
+_TYPE_LIKE = re.compile(r"^(?P<word>[A-Za-z_-]+)(?P<paren>\(.*?\))?\s*:")
+TYPES = ("text", "yes_no", "number", "json", "choice")
 
 
 def parse_question(index: int, text: str) -> Question:
     """``-q`` syntax: ``QUESTION``, ``TYPE: QUESTION`` or ``choice(A|B|C): QUESTION``."""
     match = _TYPED.match(text.strip())
+    if not match:
+        _refuse_unknown_type(text)
     try:
         if not match:
             return Question(id=f"q{index}", ask=text.strip(), type="text")
@@ -36,6 +42,19 @@ def parse_question(index: int, text: str) -> Question:
         return Question.model_validate({"id": f"q{index}", "ask": match.group("ask"), "type": kind})
     except ValidationError as exc:
         raise ConfigError(f"question {text!r}: {exc.errors()[0]['msg']}") from None
+
+
+def _refuse_unknown_type(text: str) -> None:
+    like = _TYPE_LIKE.match(text.strip())
+    if not like:
+        return
+    word = like.group("word").lower()
+    close = difflib.get_close_matches(word.replace("-", "_"), TYPES, n=1, cutoff=0.6)
+    if like.group("paren") or close or word in ("bool", "boolean", "int", "float", "enum", "yesno"):
+        hint = f' — did you mean "{close[0]}"?' if close else ""
+        raise ConfigError(f"question {text.strip()!r}: unknown answer type {like.group('word')!r}{hint} "
+                          "(types: text, yes_no, number, json, choice(A|B|…); for a text question that starts "
+                          "with such a word, write 'text: …')")
 
 
 def ask_rule(args_questions: list[str], rules: Path | None, rule_name: str | None) -> Rule:
@@ -54,6 +73,7 @@ def ask_rule(args_questions: list[str], rules: Path | None, rule_name: str | Non
 def run_ask(images: list[Path], questions: list[str], rules: Path | None, rule_name: str | None, model: str,
             precision: Precision, max_pixels: int | None, threads: int, max_batch: int) -> int:
     rule = ask_rule(questions, rules, rule_name)
+    questions_from_rules = rules is not None
     lm = load_model(model, precision, threads)
     engine = Engine(lm, max_batch=max_batch, max_pixels=DEFAULT_MAX_PIXELS)
     device = default_device_id()
@@ -67,6 +87,8 @@ def run_ask(images: list[Path], questions: list[str], rules: Path | None, rule_n
             record = job.error("file_unreadable", f"cannot read {path}: {exc.strerror or exc}")
         else:
             record = answer_image(engine, job, data, rule.questions, rule.crop, max_pixels or rule.max_pixels)
+        if not questions_from_rules:
+            record = with_questions(record, {q.id: q.ask for q in rule.questions})
         print(to_json(record), flush=True)
         if is_error(record):
             failed += 1

@@ -35,13 +35,14 @@ from edgevl.daemon.status import Status
 from edgevl.errors import ConfigError, InputError
 from edgevl.folders.watcher import FolderWatcher
 from edgevl.fsutil import read_regular
-from edgevl.http.api import Backend, make_app
+from edgevl.http.api import ADHOC_RULE, Backend, make_app
 from edgevl.http.jobs import HttpJob, HttpQueue, RecentRecords
 from edgevl.http.metrics import Metrics
 from edgevl.http.server import HttpServer
+from edgevl.logsetup import set_level
 from edgevl.mqtt.service import MqttService
 from edgevl.names import display
-from edgevl.records import new_job_id, now_rfc3339
+from edgevl.records import new_job_id, now_rfc3339, with_questions
 from edgevl.rules import Rule, RulesFile
 from edgevl.spool.claim import claim
 from edgevl.spool.hand import Hand
@@ -349,6 +350,8 @@ class Daemon:
             record = event.record
         else:
             record = job.job.error(event.code, f"{_LOST_MESSAGES[event.code]}; {event.detail}")
+        if job.rule.name == ADHOC_RULE:
+            record = with_questions(record, {q.id: q.ask for q in job.rule.questions})
         self.status.record_done(record)
         if not job.future.done():
             job.future.set_result(record)
@@ -377,8 +380,10 @@ class Daemon:
         self.notifier.reloaded(self.status.text())
 
 
-def run(config_path: Path) -> int:
+def run(config_path: Path, log_level: str | None = None) -> int:
+    """The daemon until it stops; ``log_level`` (from the command line) overrides ``[log] level``."""
     daemon = Daemon(config_path)
+    set_level(log_level or daemon.config.log.level)
     code = daemon.run()
     logging.shutdown()
     return code

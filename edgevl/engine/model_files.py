@@ -46,7 +46,13 @@ def pull_model(model_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-    return Path(snapshot_download(repo_id=model_id, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(repo_id=model_id, allow_patterns=patterns))
+    except Exception as exc:  # the hub client raises a dozen kinds for "no network" alone
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot download {model_id}: {reason}. Without a network, pull it on a connected "
+                         "machine and copy the Hugging Face cache, or a model directory as model.id",
+                         "model_unavailable") from None
 
 
 def checkpoint_files(path: Path) -> list[Path]:

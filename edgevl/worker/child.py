@@ -122,9 +122,9 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
 def main(argv: list[str]) -> int:
     fd, parent = int(argv[1]), int(argv[2])
     become_worker(parent)
-    from edgevl.logsetup import setup_logging
+    from edgevl.logsetup import LEVEL_VARIABLE, setup_logging
 
-    setup_logging(verbose=os.environ.get("EDGEVL_VERBOSE") == "1")
+    setup_logging(os.environ.get(LEVEL_VARIABLE, "info"))
     channel = worker_end(socket.socket(fileno=fd))
     try:
         return serve(channel)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from edgevl.cli import _parser
+from edgevl.commands.ask import parse_question
+from edgevl.errors import ConfigError
+from tests.harness.broker import free_port
 from tests.harness.images import encode, noise_image
 
 
@@ -36,6 +44,7 @@ def test_ask_prints_one_record_per_image_and_fails_on_bad_ones(tmp_path: Path, t
     assert ok["answers"]["q2"]["type"] == "yes_no"
     assert isinstance(ok["answers"]["q2"]["value"], bool)
     assert ok["answers"]["q3"]["value"] in ("A", "B", "C")
+    assert ok["answers"]["q2"]["question"] == "Is there a defect?", "an ad-hoc question's text is in the record"
     number = ok["answers"]["q4"]
     assert isinstance(number["value"], float) or number["error"]["code"] == "number_not_found"
     assert set(ok["timings_ms"]) == {"decode", "encode", "answer", "total"}
@@ -64,6 +73,7 @@ max_pixels = 20000
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["rule"] == "seam"
+    assert "question" not in record["answers"]["defect"]
     assert record["answers"]["defect"]["alarm"] is True  # any P(yes) > 0
 
 
@@ -79,3 +89,55 @@ def test_ask_usage_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     proc = _ask(str(image))
     assert proc.returncode == 2
     assert "no questions" in proc.stderr
+
+
+def test_a_typo_in_a_question_type_is_an_error_not_a_text_question() -> None:
+    with pytest.raises(ConfigError, match='unknown answer type \'yesno\' — did you mean "yes_no"'):
+        parse_question(1, "yesno: Is there a defect?")
+    with pytest.raises(ConfigError, match="unknown answer type 'chioce'"):
+        parse_question(1, "chioce(A|B): Which?")
+    with pytest.raises(ConfigError, match="unknown answer type 'bool'"):
+        parse_question(1, "bool: Is it open?")
+    # A question that merely starts with a word and a colon stays a text question.
+    assert parse_question(1, "Label: what does it say?").type == "text"
+    assert parse_question(1, "text: yesno: a question about a word").ask == "yesno: a question about a word"
+    assert parse_question(2, "number: How many?").type == "number"
+
+
+def test_every_command_and_option_has_help() -> None:
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                names = {a.dest for a in action._choices_actions}
+                missing += [f"{path} {name}" for name in action.choices if name not in names]
+                for name, child in action.choices.items():
+                    missing += walk(child, f"{path} {name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return missing
+
+    assert walk(_parser(), "edgevl") == []
+
+
+def test_model_pull_without_a_network_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "model", "pull", "Qwen/Qwen3-VL-2B-Instruct"],
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("edgevl: cannot download Qwen/Qwen3-VL-2B-Instruct: ")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_log_level_hides_what_is_below_it(tmp_path: Path, test_model_dir: Path) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(noise_image(64, 64), "PNG"))
+    quiet = subprocess.run([sys.executable, "-m", "edgevl", "--log-level", "warning", "ask", str(image),
+                            "--model", str(test_model_dir), "-q", "yes_no: Defect?"],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "INFO" not in quiet.stderr
+    loud = _ask(str(image), "--model", str(test_model_dir), "-q", "yes_no: Defect?")
+    assert "INFO" in loud.stderr

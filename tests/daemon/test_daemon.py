@@ -214,3 +214,18 @@ def test_two_daemons_sharing_a_folder_answer_each_image_once(tmp_path: Path, tes
     assert sources == Counter(names)
     assert a.records(), "both daemons took work"
     assert b.records(), "both daemons took work"
+
+
+def test_the_configured_log_level_holds_for_the_daemon_and_its_worker(tmp_path: Path, test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir, config_extra='[log]\nlevel = "warning"\n')
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        (d.inbox / "a.png").write_bytes(encode(noise_image(64, 64), "PNG"))
+        (d.inbox / "b.png").write_bytes(b"not an image")  # a warning: this one is logged
+        d.wait_records(2)
+    finally:
+        assert d.stop() == 0
+    log = d.log()
+    assert "WARNING" in log
+    assert " INFO " not in log, "neither the daemon's nor the worker's INFO lines"

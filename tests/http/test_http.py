@@ -113,6 +113,7 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
         assert record["rule"] == "cam"
         assert set(record["answers"]) == {"defect", "label"}
         assert 0 <= record["answers"]["defect"]["confidence"] <= 1
+        assert "question" not in record["answers"]["defect"], "a rule's questions are in the rule"
 
         status, record = client.ask_json({"image": base64.b64encode(_jpeg(3)).decode(), "questions": [
             {"id": "ok", "ask": "Is the part OK?", "type": "yes_no"},
@@ -120,6 +121,8 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
         assert status == 200, record
         assert record["rule"] == "adhoc"
         assert record["answers"]["ok"]["type"] == "yes_no"
+        assert record["answers"]["ok"]["question"] == "Is the part OK?", "an ad-hoc question's text is kept"
+        assert record["answers"]["q2"]["question"] == "Which side is up?"
         assert record["answers"]["q2"]["value"] in ("top", "bottom")
         assert set(record["answers"]["q2"]["probabilities"]) == {"top", "bottom"}
 
