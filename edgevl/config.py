@@ -34,6 +34,7 @@ from edgevl.errors import ConfigError, format_validation_error
 
 DEFAULT_CONFIG = Path("/etc/edgevl/edgevl.toml")
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+ENV_PREFIX = "EDGEVL_"  # EDGEVL_MODEL__PRECISION=int8 overrides [model] precision
 Precision = Literal["float32", "bfloat16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
 Enforcement = Literal["auto", "cgroup", "rss"]
@@ -282,7 +283,7 @@ class Config(BaseSettings):
     """edgevl.toml"""
 
     model_config = SettingsConfigDict(
-        env_prefix="EDGEVL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
     device_id: str = Field(default_factory=default_device_id, min_length=1, max_length=128,
@@ -321,7 +322,8 @@ class Config(BaseSettings):
 def load_config(path: Path) -> Config:
     """Read and validate the configuration; ``ConfigError`` names the file and key of every problem."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() or path != DEFAULT_CONFIG else {}
+        text = path.read_text(encoding="utf-8") if path.exists() or path != DEFAULT_CONFIG else ""
+        raw = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -329,11 +331,9 @@ def load_config(path: Path) -> Config:
     try:
         config = Config(**raw)
     except ValidationError as exc:
-        lines = format_validation_error(path, exc)
-        overridden = [k for k in os.environ if k.startswith("EDGEVL_")]
-        if overridden:
-            lines.append(f"(environment overrides in effect: {', '.join(sorted(overridden))})")
-        raise ConfigError("\n".join(lines)) from None
+        # Values from the environment are named by their variable, not as keys of the file.
+        env = {tuple(k[len(ENV_PREFIX):].lower().split("__")): k for k in os.environ if k.startswith(ENV_PREFIX)}
+        raise ConfigError("\n".join(format_validation_error(path, exc, raw, Config, text, env))) from None
     if not config.rules.is_absolute():
         config.rules = path.parent / config.rules
     return config

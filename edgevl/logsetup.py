@@ -7,13 +7,10 @@ import os
 import sys
 
 LEVELS = ("debug", "info", "warning", "error")
-# The model worker is a process of its own: it takes the daemon's level from here.
-LEVEL_VARIABLE = "EDGEVL_LOG_LEVEL"
 
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
-    os.environ[LEVEL_VARIABLE] = level
 
 
 def setup_logging(level: str = "info") -> None:

@@ -101,7 +101,8 @@ class RulesFile(BaseModel):
 def load_rules(path: Path) -> RulesFile:
     """Read and validate a rules file; ``ConfigError`` lists every problem with its key path."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the rules file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -109,7 +110,7 @@ def load_rules(path: Path) -> RulesFile:
     try:
         return RulesFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join(format_validation_error(path, exc))) from None
+        raise ConfigError("\n".join(format_validation_error(path, exc, raw, RulesFile, text))) from None
 
 
 def load_daemon_rules(path: Path) -> RulesFile:

@@ -34,9 +34,11 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("[model]\nprecison = 'int8'\n", "model.precison: Extra inputs are not permitted"),
-    ("[folders]\nsettle_ms = -1\n", "folders.settle_ms"),
-    ("bogus = 1\n", "bogus: Extra inputs"),
+    ("[model]\nprecison = 'int8'\n", 'edgevl.toml:2: model: unknown key "precison" — did you mean "precision"?'),
+    ("[folders]\nsettle_ms = -1\n", "edgevl.toml:2: folders.settle_ms: must be at least 0"),
+    ("bogus = 1\n", 'edgevl.toml:1: unknown key "bogus" (keys: device_id, rules, state_dir, model,'),
+    ("[model]\nmemory_limit = 'lots'\n", 'model.memory_limit: must be a size such as "10GiB"'),
+    ("[model]\nprecision = 'int3'\n", "model.precision: must be one of: float32, bfloat16 or int8"),
     ("[model\n", "not valid TOML"),
 ])
 def test_errors_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -55,7 +57,8 @@ def test_check_command_reports_rules_errors_and_fails(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(tmp_path / "edgevl.toml")],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
-    assert f"{tmp_path / 'rules.toml'}: rule[0].question[0].type" in proc.stderr
+    assert (f"{tmp_path / 'rules.toml'}:6: rule \"a\", question \"x\", type: must be one of: text, yes_no, choice, "
+            "number or json") in proc.stderr
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         check(tmp_path / "absent.toml")
 
@@ -98,3 +101,14 @@ def test_run_refuses_such_a_layout_before_anything_starts(tmp_path: Path) -> Non
                           capture_output=True, text=True, check=False, timeout=60)
     assert proc.returncode == 2
     assert f"folders.results {tmp_path}/in/r is inside the watched folder" in proc.stderr
+
+
+def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "edgevl.toml"
+    path.write_text("[model]\nthreads = 2\n")
+    monkeypatch.setenv("EDGEVL_MODEL__PRECISION", "int3")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.message == ("EDGEVL_MODEL__PRECISION (environment variable): must be one of: float32, "
+                                 "bfloat16 or int8")

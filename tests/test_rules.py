@@ -42,12 +42,19 @@ def test_good_rules_load(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("edit", "expected"), [
-    (lambda s: s.replace('type = "yes_no"', 'type = "maybe"'), "rule[0].question[0].type"),
-    (lambda s: s.replace("max_pixels = 100000", "max_pixels = 100000\nbogus = 1"), "rule[0].bogus"),
+    (lambda s: s.replace('type = "yes_no"', 'type = "maybe"'),
+     'rule "weld-seam", question "defect", type: must be one of'),
+    (lambda s: s.replace("max_pixels = 100000", "max_pixels = 100000\nbogus = 1"),
+     'rule "weld-seam": unknown key "bogus"'),
+    (lambda s: s.replace('alarm_above = 0.5', 'alarm_abvoe = 0.5'),
+     'rule "weld-seam", question "defect": unknown key "alarm_abvoe" — did you mean "alarm_above"?'),
+    (lambda s: s.replace('folders = ["/srv/inbox/station-3"]', 'folders = "/srv/inbox/station-3"'),
+     'rule "weld-seam", folders: must be a list of folder paths'),
     (lambda s: s.replace('id = "label"', 'id = "defect"'), "duplicate question ids: defect"),
-    (lambda s: s.replace("alarm_above = 0.5", "alarm_above = 2"), "rule[0].question[0].alarm_above"),
-    (lambda s: s.replace('name = "weld-seam"', 'name = "../etc"'), "rule[0].name"),
-    (lambda s: s + "[[rule]]\nname = 'x'\n", "rule[1].question"),
+    (lambda s: s.replace("alarm_above = 0.5", "alarm_above = 2"),
+     'rule "weld-seam", question "defect", alarm_above: must be at most 1'),
+    (lambda s: s.replace('name = "weld-seam"', 'name = "../etc"'), 'rule "../etc", name: has characters that are not'),
+    (lambda s: s + "[[rule]]\nname = 'x'\n", 'rule "x": "question" is missing'),
     (lambda s: s.replace("[[rule.question]]", "[[rule.question]", 1), "not valid TOML"),
 ])
 def test_errors_name_file_and_key(tmp_path: Path, edit, expected: str) -> None:  # type: ignore[no-untyped-def]
@@ -62,3 +69,14 @@ def test_errors_name_file_and_key(tmp_path: Path, edit, expected: str) -> None: 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the rules file"):
         load_rules(tmp_path / "absent.toml")
+
+
+def test_one_mistake_is_one_message(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text(GOOD.replace("alarm_above = 0.5", "alarm_abvoe = 0.5"))
+    with pytest.raises(ConfigError) as err:
+        load_rules(path)
+    assert len(err.value.message.splitlines()) == 1, err.value.message
+    line = next(i for i, text in enumerate(GOOD.replace("alarm_above", "alarm_abvoe").splitlines(), 1)
+                if "alarm_abvoe" in text)
+    assert err.value.message.startswith(f"{path}:{line}: ")

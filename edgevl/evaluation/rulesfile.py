@@ -51,10 +51,11 @@ def write_calibrations(path: Path, rule: str, proposals: dict[str, dict[str, Any
             table["alarm_above"] = proposal["alarm_above"]
             changed.append(f"{question_id}.alarm_above = {proposal['alarm_above']}")
     new_text = tomlkit.dumps(document)
+    raw = tomllib.loads(new_text)
     try:
-        RulesFile.model_validate(tomllib.loads(new_text))
+        RulesFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join(format_validation_error(path, exc))) from None
+        raise ConfigError("\n".join(format_validation_error(path, exc, raw, RulesFile))) from None
     tmp = path.with_name(f".{path.name}.edgevl-eval")
     tmp.write_text(new_text, encoding="utf-8")
     os.chmod(tmp, path.stat().st_mode & 0o7777)

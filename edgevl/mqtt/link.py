@@ -51,12 +51,28 @@ def read_password(settings: MqttSettings) -> str | None:
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """The TLS context; an error names the key and the file at fault (ssl's own errors name neither)."""
+    if (settings.cert_file is None) != (settings.key_file is None):
+        raise ConfigError("mqtt: cert_file and key_file go together (the client certificate and its key)")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path: Path | None = getattr(settings, key)
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"mqtt.{key} {path}: {exc.strerror or exc}") from None
+    key = "ca_file"
     try:
         context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
         if settings.cert_file is not None and settings.key_file is not None:
+            key = "cert_file/key_file"
             context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"mqtt: cannot set up TLS from ca_file/cert_file/key_file: {exc}") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(f"mqtt.{key}: not a usable certificate or key ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"mqtt.{key}: {exc.strerror or exc}") from None
     return context
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from edgevl.errors import EdgevlError
+from edgevl.logsetup import set_level, setup_logging
 from edgevl.records import Record
 from edgevl.worker.protocol import (
     Channel,
@@ -86,6 +87,7 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
     load = channel.recv()
     if not isinstance(load, Load):
         raise ChannelClosed(f"expected Load, got {type(load).__name__}")
+    set_level(load.log_level)
     if not join_cgroup(load, channel):
         return 1
     # Heavy imports only here, inside the capped process.
@@ -122,9 +124,7 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
 def main(argv: list[str]) -> int:
     fd, parent = int(argv[1]), int(argv[2])
     become_worker(parent)
-    from edgevl.logsetup import LEVEL_VARIABLE, setup_logging
-
-    setup_logging(os.environ.get(LEVEL_VARIABLE, "info"))
+    setup_logging()
     channel = worker_end(socket.socket(fileno=fd))
     try:
         return serve(channel)

@@ -193,6 +193,19 @@ def rss_bytes(pid: int) -> int | None:
         return None
 
 
+def peak_rss_bytes(pid: int) -> int | None:
+    """The highest resident size a process has had (VmHWM), or None when it is gone: a spike between
+    two samples still shows."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def own_peak_bytes(field: Literal["VmHWM", "VmPeak"]) -> int:
     """A peak of this process from /proc/self/status: VmHWM (resident) or VmPeak (address space, what
     RLIMIT_AS would have to allow).  Not getrusage's ru_maxrss: Linux carries that over from the

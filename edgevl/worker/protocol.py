@@ -37,6 +37,7 @@ class Load:
     max_batch: int
     max_pixels: int
     procs_file: str | None  # the cgroup to join before anything is allocated
+    log_level: str = "info"  # the daemon's, which the worker follows
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,8 @@ class WorkerSupervisor:
         log.info("model worker: %s in %s needs ≈ %s; memory cap %s", model.id, model.precision,
                  memcap.format_bytes(needed.total), self.cap.describe())
         self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
-                             model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None)
+                             model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None,
+                             logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower())
         self._start()
         self._sampler = threading.Thread(target=self._sample, name="worker-rss", daemon=True)
         self._sampler.start()
@@ -352,8 +353,13 @@ class WorkerSupervisor:
             if rss is None:
                 continue
             w.rss = rss
-            if not self.cap.kernel_enforced and rss > self.cap.limit and w.kill_reason is None:
-                w.kill("memory_limit", f"its resident size reached {memcap.format_bytes(rss)}, over the limit "
+            if self.cap.kernel_enforced or w.kill_reason is not None:
+                continue
+            # The high-water mark, not only the size now: a spike shorter than the sampling period
+            # went over the ceiling all the same.
+            peak = max(rss, memcap.peak_rss_bytes(w.pid) or 0)
+            if peak > self.cap.limit:
+                w.kill("memory_limit", f"its resident size reached {memcap.format_bytes(peak)}, over the limit "
                                        f"of {memcap.format_bytes(self.cap.limit)}")
                 self.wake.set()
 

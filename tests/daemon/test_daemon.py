@@ -91,7 +91,7 @@ def test_sighup_reloads_valid_rules_and_keeps_them_on_invalid(tmp_path: Path, te
         first = d.wait_records(1)[0]
         assert set(first["answers"]) == {"defect", "label"}  # the old rules still apply
         assert "reload refused" in d.log()
-        assert "rule[0].bogus" in d.log()
+        assert 'rule "cam": unknown key "bogus"' in d.log()
 
         d.messages.clear()
         extra = '  [[rule.question]]\n  id = "count"\n  ask = "How many parts?"\n  type = "number"\n'

@@ -164,7 +164,7 @@ def test_the_daemon_keeps_answering_while_its_archive_disk_would_overflow(tmp_pa
     ({"results": {"max_age_days": -1}}, "greater than or equal to 0"),
     ({"archive": {"max_size": "lots"}}, "could not parse"),
     ({"interval": 0}, "greater than 0"),
-    ({"results": {"keep": 3}}, "Extra inputs"),
+    ({"results": {"keep": 3}}, "Extra inputs"),  # pydantic's own words: the file's loader rewords them
 ])
 def test_bad_retention_settings_are_refused(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -371,8 +371,8 @@ def test_edgevl_check_names_a_bad_mqtt_key_and_a_bad_topic(tmp_path: Path) -> No
     proc = subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(config)], capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 2
-    assert f"{config}: mqtt.protocl: Extra inputs are not permitted" in proc.stderr
-    assert f"{config}: mqtt.qos:" in proc.stderr
+    assert f'{config}:4: mqtt: unknown key "protocl" — did you mean "protocol"?' in proc.stderr
+    assert f"{config}:5: mqtt.qos: must be one of: 0, 1 or 2" in proc.stderr
     config.write_text('rules = "rules.toml"\n[mqtt]\nhost = "127.0.0.1"\n')
     proc = subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(config)], capture_output=True,
                           text=True, env=env)
@@ -416,7 +416,10 @@ def test_edgevl_check_reads_the_password_and_tls_files(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVL_")}
     for mqtt, expected in (
         (f'username = "u"\npassword_file = "{tmp_path}/missing"', "mqtt.password_file: cannot read"),
-        (f'tls = true\nca_file = "{rules}"', "mqtt: cannot set up TLS"),
+        (f'tls = true\nca_file = "{rules}"', "mqtt.ca_file: not a usable certificate or key"),
+        (f'tls = true\nca_file = "{tmp_path}/ca.pem"', f"mqtt.ca_file {tmp_path}/ca.pem: No such file or directory"),
+        (f'tls = true\ncert_file = "{rules}"\nkey_file = "{tmp_path}/k.pem"',
+         f"mqtt.key_file {tmp_path}/k.pem: No such file or directory"),
         ('cert_file = "/x.pem"', "cert_file and key_file go together"),
     ):
         config.write_text(f'rules = "rules.toml"\n[mqtt]\nhost = "127.0.0.1"\n{mqtt}\n')
