@@ -179,24 +179,35 @@ def place_new(folder: Path, names: Callable[[int], str], data: bytes,
         tmp.unlink(missing_ok=True)
 
 
-def move_new(src: Path, folder: Path, names: Callable[[int], str]) -> Path:
-    """Move ``src`` into ``folder`` under the first free name (no overwrite)."""
+def reserve_new(folder: Path, names: Callable[[int], str]) -> Path:
+    """Create an empty file under the first free name in ``folder``: the name is the caller's from now on,
+    even with another daemon writing to the same folder."""
     folder.mkdir(parents=True, exist_ok=True)
     for n in range(100_000):
         target = folder / names(n)
         try:
-            os.link(src, target)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
             continue
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:  # on another filesystem: copy instead
-                raise
-            try:
-                copy_regular(src, target)
-            except FileExistsError:
-                continue
+        os.close(fd)
         fsync_dir(folder)
-        src.unlink()
-        fsync_dir(src.parent)
         return target
     raise OSError(f"no free name left in {folder}")
+
+
+def move_onto(src: Path, target: Path) -> None:
+    """Move ``src`` onto ``target``, a name reserved for it, replacing it in one step; across
+    filesystems by a copy beside the target first. Safe to repeat after a crash."""
+    try:
+        os.replace(src, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        part = target.with_name(f".{target.name}.part")
+        part.unlink(missing_ok=True)
+        copy_regular(src, part)
+        os.replace(part, target)
+        fsync_dir(target.parent)
+        src.unlink()
+    fsync_dir(target.parent)
+    fsync_dir(src.parent)

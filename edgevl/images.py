@@ -166,3 +166,15 @@ def accepted_suffix(data: bytes) -> str:
     if suffix is None:
         raise ImageError("not an image edgevl reads (JPEG, PNG, WebP, BMP, TIFF or GIF)", "unsupported_format")
     return suffix
+
+
+ALARM_IMAGE_SIDE = 1280  # long side of a published alarm frame: enough to see the defect, small for MQTT
+
+
+def alarm_jpeg(data: bytes) -> bytes:
+    """The upright frame as a JPEG of at most ``ALARM_IMAGE_SIDE`` pixels on its long side."""
+    picture = decode_image(data).image.copy()
+    picture.thumbnail((ALARM_IMAGE_SIDE, ALARM_IMAGE_SIDE))
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=85)
+    return out.getvalue()

@@ -77,6 +77,9 @@ class _Identity(TypedDict):
     source: Source
     received_at: str
     finished_at: str
+    # Where the image is kept now (the archive or the failed folder), or None when it was deleted;
+    # absent where edgevl never kept the image (HTTP, edgevl ask).
+    image_file: NotRequired[str | None]
 
 
 class ResultRecord(_Identity):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,6 +40,11 @@ class Rule(BaseModel):
         description="File name patterns (case-insensitive) taken from the folders.",
     )
     recursive: bool = Field(default=False, description="Also watch the folders' subfolders.")
+    missing_folders: Literal["refuse", "create", "wait"] = Field(
+        default="refuse",
+        description='A watched folder that does not exist: "refuse" (check and run name it and stop), "create" '
+                    '(run creates it), "wait" (a share mounted later: it is watched once it is there and '
+                    'usable, and the log says what it waits for).')
     max_bytes: ByteSize = Field(
         default=ByteSize(20 << 20), gt=0,
         description="Larger files are never read: they get a file_too_large error record (as mqtt.max_payload).",
@@ -48,6 +54,10 @@ class Rule(BaseModel):
         description="Take symbolic links to regular files (read through the link; links to devices, FIFOs or "
                     "sockets never). Off: links are ignored with a log line.",
     )
+    alarm_image: bool = Field(
+        default=False,
+        description="When an answer raises an alarm, publish the frame (JPEG) retained on <base>/alarm_image/<rule> "
+                    "for Home Assistant's MQTT image entity.")
     topics: tuple[str, ...] = Field(
         default=(), description="MQTT topics (wildcards allowed) whose images this rule answers."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,34 @@ from edgevl.commands.check import check
 from edgevl.config import load_config
 from edgevl.errors import ConfigError
 from tests.harness import ROOT
+from tests.harness.broker import free_port
 
 
-def test_shipped_examples_pass_check() -> None:
+def test_shipped_examples_pass_check_where_their_folders_and_model_are(tmp_path: Path,
+                                                                       test_model_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVL_")}
+    # As they are, on a machine without the appliance's folders and model: check names exactly those.
     proc = subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(ROOT / "etc/edgevl/edgevl.toml")],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.removeprefix("edgevl: ").strip().splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert 'rule "weld-seam": the watched folder /srv/edgevl/inbox/weld-seam does not exist' in lines[0]
+    assert 'rule "documents": the watched folder /srv/edgevl/inbox/scans does not exist' in lines[1]
+    assert lines[2].startswith("model Qwen/Qwen3-VL-2B-Instruct is not in the local Hugging Face cache")
+
+    # The same files where the folders and the model are: ok.
+    root = tmp_path / "appliance"
+    (root / "etc").mkdir(parents=True)
+    for name in ("edgevl.toml", "rules.toml"):
+        text = (ROOT / "etc/edgevl" / name).read_text()
+        (root / "etc" / name).write_text(text.replace("/srv/edgevl", str(root / "srv")).replace(
+            "/var/lib/edgevl", str(root / "var")))
+    for folder in ("weld-seam", "scans"):
+        (root / "srv" / "inbox" / folder).mkdir(parents=True)
+    env |= {"EDGEVL_MODEL__ID": str(test_model_dir), "EDGEVL_HTTP__LISTEN": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "check", "-c", str(root / "etc" / "edgevl.toml")],
+                          capture_output=True, text=True, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "2 rules" in proc.stdout
 
@@ -65,7 +89,12 @@ def test_check_command_reports_rules_errors_and_fails(tmp_path: Path) -> None:
 
 def _layout(tmp_path: Path, folder: str, recursive: bool, patterns: str,
             outputs: str) -> subprocess.CompletedProcess[str]:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    # A model directory is all check looks for: a config.json in it.
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "edgevl.toml").write_text(f'rules = "rules.toml"\nstate_dir = "{tmp_path}/state"\n'
+                                          f'[model]\nid = "{tmp_path}/model"\n'
                                           f"[http]\nlisten = \"\"\n[folders]\n{outputs}\n")
     (tmp_path / "rules.toml").write_text(
         f'[[rule]]\nname = "cam"\nfolders = ["{folder}"]\nrecursive = {str(recursive).lower()}\n'

@@ -27,7 +27,7 @@ RETRY_MIN, RETRY_MAX = 2.0, 60.0
 
 
 class Publisher(Protocol):
-    def deliver(self, job: SpoolJob, record: Record) -> None: ...
+    def deliver(self, job: SpoolJob, record: Record, alarm_jpeg: bytes | None = None) -> None: ...
 
 
 class Delivery:
@@ -45,11 +45,11 @@ class Delivery:
     def due(self, key: str, now: float) -> bool:
         return self._retry.get(key, (0.0, 0.0))[0] <= now
 
-    def deliver(self, key: str, record: Record | None) -> None:
-        """Save the job's record (None: it is already saved) and deliver it."""
+    def deliver(self, key: str, record: Record | None, alarm_jpeg: bytes | None = None) -> None:
+        """Save the job's record (None: it is already saved) and its alarm frame, and deliver them."""
         with self.hand.holding(f"job:{key}"):
             try:
-                self._deliver(key, record)
+                self._deliver(key, record, alarm_jpeg=alarm_jpeg)
             except OSError as exc:
                 self._later(key, exc)
             except Exception as exc:
@@ -68,7 +68,8 @@ class Delivery:
         log.error("cannot deliver job %s: %s (%s); it stays in the spool, retrying in %.0f s",
                   key, exc.strerror or exc, getattr(exc, "filename", "") or "", delay, extra={"EDGEVL_JOB": key})
 
-    def _deliver(self, key: str, record: Record | None, set_aside: bool = False) -> None:
+    def _deliver(self, key: str, record: Record | None, set_aside: bool = False,
+                 alarm_jpeg: bytes | None = None) -> None:
         job = self.spool.load(key)
         source = job.meta["source"]
         extra = {"EDGEVL_JOB": job.job_id, "EDGEVL_RULE": job.rule,
@@ -78,11 +79,16 @@ class Delivery:
             if record is None:
                 raise RuntimeError("the job has no record to deliver")
         else:
+            if alarm_jpeg is not None:
+                job.save_alarm_image(alarm_jpeg)  # before the record: a saved record means all is saved
             job.save_record(record)
-        record = job.complete(record)
+        record = job.complete(record).copy()
+        # Decided (and kept) before anything is published, so that every output names the same file.
+        record["image_file"] = self.spool.place_image(job, is_error(record), self.folders.archive,
+                                                      self.folders.failed)
         if self.publisher is not None and not job.published:
             try:
-                self.publisher.deliver(job, record)
+                self.publisher.deliver(job, record, job.alarm_image())
             except OSError:
                 raise  # a full disk: retried like the rest of the delivery
             except Exception:

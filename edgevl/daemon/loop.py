@@ -33,6 +33,7 @@ from edgevl.daemon.quarantine import quarantine_poison
 from edgevl.daemon.retention import Retention
 from edgevl.daemon.status import Status
 from edgevl.errors import ConfigError, InputError
+from edgevl.folders.layout import create_folders
 from edgevl.folders.watcher import FolderWatcher
 from edgevl.fsutil import read_regular
 from edgevl.http.api import ADHOC_RULE, Backend, make_app
@@ -72,7 +73,11 @@ class Daemon:
         self.config_path = config_path
         self.config: Config
         self.rules: RulesFile
-        self.config, self.rules = check(config_path)
+        self.config, self.rules = check(config_path, starting=True)
+        try:
+            create_folders(self.rules)
+        except OSError as exc:
+            raise ConfigError(f"{self.config.rules}: a watched folder cannot be created: {exc}") from None
         config = self.config
         self.wake = threading.Event()
         self.stop_requests = 0
@@ -106,7 +111,8 @@ class Daemon:
         self.http: HttpServer | None = None
         if config.http.listen:
             backend = Backend(config.device_id, lambda: self.rules.rules, self.http_queue, self.status.recent,
-                              self.status.health, self.status.document, self.metrics, config.model.max_pixels)
+                              self.status.health, self.status.document, self.metrics, config.model.max_pixels,
+                              lambda: [p for p in (config.folders.archive, config.folders.failed) if p is not None])
             self.http = HttpServer(make_app(backend, config.http, config.http.token()), config.http)
 
     # signal handlers: flags only
@@ -182,7 +188,7 @@ class Daemon:
                 if event.key is not None and event.key in self.http_running:
                     self._finish_http(event)
                 elif isinstance(event, Finished):
-                    self.delivery.deliver(event.key, event.record)
+                    self.delivery.deliver(event.key, event.record, event.alarm_jpeg)
                 elif isinstance(event, Lost) and event.key is not None:
                     self._lost(event)
             if self.supervisor.gave_up:
@@ -368,6 +374,11 @@ class Daemon:
         self.notifier.reloading()
         try:
             rules = check_rules(self.config, self.config_path)
+            create_folders(rules)
+        except OSError as exc:
+            log.error("reload refused, keeping the current rules: a folder cannot be created: %s", exc)
+            self.notifier.reloaded(self.status.text())
+            return
         except ConfigError as exc:
             log.error("reload refused, keeping the current rules:\n%s", exc.message)
             self.notifier.reloaded(self.status.text())

@@ -12,15 +12,14 @@ number of questions).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import falcon
@@ -28,12 +27,12 @@ from pydantic import ValidationError
 
 from edgevl.config import HttpSettings
 from edgevl.errors import ImageError
+from edgevl.http.evidence import Result, ResultImage
+from edgevl.http.forms import parse_ask, questions_of
 from edgevl.http.guard import ApiError, Guard
 from edgevl.http.jobs import HttpJob, HttpQueue, QueueFull, RecentRecords
 from edgevl.http.metrics import Metrics
 from edgevl.images import accepted_suffix
-from edgevl.jsonshape import ShapeError, check_shape
-from edgevl.questions import Question
 from edgevl.records import ERROR_SCHEMA, Job, Source, is_error
 from edgevl.rules import Rule
 
@@ -41,9 +40,6 @@ log = logging.getLogger(__name__)
 
 ADHOC_RULE = "adhoc"
 PUBLIC = ("/", "/healthz")
-MAX_DEPTH = 16
-MAX_ITEMS = 10_000
-MAX_QUESTIONS = 32
 
 # HTTP status of an error record, by its code.
 _STATUS = {
@@ -64,6 +60,7 @@ class Backend:
     status: Callable[[], dict[str, Any]]
     metrics: Metrics
     max_pixels: int  # model.max_pixels: no request encodes an image larger
+    image_roots: Callable[[], list[Path]] = field(default=list)  # where images named by records may be served
 
 
 def _send_json(resp: falcon.Response, data: Any, status: int = 200) -> None:
@@ -148,82 +145,10 @@ class _Results:
         _send_json(resp, {"results": self.backend.recent.latest(rule, limit or 20)})
 
 
-def _questions(raw: list[Any], max_tokens: int) -> tuple[Question, ...]:
-    if len(raw) > MAX_QUESTIONS:
-        raise ApiError(400, "bad_request", f"at most {MAX_QUESTIONS} questions per request")
-    out = []
-    for i, q in enumerate(raw, 1):
-        if not isinstance(q, dict):
-            raise ApiError(400, "bad_request", "each question is an object with at least \"ask\"")
-        fields = {k: v for k, v in q.items() if v not in (None, "", [])}
-        fields.setdefault("id", f"q{i}")
-        try:
-            question = Question.model_validate(fields)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'question'}: {e['msg']}"
-                                 for e in exc.errors())
-            raise ApiError(400, "bad_question", f"question {i}: {problems}") from None
-        if question.token_budget > max_tokens:
-            raise ApiError(400, "bad_question", f"question {i}: max_tokens is at most {max_tokens} here "
-                                                "(http.max_tokens)")
-        out.append(question)
-    return tuple(out)
-
-
 class _Ask:
     def __init__(self, backend: Backend, settings: HttpSettings) -> None:
         self.backend = backend
         self.settings = settings
-
-    def _parse(self, req: falcon.Request) -> tuple[bytes, str | None, list[dict[str, Any]], dict[str, Any]]:
-        """(image, rule name or None, ad-hoc questions, options) from a multipart form or a JSON body."""
-        media_type = (req.content_type or "").split(";")[0].strip().lower()
-        if media_type == falcon.MEDIA_JSON:
-            raw = req.bounded_stream.read()  # its Content-Length, checked against max_upload in on_post
-            try:
-                check_shape(raw, MAX_DEPTH, MAX_ITEMS)
-            except ShapeError as exc:
-                raise ApiError(400, "bad_request", str(exc)) from None
-            try:
-                body = json.loads(raw)
-                if not isinstance(body, dict):
-                    raise TypeError("the body is not an object")
-                image = base64.b64decode(body["image"], validate=True)
-            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-                raise ApiError(400, "bad_request",
-                               f'a JSON request is {{"image": base64, "rule": NAME}} or with "questions": {exc}'
-                               ) from None
-            asked = body.get("questions") or []
-            options = {k: body[k] for k in ("max_pixels", "crop") if body.get(k) is not None}
-            if not isinstance(asked, list):
-                raise ApiError(400, "bad_request", "questions is a list of objects")
-            rule = body.get("rule") or None
-            if rule is not None and not isinstance(rule, str):
-                raise ApiError(400, "bad_request", "rule is the name of a rule")
-            return image, rule, asked, options
-        if media_type != falcon.MEDIA_MULTIPART:
-            raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
-        image, rule, asks, types, options_list = b"", None, [], [], []
-        for part in req.get_media():
-            if part.name == "image":
-                image = part.stream.read()
-            elif part.name == "rule":
-                rule = (part.get_text() or "").strip() or None
-            elif part.name == "question":
-                asks.append(part.get_text() or "")
-            elif part.name == "type":
-                types.append((part.get_text() or "").strip())
-            elif part.name == "options":
-                options_list.append(part.get_text() or "")
-        if len(types) == 1 and len(asks) > 1:
-            types *= len(asks)
-        questions: list[dict[str, Any]] = []
-        for i, ask in enumerate(asks):
-            q: dict[str, Any] = {"ask": ask, "type": types[i] if i < len(types) and types[i] else "text"}
-            if i < len(options_list) and options_list[i].strip():
-                q["options"] = [o.strip() for o in options_list[i].split(",") if o.strip()]
-            questions.append(q)
-        return image, rule, questions, {}
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = int(self.settings.max_upload)
@@ -231,7 +156,7 @@ class _Ask:
             raise ApiError(413, "payload_too_large", f"the request is over http.max_upload ({limit} bytes)")
         if not req.content_length:  # the form parser cannot take a body of unknown length
             raise ApiError(400, "image_empty", "the request has no body (multipart field \"image\", or JSON)")
-        image, rule_name, questions, options = self._parse(req)
+        image, rule_name, questions, options = parse_ask(req)
         if not image:
             raise ApiError(400, "image_empty", "no image in the request (multipart field \"image\")")
         try:
@@ -250,7 +175,7 @@ class _Ask:
             if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels > self.backend.max_pixels):
                 raise ApiError(400, "bad_request", f"max_pixels is a whole number of at most {self.backend.max_pixels} "
                                                    "here (model.max_pixels)")
-            asked = _questions(questions, self.settings.max_tokens)
+            asked = questions_of(questions, self.settings.max_tokens)
             try:
                 rule = Rule.model_validate({"name": ADHOC_RULE, "question": asked, **options})
             except ValidationError as exc:
@@ -308,5 +233,7 @@ def make_app(backend: Backend, settings: HttpSettings, token: str | None) -> fal
     app.add_route("/v1/rules", _Rules(backend))
     app.add_route("/v1/status", _Status(backend))
     app.add_route("/v1/results", _Results(backend))
+    app.add_route("/v1/results/{job_id}", Result(backend.recent, _send_json))
+    app.add_route("/v1/results/{job_id}/image", ResultImage(backend.recent, backend.image_roots))
     app.add_route("/v1/ask", _Ask(backend, settings))
     return app

@@ -81,6 +81,11 @@ class RecentRecords:
         with self._lock:
             self._records.append(record)
 
+    def find(self, job_id: str) -> Record | None:
+        """The newest record of ``job_id`` among those kept."""
+        with self._lock:
+            return next((r for r in reversed(self._records) if r.get("job_id") == job_id), None)
+
     def latest(self, rule: str | None = None, limit: int = 20) -> list[Record]:
         """Newest first."""
         with self._lock:

@@ -4,7 +4,8 @@ Per question: a yes/no question is a ``binary_sensor`` (``device_class: problem`
 ``alarm`` when the question has ``alarm_above``, else following the answer) with its confidence
 as a percentage sensor; a choice is an ``enum`` sensor with its options; a number is a
 measurement with the rule's unit; text and JSON are sensors whose state is the answer cut to
-Home Assistant's 255 characters, with the whole answer in the attributes. Per device: the queue
+Home Assistant's 255 characters, with the whole answer in the attributes. A rule with
+``alarm_image`` is an ``image`` entity showing the last alarm's frame. Per device: the queue
 depth, the failed jobs and the last error as diagnostic entities. Every template emits JSON with
 ``tojson`` where it passes structured values on, never a Python representation.
 """
@@ -101,6 +102,10 @@ def discovery_messages(topics: Topics, prefix: str, device_id: str, model_id: st
                 if "json_attributes_template" not in config:
                     config["json_attributes_template"] = "{{ value_json | tojson }}"
                 out[f"{prefix}/{component}/edgevl_{node}/{oid}/config"] = _dumps(config)
+        if rule.alarm_image:
+            config = {"name": f"{rule.name} alarm image", "unique_id": f"edgevl:{device_id}:{rule.name}:alarm_image",
+                      "image_topic": topics.alarm_image(rule.name), "content_type": "image/jpeg", **common}
+            out[f"{prefix}/image/edgevl_{node}/{object_id(rule.name)}_alarm_image/config"] = _dumps(config)
     for suffix, keys in _diagnostics():
         config = {**keys, "unique_id": f"edgevl:{device_id}:{suffix}", "state_topic": topics.status,
                   "entity_category": "diagnostic", **common}

@@ -75,6 +75,10 @@ class Inbound:
 class Rejected(EdgevlError):
     code = "bad_message"
 
+    def __init__(self, message: str, code: str | None = None, sender_id: str | None = None) -> None:
+        super().__init__(message, code)
+        self.sender_id = sender_id  # the sender's id, when it could be read: its error record carries it
+
 
 def _correlation_id(data: bytes | None) -> str | None:
     if not data:
@@ -96,47 +100,49 @@ def _is_envelope(message: Inbound) -> bool:
 
 def parse(message: Inbound, max_payload: int) -> tuple[bytes, str | None, str | None]:
     """(image bytes, job id or None, meta as JSON text or None); ``Rejected`` with a code for what is not
-    usable."""
+    usable, carrying the sender's id whenever it could be read."""
+    sender = _correlation_id(message.correlation)
     if len(message.payload) > max_payload:
         raise Rejected(f"message of {len(message.payload)} bytes is over mqtt.max_payload ({max_payload} bytes)",
-                       "payload_too_large")
+                       "payload_too_large", sender)
     if not message.payload:
-        raise Rejected("the message is empty", "image_empty")
-    job_id, meta = None, None
-    if _is_envelope(message):
-        try:
-            check_shape(message.payload, MAX_DEPTH, MAX_ITEMS)
-            envelope = json.loads(message.payload)
-        except ShapeError as exc:
-            raise Rejected(f"{exc} (meta is a small object)", "bad_envelope") from None
-        except ValueError as exc:  # UnicodeDecodeError too; nesting was bounded above
-            raise Rejected(f"not valid JSON: {exc}", "bad_envelope") from None
-        if not isinstance(envelope, dict) or not isinstance(envelope.get("image"), str):
-            raise Rejected('a JSON message must be an object with "image": base64 of the image', "bad_envelope")
-        unknown = sorted(set(envelope) - ENVELOPE_KEYS)
-        if unknown:
-            raise Rejected(f"unknown keys in the envelope: {', '.join(unknown)} (known: id, image, meta)",
-                           "bad_envelope")
-        if "id" in envelope:
-            if not isinstance(envelope["id"], str) or not SAFE_ID.match(envelope["id"]):
-                raise Rejected("id must be 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit",
-                               "bad_id")
-            job_id = envelope["id"]
-        if "meta" in envelope:
-            if not isinstance(envelope["meta"], dict):
-                raise Rejected(f"meta must be a JSON object of at most {MAX_META} bytes", "bad_envelope")
-            meta = json.dumps(envelope["meta"], ensure_ascii=False, separators=(",", ":"))
-            if len(meta.encode("utf-8", "surrogatepass")) > MAX_META:
-                raise Rejected(f"meta must be a JSON object of at most {MAX_META} bytes", "bad_envelope")
-        try:
-            image = base64.b64decode(envelope["image"], validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise Rejected(f"image is not valid base64: {exc}", "bad_envelope") from None
-        if not image:
-            raise Rejected("the image is empty", "image_empty")
-    else:
-        image = message.payload
-    return image, job_id or _correlation_id(message.correlation), meta
+        raise Rejected("the message is empty", "image_empty", sender)
+    if not _is_envelope(message):
+        return message.payload, sender, None
+    try:
+        check_shape(message.payload, MAX_DEPTH, MAX_ITEMS)
+        envelope = json.loads(message.payload)
+    except ShapeError as exc:
+        raise Rejected(f"{exc} (meta is a small object)", "bad_envelope", sender) from None
+    except ValueError as exc:  # UnicodeDecodeError too; nesting was bounded above
+        raise Rejected(f"not valid JSON: {exc}", "bad_envelope", sender) from None
+    if not isinstance(envelope, dict):
+        raise Rejected('a JSON message must be an object with "image": base64 of the image', "bad_envelope", sender)
+    if "id" in envelope:
+        if not isinstance(envelope["id"], str) or not SAFE_ID.match(envelope["id"]):
+            raise Rejected("id must be 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit",
+                           "bad_id", sender)
+        sender = envelope["id"]
+    if not isinstance(envelope.get("image"), str):
+        raise Rejected('a JSON message must be an object with "image": base64 of the image', "bad_envelope", sender)
+    unknown = sorted(set(envelope) - ENVELOPE_KEYS)
+    if unknown:
+        raise Rejected(f"unknown keys in the envelope: {', '.join(unknown)} (known: id, image, meta)",
+                       "bad_envelope", sender)
+    meta = None
+    if "meta" in envelope:
+        if not isinstance(envelope["meta"], dict):
+            raise Rejected(f"meta must be a JSON object of at most {MAX_META} bytes", "bad_envelope", sender)
+        meta = json.dumps(envelope["meta"], ensure_ascii=False, separators=(",", ":"))
+        if len(meta.encode("utf-8", "surrogatepass")) > MAX_META:
+            raise Rejected(f"meta must be a JSON object of at most {MAX_META} bytes", "bad_envelope", sender)
+    try:
+        image = base64.b64decode(envelope["image"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise Rejected(f"image is not valid base64: {exc}", "bad_envelope", sender) from None
+    if not image:
+        raise Rejected("the image is empty", "image_empty", sender)
+    return image, sender, meta
 
 
 class MqttIntake:
@@ -198,9 +204,10 @@ class MqttIntake:
                 except OSError:
                     return "unstored"
 
-    def _reject(self, message: Inbound, rule: Rule, exc: EdgevlError) -> Outcome:
+    def _reject(self, message: Inbound, rule: Rule, exc: EdgevlError, sender_id: str | None = None) -> Outcome:
+        """An error record for a message that is no image; it carries the sender's id when one was read."""
         source = Source(kind="mqtt", topic=message.topic)
-        job = Job(rule=rule.name, source=source, device_id=self.device_id, job_id=new_job_id())
+        job = Job(rule=rule.name, source=source, device_id=self.device_id, job_id=sender_id or new_job_id())
         record = job.error(exc.code, exc.message)
         self.outbox.put(record_messages(self.topics, record, self.qos, self._reply(message)))
         self.rejected.put(record)
@@ -223,9 +230,12 @@ class MqttIntake:
         with self._lock:
             try:
                 image, job_id, meta = parse(message, self.max_payload)
+            except Rejected as exc:
+                return self._reject(message, rule, exc, exc.sender_id)
+            try:
                 suffix = accepted_suffix(image)
-            except (Rejected, ImageError) as exc:
-                return self._reject(message, rule, exc)
+            except ImageError as exc:
+                return self._reject(message, rule, exc, job_id)
             if job_id is not None and job_id in self.seen:
                 log.info("message %s on %s was taken before; not answered again", job_id, message.topic,
                          extra={**extra, "EDGEVL_JOB": job_id})

@@ -32,7 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgevl.config import MqttSettings, read_secret
 from edgevl.errors import ConfigError
 from edgevl.mqtt.intake import Inbound, Outcome
-from edgevl.mqtt.messages import JSON, OutMessage
+from edgevl.mqtt.messages import OutMessage
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,10 @@ class MqttLink:
         properties = None
         if self.v5:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.ContentType = JSON
+            properties.ContentType = message.content_type
             if message.correlation_bytes is not None:
                 properties.CorrelationData = message.correlation_bytes
-        info = client.publish(message.topic, message.payload.encode(), qos=message.qos, retain=message.retain,
+        info = client.publish(message.topic, message.payload_bytes, qos=message.qos, retain=message.retain,
                               properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.error("cannot publish to %s: %s", message.topic, paho.error_string(info.rc))

@@ -31,6 +31,11 @@ class OutMessage:
     qos: int
     retain: bool = False
     correlation: str | None = None  # base64 of MQTT v5 correlation data
+    content_type: str = JSON  # anything else is binary, kept in ``payload`` as base64 text
+
+    @property
+    def payload_bytes(self) -> bytes:
+        return self.payload.encode() if self.content_type == JSON else base64.b64decode(self.payload)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,7 +43,8 @@ class OutMessage:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> OutMessage:
         return cls(topic=str(data["topic"]), payload=str(data["payload"]), qos=int(data["qos"]),
-                   retain=bool(data.get("retain", False)), correlation=data.get("correlation"))
+                   retain=bool(data.get("retain", False)), correlation=data.get("correlation"),
+                   content_type=str(data.get("content_type", JSON)))
 
     @property
     def correlation_bytes(self) -> bytes | None:
@@ -61,8 +67,12 @@ class Topics:
     def answer(self, rule: str, question: str) -> str:
         return f"{self.base}/answers/{rule}/{question}"
 
+    def alarm_image(self, rule: str) -> str:
+        return f"{self.base}/alarm_image/{rule}"
 
-def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | None = None) -> list[OutMessage]:
+
+def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | None = None,
+                    alarm_jpeg: bytes | None = None) -> list[OutMessage]:
     """The messages one job's record produces, in the order they are published."""
     payload = to_json(record)
     if is_error(record):
@@ -78,6 +88,9 @@ def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | Non
             if "error" in answer:
                 small["error"] = answer["error"]
             messages.append(OutMessage(topics.answer(record["rule"], question), _dumps(small), qos, retain=True))
+    if alarm_jpeg is not None and not is_error(record):
+        messages.append(OutMessage(topics.alarm_image(record["rule"]), base64.b64encode(alarm_jpeg).decode(), qos,
+                                   retain=True, content_type="image/jpeg"))
     if reply and reply.get("topic"):
         messages.append(OutMessage(reply["topic"], payload, qos, correlation=reply.get("correlation")))
     return messages

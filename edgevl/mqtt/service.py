@@ -108,10 +108,11 @@ class MqttService:
         self._discovered = set(configs)
 
     # the daemon's loop
-    def deliver(self, job: SpoolJob, record: Record) -> None:
+    def deliver(self, job: SpoolJob, record: Record, alarm_jpeg: bytes | None = None) -> None:
         """Keep the record's messages in the outbox (``OSError`` when that fails); called before the spool forgets
         the job, and idempotent, so a job replayed after a crash is published once."""
-        self.outbox.put(record_messages(self.topics, record, self.settings.qos, job.meta.get("reply")), key=job.key)
+        self.outbox.put(record_messages(self.topics, record, self.settings.qos, job.meta.get("reply"), alarm_jpeg),
+                        key=job.key)
 
     def set_rules(self, rules: tuple[Rule, ...]) -> None:
         self.intake.set_rules(rules)

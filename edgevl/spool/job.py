@@ -102,6 +102,27 @@ class SpoolJob:
     def save_record(self, record: Record) -> None:
         atomic_write(self.record_path, record_bytes(record))
 
+    def save_alarm_image(self, jpeg: bytes) -> None:
+        atomic_write(self.dir / "alarm.jpg", jpeg)
+
+    def alarm_image(self) -> bytes | None:
+        try:
+            return (self.dir / "alarm.jpg").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def placement(self) -> tuple[str | None] | None:
+        """Where the image goes once delivered, if that was decided: (path,), or (None,) for nowhere."""
+        try:
+            return (json.loads((self.dir / "placement.json").read_bytes())["image_file"],)
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):  # torn before its fsync: decided again
+            return None
+
+    def save_placement(self, image_file: str | None) -> None:
+        atomic_write(self.dir / "placement.json", json_bytes({"image_file": image_file}))
+
     @property
     def published(self) -> bool:
         """Its MQTT messages went to the outbox: a retried delivery does not publish them again."""

@@ -18,11 +18,10 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
-from edgevl.errors import InputError, StateError
-from edgevl.fsutil import atomic_write, candidate_names, fsync_dir, move_new, place_new
+from edgevl.errors import StateError
+from edgevl.fsutil import atomic_write, candidate_names, fsync_dir, move_onto, place_new, reserve_new
 from edgevl.names import NAME_MAX, display, name_max, safe_name
 from edgevl.records import Source, is_error, new_job_id
 from edgevl.spool.hand import Hand
@@ -183,32 +182,49 @@ class Spool:
         fsync_dir(self.root)
         return target
 
+    def place_image(self, job: SpoolJob, failed_job: bool, archive: Path | None, failed: Path) -> str | None:
+        """Where the job's image is kept once delivered (None: deleted, or there is none), decided once with
+        its name reserved, so that the record can say it before the image moves. Safe to repeat."""
+        placed = job.placement()
+        if placed is not None:
+            return placed[0]
+        image_file = None
+        kept = failed if failed_job else archive
+        if kept is not None and _is_regular(job.image):
+            folder = kept / job.rule
+            folder.mkdir(parents=True, exist_ok=True)
+            stem, suffix = self._stem_suffix(job, folder)
+            image_file = str(reserve_new(folder, candidate_names(stem, suffix)))
+        job.save_placement(image_file)
+        return image_file
+
     def finish(self, job: SpoolJob, results: Path, archive: Path | None, failed: Path) -> Path:
-        """Deliver the job's record and image, then forget the job. Safe to repeat after a crash."""
+        """Deliver the job's image and record, then forget the job. Safe to repeat after a crash."""
         saved = job.record()
         if saved is None:
             raise RuntimeError(f"job {job.job_id} has no record")
-        record = job.complete(saved)
+        record = job.complete(saved).copy()
+        image_file = self.place_image(job, is_error(record), archive, failed)
+        record["image_file"] = image_file
+        if os.path.lexists(job.image):
+            if image_file is None:
+                job.image.unlink()
+            else:
+                move_onto(job.image, Path(image_file))
         ours = is_output_of(job.job_id)
         data = record_bytes(record)
         if not is_error(record):
             folder = results / job.rule
             folder.mkdir(parents=True, exist_ok=True)
-            stem, suffix = self._stem_suffix(job, folder)
+            stem, _ = self._stem_suffix(job, folder)
             delivered = place_new(folder, candidate_names(stem, ".json"), data, ours)
-            if os.path.lexists(job.image):
-                if archive is None:
-                    job.image.unlink()
-                else:
-                    self._move_image(job, archive / job.rule, candidate_names(stem, suffix))
         else:
             folder = failed / job.rule
             folder.mkdir(parents=True, exist_ok=True)
             stem, suffix = self._stem_suffix(job, folder)
-            delivered = place_new(folder, candidate_names(stem, suffix + ".error.json"), data, ours)
-            if os.path.lexists(job.image):
-                image_name = delivered.name[: -len(".error.json")]
-                self._move_image(job, folder, lambda n: image_name if n == 0 else f"{stem}.x{n}{suffix}")
+            # Beside its image, named after it: frame.jpg and frame.jpg.error.json.
+            base = Path(image_file).name if image_file else stem + suffix
+            delivered = place_new(folder, candidate_names(base, ".error.json"), data, ours)
         shutil.rmtree(job.dir)
         fsync_dir(self.root)
         return delivered
@@ -221,13 +237,12 @@ class Spool:
             name = safe_name(name, limit)
         return Path(name).stem, Path(name).suffix
 
-    @staticmethod
-    def _move_image(job: SpoolJob, folder: Path, names: Callable[[int], str]) -> None:
-        try:
-            move_new(job.image, folder, names)
-        except InputError:
-            # Not a regular file and on another filesystem: there is nothing to copy.
-            job.image.unlink()
-
     def count(self) -> int:
         return len(self._entries())
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False

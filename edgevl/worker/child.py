@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edgevl.errors import EdgevlError
 from edgevl.logsetup import set_level, setup_logging
-from edgevl.records import Record
+from edgevl.records import Record, is_error
 from edgevl.worker.protocol import (
     Channel,
     ChannelClosed,
@@ -83,6 +83,21 @@ class _Progress:
             self.channel.send(Progress())
 
 
+def _alarm_frame(message: Work, record: Record) -> bytes | None:
+    """Made here, where untrusted images may be decoded: the daemon never decodes one."""
+    if not message.rule.alarm_image or is_error(record):
+        return None
+    if not any(a.get("alarm") for a in record["answers"].values()):
+        return None
+    from edgevl.images import alarm_jpeg
+
+    try:
+        return alarm_jpeg(message.data)
+    except Exception:  # the answer stands without its picture
+        log.exception("job %s: no alarm frame", message.job.job_id)
+        return None
+
+
 def serve(channel: Channel[FromWorker, ToWorker]) -> int:
     load = channel.recv()
     if not isinstance(load, Load):
@@ -118,7 +133,7 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
         except Exception as exc:  # a bug must cost one image, not the worker
             log.exception("job %s failed inside the engine", message.job.job_id)
             record = message.job.error("engine_failed", f"{type(exc).__name__}: {exc}")
-        channel.send(Done(message.key, record))
+        channel.send(Done(message.key, record, _alarm_frame(message, record)))
 
 
 def main(argv: list[str]) -> int:

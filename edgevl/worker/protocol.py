@@ -71,6 +71,7 @@ class Progress:
 class Done:
     key: str
     record: Record
+    alarm_jpeg: bytes | None = None  # the frame, for rules with alarm_image, when an answer raised an alarm
 
 
 @dataclass(frozen=True)

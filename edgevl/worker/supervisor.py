@@ -47,6 +47,7 @@ WORKER_COMMAND = (sys.executable, "-m", "edgevl.worker.child")
 class Finished:
     key: str
     record: Record
+    alarm_jpeg: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ class WorkerSupervisor:
                 log.info("model worker %d ready: model loaded in %.1f s", worker.pid, message.load_seconds)
             elif isinstance(message, Done):
                 worker.job = None
-                out.append(Finished(message.key, message.record))
+                out.append(Finished(message.key, message.record, message.alarm_jpeg))
             elif isinstance(message, Fatal):
                 # Deterministic (missing or unloadable model): no restart would help.
                 worker.proc.wait()

@@ -114,7 +114,9 @@ def test_hostile_entries_never_stop_hang_or_blind_the_daemon(tmp_path: Path, tes
 
 
 def test_unreadable_and_recreated_inboxes_are_watched_again(tmp_path: Path, test_model_dir: Path) -> None:
-    d = DaemonProcess(tmp_path, test_model_dir, honour_permissions=True)
+    # A share: the rule waits for its folders to be usable instead of refusing to start.
+    waiting = RULES.replace('patterns = ["*.jpg", "*.png"]', 'patterns = ["*.jpg", "*.png"]\nmissing_folders = "wait"')
+    d = DaemonProcess(tmp_path, test_model_dir, rules=waiting, honour_permissions=True)
     d.config.write_text(d.config.read_text().replace("rescan_interval = 2", "rescan_interval = 600"))
     (d.inbox / "a.jpg").write_bytes(_jpeg(1))
     d.inbox.chmod(0)  # as an EACCES from a share would
@@ -142,7 +144,7 @@ def test_unreadable_and_recreated_inboxes_are_watched_again(tmp_path: Path, test
         # A reload naming an unreadable folder keeps the daemon running.
         locked = tmp_path / "locked"
         locked.mkdir(mode=0)
-        d.rules_path.write_text(RULES.format(inbox=d.inbox).replace(f'"{d.inbox}"', f'"{d.inbox}", "{locked}"'))
+        d.rules_path.write_text(waiting.format(inbox=d.inbox).replace(f'"{d.inbox}"', f'"{d.inbox}", "{locked}"'))
         d.messages.clear()
         d.signal(1)
         d.wait_notify("READY=1")

@@ -104,7 +104,17 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
         assert [q["id"] for q in rules["rules"][0]["question"]] == ["defect", "label"]
 
         (d.inbox / "from-folder.jpg").write_bytes(_jpeg(1))
-        d.wait_records(1)
+        folder_record = d.wait_records(1)[0]
+        # The record says where its image is, and both can be fetched by the job id.
+        assert folder_record["image_file"] == str(d.archive / "cam" / "from-folder.jpg")
+        job = folder_record["job_id"]
+        assert client.get(f"/v1/results/{job}") == (200, folder_record)
+        status, headers, body = client.request("GET", f"/v1/results/{job}/image")
+        assert (status, headers["Content-Type"]) == (200, "image/jpeg")
+        assert body == _jpeg(1)
+        assert client.get(f"/v1/results/{job}/image", token=None)[0] == 401
+        assert client.get("/v1/results/no-such-job")[1]["error"]["code"] == "not_found"
+        assert client.get("/v1/results/..%2F..%2Fetc%2Fpasswd/image")[0] == 404
 
         status, record = client.ask_form([("rule", "cam")], _jpeg(2))
         assert status == 200, record
@@ -114,6 +124,8 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
         assert set(record["answers"]) == {"defect", "label"}
         assert 0 <= record["answers"]["defect"]["confidence"] <= 1
         assert "question" not in record["answers"]["defect"], "a rule's questions are in the rule"
+        assert "image_file" not in record, "an uploaded image is not kept"
+        assert client.get(f"/v1/results/{record['job_id']}/image")[1]["error"]["code"] == "image_not_kept"
 
         status, record = client.ask_json({"image": base64.b64encode(_jpeg(3)).decode(), "questions": [
             {"id": "ok", "ask": "Is the part OK?", "type": "yes_no"},

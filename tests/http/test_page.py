@@ -59,6 +59,17 @@ def test_upload_ask_and_see_the_answers(tmp_path: Path, test_model_dir: Path, br
         print(f"screenshot: {shot}")
         assert shot.stat().st_size > 10_000
 
+        # A folder image's result, clicked in the latest results: its answers beside its archived image.
+        (d.inbox / "from-line.jpg").write_bytes(_jpeg(6))
+        folder_record = d.wait_records(1)[0]
+        row = wait.until(expected_conditions.element_to_be_clickable(
+            (By.CSS_SELECTOR, f"#results tr[data-job='{folder_record['job_id']}']")))
+        row.click()
+        evidence = wait.until(expected_conditions.presence_of_element_located((By.ID, "evidence")))
+        wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", evidence))
+        assert browser.execute_script("return arguments[0].naturalWidth", evidence) == 160
+        assert browser.find_element(By.CSS_SELECTOR, "#answers tr[data-question='defect']")
+
         # A corrupt upload shows the error, not a stale answer.
         bad = tmp_path / "broken.jpg"
         bad.write_bytes(_jpeg(4)[:300])

@@ -24,6 +24,7 @@ COMMON = {"availability", "availability_mode", "availability_template", "availab
           "object_id", "origin", "payload_available", "payload_not_available", "qos", "state_topic", "unique_id",
           "value_template"}
 COMPONENT = {"binary_sensor": {"device_class", "off_delay", "payload_off", "payload_on"},
+             "image": {"content_type", "image_encoding", "image_topic", "url_template", "url_topic"},
              "sensor": {"device_class", "last_reset_value_template", "options", "suggested_display_precision",
                         "state_class", "unit_of_measurement"}}
 DEVICE = {"configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model", "model_id",
@@ -34,7 +35,7 @@ SENSOR_CLASSES = {None, "enum"}  # the device classes edgevl uses for sensors
 STATE_CLASSES = {None, "measurement", "total", "total_increasing"}
 
 RULES = RulesFile.model_validate({"rule": [
-    {"name": "weld-seam", "question": [
+    {"name": "weld-seam", "alarm_image": True, "question": [
         {"id": "defect", "ask": "Defect?", "type": "yes_no", "alarm_above": 0.8},
         {"id": "present", "ask": "Part present?", "type": "yes_no"},
         {"id": "kind", "ask": "Which?", "type": "choice", "options": ["type-A", "type-B"]},
@@ -57,7 +58,8 @@ def _configs(url: str | None = "http://line3.local:8080/") -> dict[str, dict[str
 
 def test_every_key_is_one_home_assistant_documents() -> None:
     configs = _configs()
-    assert len(configs) == 6 + 2 + 2 + 3  # entities per question, two yes/no with confidences, diagnostics
+    # entities per question, two yes/no with confidences, the alarm image, diagnostics
+    assert len(configs) == 6 + 2 + 2 + 1 + 3
     for topic, config in configs.items():
         prefix, component, node, oid, last = topic.split("/")
         assert (prefix, node, last) == ("homeassistant", "edgevl_line3", "config")
@@ -147,3 +149,11 @@ def test_templates_read_the_messages_edgevl_publishes() -> None:
 ])
 def test_the_device_links_to_the_page(listen: str, public: str, url: str | None) -> None:
     assert HttpSettings(listen=listen, public_url=public).page_url() == url
+
+
+def test_the_alarm_frame_is_an_image_entity_on_its_retained_topic() -> None:
+    c = {topic.split("/", 1)[1]: config for topic, config in _configs().items()}
+    image = c["image/edgevl_line3/weld-seam_alarm_image/config"]
+    assert (image["image_topic"], image["content_type"]) == (TOPICS.alarm_image("weld-seam"), "image/jpeg")
+    assert "state_topic" not in image
+    assert not [k for k in c if k.startswith("image/") and "weld__seam" in k], "only rules that ask for it"

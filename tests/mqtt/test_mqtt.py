@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import random
@@ -192,6 +193,7 @@ def test_malformed_messages_get_error_records_and_the_daemon_keeps_answering(
         got = Counter(h.json()["error"]["code"] for h in errors)
         assert got == sent
         assert all(h.json()["schema"] == "edgevl.error/1" and h.json()["source"]["topic"] == TOPIC for h in errors)
+        assert "x1" in {h.json()["job_id"] for h in errors}, "the sender's id, read from a message without an image"
         assert not (Path("/etc/passwd.json")).exists()
 
         publish(broker.port, TOPIC, _jpeg(3))
@@ -548,3 +550,29 @@ def test_retained_frames_over_mqtt_3_1_1_are_ignored(tmp_path: Path, test_model_
         assert d.stop() == 0
     assert [h.json()["job_id"] for h in listener.messages()] == ["live"]
     listener.close()
+
+
+def test_the_frame_of_an_alarm_is_published_retained_as_jpeg(tmp_path: Path, test_model_dir: Path,
+                                                             broker: Broker) -> None:
+    # alarm_above = 0: every P(yes) raises the alarm; a PNG source still gives a JPEG, at most 1280 wide.
+    rules = RULES_MQTT.replace("alarm_above = 0.5", "alarm_above = 0.0").replace(
+        'name = "cam"', 'name = "cam"\nalarm_image = true')
+    d = DaemonProcess(tmp_path, test_model_dir, rules=rules, config_extra=_mqtt_config(broker.port))
+    frame = encode(noise_image(1600, 400, seed=4), "PNG")
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        listener = Listener(broker.port, [f"{BASE}/alarm_image/#"])
+        publish(broker.port, TOPIC, frame)
+        listener.wait(lambda h: True, 1, timeout=60, why=d.log)
+        listener.close()
+        # Retained: a dashboard that subscribes later gets the last alarm's frame.
+        late = Listener(broker.port, [f"{BASE}/alarm_image/#"])
+        heard = late.wait(lambda h: h.retain, 1, timeout=10, why=d.log)[0]
+        late.close()
+    finally:
+        assert d.stop() == 0
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(heard.payload))
+    assert (heard.topic, picture.format, picture.size) == (f"{BASE}/alarm_image/cam", "JPEG", (1280, 320))

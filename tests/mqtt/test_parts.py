@@ -56,6 +56,23 @@ def test_what_is_rejected_and_with_which_code(payload: bytes, code: str) -> None
     assert err.value.code == code
 
 
+@pytest.mark.parametrize(("payload", "correlation", "sender"), [
+    (_env(id="frame-7", image="***"), None, "frame-7"),
+    (_env(id="frame-7", image=""), None, "frame-7"),
+    (_env(id="frame-7", image="aGk=", extra=1), None, "frame-7"),
+    (_env(id="frame-7", meta="x", image="aGk="), b"corr", "frame-7"),
+    (b"{", b"req-9", "req-9"),
+    (_env(id="../x", image="aGk="), b"req-9", "req-9"),  # an unusable id: the correlation data's
+    (bytes(2000), b"req-9", "req-9"),
+    (b"{", None, None),
+])
+def test_a_rejected_message_keeps_the_senders_id_when_it_could_be_read(payload: bytes, correlation: bytes | None,
+                                                                       sender: str | None) -> None:
+    with pytest.raises(Rejected) as err:
+        parse(Inbound("t", payload, correlation=correlation), 1000)
+    assert err.value.sender_id == sender
+
+
 def test_formats_are_sniffed_from_their_leading_bytes() -> None:
     assert image_suffix(JPEG) == ".jpg"
     assert image_suffix(encode(noise_image(8, 8), "PNG")) == ".png"

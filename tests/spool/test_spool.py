@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgevl.spool.claim import claim
+from edgevl.spool.job import SpoolJob
 from edgevl.spool.store import Spool
 
 
@@ -114,3 +115,53 @@ def test_any_damage_to_a_job_description_is_one_kind_of_error(tmp_path: Path, te
     (spool.root / "0000000000000001deadbeef" / "job.json").write_text(text)
     with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the damage
         spool.load("0000000000000001deadbeef")
+
+
+def _claimed(spool: Spool, tmp_path: Path, name: str, data: bytes = b"img") -> SpoolJob:
+    (tmp_path / name).write_bytes(data)
+    job = claim(spool, tmp_path / name, "cam", "t", 1 << 20)
+    assert job is not None
+    return job
+
+
+def test_the_record_says_where_the_image_is_kept(tmp_path: Path, small_tmpfs: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    results, failed = tmp_path / "results", tmp_path / "failed"
+    archive = small_tmpfs / "archive"  # another filesystem: the image is copied there
+    (archive / "cam").mkdir(parents=True)
+    (archive / "cam" / "a.jpg").write_bytes(b"an earlier a.jpg")
+    job = _claimed(spool, tmp_path, "a.jpg")
+    job.save_record(_record(job.job_id))
+    # Decided before delivery (what MQTT publishes), and the same when the job is finished.
+    decided = spool.place_image(job, False, archive, failed)
+    assert decided == str(archive / "cam" / "a.1.jpg")
+    assert spool.place_image(job, False, archive, failed) == decided
+    delivered = spool.finish(job, results, archive, failed)
+    assert json.loads(delivered.read_text())["image_file"] == decided
+    assert Path(decided).read_bytes() == b"img"
+    assert (archive / "cam" / "a.jpg").read_bytes() == b"an earlier a.jpg"
+
+    bad = _claimed(spool, tmp_path, "bad.png")
+    bad.save_record(_record(bad.job_id, "edgevl.error/1"))
+    record = json.loads(spool.finish(bad, results, archive, failed).read_text())
+    assert record["image_file"] == str(failed / "cam" / "bad.png")
+
+    gone = _claimed(spool, tmp_path, "c.jpg")
+    gone.save_record(_record(gone.job_id))
+    assert json.loads(spool.finish(gone, results, None, failed).read_text())["image_file"] is None
+
+
+def test_a_crash_between_placing_and_moving_the_image_keeps_the_place(tmp_path: Path, small_tmpfs: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    archive = small_tmpfs / "archive"
+    job = _claimed(spool, tmp_path, "a.jpg", b"x" * 5000)
+    job.save_record(_record(job.job_id))
+    decided = Path(spool.place_image(job, False, archive, tmp_path / "failed") or "")
+    assert decided.exists(), "the name is reserved"
+    # A copy to the other filesystem torn by the crash.
+    (decided.parent / f".{decided.name}.part").write_bytes(b"x" * 10)
+    again = Spool(tmp_path / "spool").pending()
+    delivered = spool.finish(again[0], tmp_path / "results", archive, tmp_path / "failed")
+    assert json.loads(delivered.read_text())["image_file"] == str(decided)
+    assert decided.read_bytes() == b"x" * 5000
+    assert sorted(p.name for p in decided.parent.iterdir()) == ["a.jpg"], "no torn copy, no second name"

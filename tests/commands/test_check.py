@@ -1,0 +1,128 @@
+"""``edgevl check`` catches what would break or silently idle ``edgevl run``, and run refuses the same."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness.broker import free_port
+from tests.harness.daemon import QUESTIONS, DaemonProcess, _without_file_permission_override
+
+
+def _setup(tmp_path: Path, model: Path, rules: str, http: str = "") -> Path:
+    config = tmp_path / "edgevl.toml"
+    config.write_text(f'rules = "rules.toml"\nstate_dir = "{tmp_path}/state"\n[model]\nid = "{model}"\n'
+                      f'threads = 1\n[folders]\nresults = "{tmp_path}/results"\narchive = "{tmp_path}/archive"\n'
+                      f'failed = "{tmp_path}/failed"\n[http]\nlisten = "{http}"\n')
+    (tmp_path / "rules.toml").write_text(rules)
+    return config
+
+
+def _run(command: str, config: Path, drop_override: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVL_")}
+    return subprocess.run([sys.executable, "-m", "edgevl", command, "-c", str(config)], capture_output=True,
+                          text=True, timeout=120, check=False, env=env,
+                          preexec_fn=_without_file_permission_override if drop_override else None)
+
+
+def _rule(name: str, folder: Path, extra: str = "") -> str:
+    return f'[[rule]]\nname = "{name}"\nfolders = ["{folder}"]\n{extra}\n{QUESTIONS}'
+
+
+def test_a_missing_folder_is_refused_created_or_waited_for(tmp_path: Path, test_model_dir: Path) -> None:
+    inbox = tmp_path / "inbox"
+    config = _setup(tmp_path, test_model_dir, _rule("cam", inbox))
+    proc = _run("check", config)
+    assert proc.returncode == 2
+    expected = f'rule "cam": the watched folder {inbox} does not exist'
+    assert expected in proc.stderr
+    started = _run("run", config)
+    assert started.returncode == 2
+    assert expected in started.stderr, "run refuses with the same message"
+
+    (tmp_path / "rules.toml").write_text(_rule("cam", inbox, 'missing_folders = "wait"'))
+    assert _run("check", config).returncode == 0, "a share mounted later"
+    (tmp_path / "rules.toml").write_text(_rule("cam", inbox, 'missing_folders = "create"'))
+    assert _run("check", config).returncode == 0
+    d = DaemonProcess(tmp_path / "d", test_model_dir)
+    d.config = config
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        assert inbox.is_dir(), "run made it"
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_folder_this_user_may_not_write_is_refused(tmp_path: Path, test_model_dir: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(mode=0o555)
+    config = _setup(tmp_path, test_model_dir, _rule("cam", inbox))
+    proc = _run("check", config, drop_override=True)
+    assert proc.returncode == 2
+    assert f"the watched folder {inbox} cannot be read and written by this user" in proc.stderr
+
+
+def test_rules_competing_for_the_same_files_are_refused(tmp_path: Path, test_model_dir: Path) -> None:
+    inbox = tmp_path / "share" / "inbox"
+    inbox.mkdir(parents=True)
+    rules = (_rule("jpegs", inbox, 'patterns = ["*.jpg"]') + _rule("all", tmp_path / "share", 'patterns = ["*.JPG"]\n'
+                                                                                              "recursive = true")
+             + _rule("pngs", inbox, 'patterns = ["*.png"]'))
+    config = _setup(tmp_path, test_model_dir, rules)
+    proc = _run("check", config)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "rules \"jpegs\" and \"all\" both take files like '*.jpg' / '*.JPG'" in lines[0]
+    assert "only 'jpegs' would ever answer them" in lines[0]
+
+
+def test_the_model_absent_and_every_problem_listed(tmp_path: Path) -> None:
+    config = _setup(tmp_path, tmp_path / "no-model", _rule("cam", tmp_path / "absent"))
+    proc = _run("check", config)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr
+    assert f"model directory {tmp_path / 'no-model'} does not exist" in proc.stderr, "not only the first problem"
+
+
+def test_the_http_address_taken(tmp_path: Path, test_model_dir: Path) -> None:
+    (tmp_path / "inbox").mkdir()
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        config = _setup(tmp_path, test_model_dir, _rule("cam", tmp_path / "inbox"), http=f"127.0.0.1:{port}")
+        proc = _run("check", config)
+    assert proc.returncode == 2
+    assert f"[http] listen 127.0.0.1:{port}: Address already in use (another program holds it" in proc.stderr
+
+
+def test_an_edgevl_serving_the_address_passes_check_but_stops_a_second_run(tmp_path: Path,
+                                                                           test_model_dir: Path) -> None:
+    port = free_port()
+    d = DaemonProcess(tmp_path / "first", test_model_dir, http=f"127.0.0.1:{port}")
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        (tmp_path / "inbox").mkdir()
+        config = _setup(tmp_path, test_model_dir, _rule("cam", tmp_path / "inbox"), http=f"127.0.0.1:{port}")
+        assert _run("check", config).returncode == 0, "restarting the service frees it"
+        second = _run("run", config)
+        assert second.returncode == 2
+        assert f"[http] listen 127.0.0.1:{port}: another edgevl serves there" in second.stderr
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("unit", ["edgevl.service"])
+def test_the_unit_does_not_restart_on_a_configuration_error(unit: str) -> None:
+    from tests.harness import ROOT
+
+    text = (ROOT / "systemd" / unit).read_text()
+    assert "RestartPreventExitStatus=2" in text.splitlines()

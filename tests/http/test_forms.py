@@ -1,0 +1,112 @@
+"""Ad-hoc questions in a multipart form, each way it may be written; the real application, in process."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import falcon.testing
+import pytest
+
+from edgevl.config import HttpSettings
+from edgevl.http.api import Backend, make_app
+from edgevl.http.jobs import HttpQueue, RecentRecords
+from edgevl.http.metrics import Metrics
+from tests.harness.images import encode, noise_image
+
+JPEG = encode(noise_image(32, 24), "JPEG")
+HOST = "127.0.0.1:8080"
+
+
+class _Echo:
+    """Answers each queued job with the questions as the application read them."""
+
+    def __init__(self, queue: HttpQueue, wake: threading.Event) -> None:
+        self.queue, self.wake, self.stop = queue, wake, threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.wake.wait(0.05)
+            self.wake.clear()
+            while (job := self.queue.take()) is not None:
+                answers = {q.id: {"value": {"ask": q.ask, "type": q.type, "options": list(q.options)}}
+                           for q in job.rule.questions}
+                job.future.set_result(job.job.result({"width": 1}, {"id": "m", "precision": "float32"},
+                                                     answers, {}))  # type: ignore[typeddict-item]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[falcon.testing.TestClient]:
+    wake = threading.Event()
+    queue = HttpQueue(4, wake)
+    health = {"pid": 1, "state": "ready", "restarts": 0, "rss": 1, "memory_limit": 2, "up_since": 0.0, "job": None,
+              "job_seconds": 0.0}
+    backend = Backend("dev", lambda: (), queue, RecentRecords(10), lambda: (True, {}), lambda: {},
+                      Metrics("m", "float32", lambda: health, lambda: 0), max_pixels=200_704)
+    echo = _Echo(queue, wake)
+    yield falcon.testing.TestClient(make_app(backend, HttpSettings(listen=HOST, request_timeout=5), None),
+                                    headers={"Host": HOST})
+    echo.stop.set()
+
+
+def _form(client: falcon.testing.TestClient, fields: list[tuple[str, str]]) -> tuple[int, Any]:
+    boundary = uuid.uuid4().hex
+    body = b""
+    for name, value in fields:
+        body += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="f.jpg"\r\n'
+             "Content-Type: image/jpeg\r\n\r\n").encode() + JPEG + f"\r\n--{boundary}--\r\n".encode()
+    result = client.simulate_post("/v1/ask", body=body,
+                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return result.status_code, result.json
+
+
+def _asked(record: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    return [(a["value"]["ask"], a["value"]["type"], a["value"]["options"]) for a in record["answers"].values()]
+
+
+def test_questions_as_one_json_field(client: falcon.testing.TestClient) -> None:
+    status, record = _form(client, [("questions", json.dumps([
+        {"ask": "Defect?", "type": "yes_no"},
+        {"id": "size", "ask": "Which size?", "type": "choice", "options": ["10, 20 mm", "30 mm"]}]))])
+    assert status == 200, record
+    assert _asked(record) == [("Defect?", "yes_no", []), ("Which size?", "choice", ["10, 20 mm", "30 mm"])]
+    assert list(record["answers"]) == ["q1", "size"]
+
+
+def test_indexed_fields_in_any_order(client: falcon.testing.TestClient) -> None:
+    status, record = _form(client, [("options[1]", '["a, b", "c"]'), ("question[1]", "Which?"),
+                                    ("type[1]", "choice"), ("question[0]", "Read it.")])
+    assert status == 200, record
+    assert _asked(record) == [("Read it.", "text", []), ("Which?", "choice", ["a, b", "c"])]
+
+
+def test_repeated_fields_once_per_question(client: falcon.testing.TestClient) -> None:
+    status, record = _form(client, [("question", "Read it."), ("type", "text"), ("options", ""),
+                                    ("question", "Which?"), ("type", "choice"), ("options", "x, y")])
+    assert status == 200, record
+    assert _asked(record) == [("Read it.", "text", []), ("Which?", "choice", ["x", "y"])]
+    # One type for all questions.
+    status, record = _form(client, [("question", "A?"), ("question", "B?"), ("type", "yes_no")])
+    assert status == 200, record
+    assert [t for _, t, _ in _asked(record)] == ["yes_no", "yes_no"]
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    # A lone options field no longer attaches itself to the first question.
+    ([("question", "Read it."), ("question", "Which?"), ("type", "text"), ("type", "choice"), ("options", "x, y")],
+     "1 options fields for 2 questions"),
+    ([("questions", "[1, 2"), ("question", "x")], "give the questions one way, not as questions and question"),
+    ([("questions", "{not json")], "questions is not a valid JSON list"),
+    ([("type[0]", "text")], "type[N] or options[N] without question[N]"),
+    ([("question[0]", "Which?"), ("type[0]", "choice"), ("options[0]", '["a", 3]')], "options is a JSON list of texts"),
+])
+def test_ambiguous_or_broken_forms_are_refused_with_the_reason(client: falcon.testing.TestClient,
+                                                               fields: list[tuple[str, str]], message: str) -> None:
+    status, record = _form(client, fields)
+    assert status == 400
+    assert message in record["error"]["message"]
