@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("-c", "--config", type=Path, default=Path("/etc/edgevl/edgevl.toml"),
                      help="the configuration file (default: /etc/edgevl/edgevl.toml)")
 
+    cfg = sub.add_parser("config", help="the settings as the code defines them")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    cfg_sub.add_parser("reference", help="every key of edgevl.toml and the rules file, as Markdown (docs/config.md)")
+    cfg_sub.add_parser("schema", help="JSON Schema of edgevl.toml and the rules file, for editors")
+
     model = sub.add_parser("model", help="manage model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     pull = model_sub.add_parser("pull", help="download a model into the local Hugging Face cache")
@@ -112,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings(args.max_false_alarm_rate, args.tolerance, args.calibrate)
             return run_eval(args.folder, t.rules, args.rule, t.model, t.precisions, args.report, settings,
                             args.write, args.cache, t.threads, args.labels, t.max_pixels)
+        if args.command == "config":
+            from edgevl.commands.reference import reference, schema
+
+            print(reference() if args.config_command == "reference" else schema(), end="")
+            return 0
         if args.command == "model":
             from edgevl.engine.model_files import pull_model
 

@@ -287,7 +287,8 @@ class Config(BaseSettings):
     )
 
     device_id: str = Field(default_factory=default_device_id, min_length=1, max_length=128,
-                           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of this appliance in records.")
+                           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                           description="Name of this appliance in records and MQTT topics; default: the host name.")
     rules: Path = Field(
         default=Path("/etc/edgevl/rules.toml"), description="The rules file; relative to the configuration's folder."
     )

@@ -45,3 +45,13 @@ def test_unit_is_notify_with_watchdog_and_check() -> None:
                  "StateDirectory=edgevl",
                  "ProtectSystem=strict", "MemoryMax=", "Delegate=memory", "KillMode=mixed"):
         assert line in text
+
+
+def test_the_install_script_parses_and_refuses_a_non_root_user(tmp_path: Path) -> None:
+    script = ROOT / "scripts" / "install"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, check=False).returncode == 0
+    # As an unprivileged user it changes nothing and says why.
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(script)],
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "scripts/install: run as root"
