@@ -126,3 +126,34 @@ def test_the_unit_does_not_restart_on_a_configuration_error(unit: str) -> None:
 
     text = (ROOT / "systemd" / unit).read_text()
     assert "RestartPreventExitStatus=2" in text.splitlines()
+
+
+@pytest.mark.parametrize("broken", ["missing folder", "rules competing", "model absent", "port taken",
+                                    "output inside input"])
+def test_run_refuses_each_broken_configuration_with_checks_message(tmp_path: Path, test_model_dir: Path,
+                                                                   broken: str) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rules, model, http = _rule("cam", inbox), test_model_dir, ""
+    if broken == "missing folder":
+        rules = _rule("cam", tmp_path / "absent")
+    elif broken == "rules competing":
+        rules += _rule("again", inbox)
+    elif broken == "model absent":
+        model = tmp_path / "no-model"
+    elif broken == "output inside input":
+        rules = _rule("cam", tmp_path, 'recursive = true')
+    holder = socket.socket()
+    if broken == "port taken":
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        http = f"127.0.0.1:{holder.getsockname()[1]}"
+    try:
+        config = _setup(tmp_path, model, rules, http=http)
+        checked, started = _run("check", config), _run("run", config)
+    finally:
+        holder.close()
+    assert (checked.returncode, started.returncode) == (2, 2)
+    message = checked.stderr.strip()
+    assert message
+    assert message in started.stderr, f"run says what check says:\n{started.stderr}"
