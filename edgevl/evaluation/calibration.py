@@ -9,7 +9,7 @@ options.  Both are fitted on the model's raw scores, never on an earlier calibra
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edgevl.questions import sigmoid, softmax
 
@@ -30,11 +30,12 @@ def _platt_loss(a: float, b: float, x: Sequence[float], t: Sequence[float]) -> f
     return loss
 
 
-def fit_platt(log_odds: Sequence[float], labels: Sequence[bool]) -> tuple[float, float]:
-    """(slope, offset) maximising the likelihood of the labels under P(yes) = sigmoid(slope·x + offset)."""
+def fit_platt(log_odds: Sequence[float], labels: Sequence[bool], enough: bool = True) -> tuple[float, float]:
+    """(slope, offset) maximising the likelihood of the labels under P(yes) = sigmoid(slope·x + offset);
+    ``enough=False`` (a cross-validation fold) skips the count of labels a proposal needs."""
     positives = sum(labels)
     negatives = len(labels) - positives
-    if len(labels) < MIN_LABELS or positives < MIN_PER_CLASS or negatives < MIN_PER_CLASS:
+    if enough and (len(labels) < MIN_LABELS or positives < MIN_PER_CLASS or negatives < MIN_PER_CLASS):
         raise NoFit(f"a fit needs at least {MIN_LABELS} labelled answers with {MIN_PER_CLASS} of each "
                            f"class; there are {len(labels)} ({positives} yes, {negatives} no)")
     high, low = (positives + 1) / (positives + 2), 1 / (negatives + 2)
@@ -83,9 +84,9 @@ def _choice_loss(beta: float, scores: Sequence[Sequence[float]], chosen: Sequenc
     return loss
 
 
-def fit_temperature(scores: Sequence[Sequence[float]], chosen: Sequence[int]) -> float:
+def fit_temperature(scores: Sequence[Sequence[float]], chosen: Sequence[int], enough: bool = True) -> float:
     """The temperature T maximising the likelihood of the labelled options under softmax(scores / T)."""
-    if len(chosen) < MIN_LABELS:
+    if enough and len(chosen) < MIN_LABELS:
         raise NoFit(f"a fit needs at least {MIN_LABELS} labelled answers; there are {len(chosen)}")
     if len(set(chosen)) < 2:
         raise NoFit("a fit needs labels of at least two different options")
@@ -104,3 +105,18 @@ def fit_temperature(scores: Sequence[Sequence[float]], chosen: Sequence[int]) ->
             d = lo + ratio * (hi - lo)
             fd = _choice_loss(math.exp(d), scores, chosen)
     return 1.0 / math.exp((lo + hi) / 2)
+
+
+FOLDS = 5
+
+
+def out_of_fold(n: int, fit_predict: Callable[[list[int], list[int]], list[float]], folds: int = FOLDS) -> list[float]:
+    """Each item's prediction from a fit on the other folds: what a calibration does on frames it was not
+    fitted on. ``fit_predict(train, test)`` gives the predictions for ``test``; ``NoFit`` passes through."""
+    predictions = [0.0] * n
+    for fold in range(folds):
+        test = [i for i in range(n) if i % folds == fold]
+        train = [i for i in range(n) if i % folds != fold]
+        for i, p in zip(test, fit_predict(train, test), strict=True):
+            predictions[i] = p
+    return predictions

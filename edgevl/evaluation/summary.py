@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgevl.evaluation import metrics
-from edgevl.evaluation.calibration import NoFit, fit_platt, fit_temperature
+from edgevl.evaluation.calibration import NoFit, fit_platt, fit_temperature, out_of_fold
 from edgevl.evaluation.labels import LabelledSet
 from edgevl.evaluation.runner import Outcome
 from edgevl.questions import Calibration, Question, sigmoid, softmax
@@ -102,9 +102,13 @@ def _fit_yes_no(question: Question, log_odds: list[float], labels: list[bool], s
         "brier_raw": metrics.brier(raw, labels), "brier_calibrated": metrics.brier(after, labels),
         "expected_calibration_error_raw": metrics.expected_calibration_error(raw, labels),
         "expected_calibration_error_calibrated": metrics.expected_calibration_error(after, labels),
-        # Measured on the frames it was fitted on: expect a little worse on new ones.
-        "in_sample": True,
     }
+
+    def fold(train: list[int], test: list[int]) -> list[float]:
+        a, b = fit_platt([log_odds[i] for i in train], [labels[i] for i in train], enough=False)
+        return [sigmoid(a * log_odds[i] + b) for i in test]
+
+    _cross_validated(proposal, lambda: out_of_fold(len(labels), fold), labels)
     try:
         threshold = metrics.threshold_for_false_alarms(after, labels, settings.max_false_alarm_rate)
         proposal["alarm_above"] = threshold.alarm_above
@@ -113,6 +117,23 @@ def _fit_yes_no(question: Question, log_odds: list[float], labels: list[bool], s
         proposal["alarm_above"] = None
         proposal["undefined"] = {"alarm_above": str(why)}
     return proposal
+
+
+def _cross_validated(proposal: dict[str, Any], predict: Callable[[], list[float]], truth: list[bool],
+                     with_brier: bool = True) -> None:
+    """The calibrated figures measured on frames each fit did not see (the in-sample ones flatter it)."""
+    figures = {"expected_calibration_error_cross_validated": metrics.expected_calibration_error}
+    if with_brier:
+        figures["brier_cross_validated"] = metrics.brier
+    try:
+        predicted = predict()
+    except NoFit as why:
+        for name in figures:
+            proposal[name] = None
+            proposal.setdefault("undefined", {})[name] = f"a fold could not be fitted: {why}"
+        return
+    for name, figure in figures.items():
+        proposal[name] = figure(predicted, truth)
 
 
 def _choice(question: Question, pairs: list[tuple[Outcome, Any]], settings: Settings) -> Figures:
@@ -141,11 +162,18 @@ def _choice(question: Question, pairs: list[tuple[Outcome, Any]], settings: Sett
             after = [option_probabilities(question, s, fitted) for s in raw_scores]
             after_conf = [p[b] for p, b in zip(after, best, strict=True)]
             raw_conf = [softmax(s)[b] for s, b in zip(raw_scores, best, strict=True)]
-            out["calibration"] = {
-                "temperature": fitted.temperature, "labels": len(labels), "in_sample": True,
+            proposal: dict[str, Any] = {
+                "temperature": fitted.temperature, "labels": len(labels),
                 "expected_calibration_error_raw": metrics.expected_calibration_error(raw_conf, correct),
                 "expected_calibration_error_calibrated": metrics.expected_calibration_error(after_conf, correct),
             }
+
+            def fold(train: list[int], test: list[int]) -> list[float]:
+                t = fit_temperature([raw_scores[i] for i in train], [chosen[i] for i in train], enough=False)
+                return [softmax([s / t for s in raw_scores[i]])[best[i]] for i in test]
+
+            _cross_validated(proposal, lambda: out_of_fold(len(labels), fold), correct, with_brier=False)
+            out["calibration"] = proposal
     return out
 
 

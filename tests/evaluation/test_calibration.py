@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edgevl.evaluation.calibration import NoFit, fit_platt, fit_temperature
+from edgevl.evaluation.calibration import NoFit, fit_platt, fit_temperature, out_of_fold
 from edgevl.questions import sigmoid, softmax
 
 
@@ -59,3 +59,33 @@ def test_temperature_recovers_a_known_temperature() -> None:
     scores = rng.normal(0.0, 4.0, (5000, 3))
     chosen = [int(rng.choice(3, p=softmax((row / true_temperature).tolist()))) for row in scores]
     assert fit_temperature(scores.tolist(), chosen) == pytest.approx(true_temperature, rel=0.05)
+
+
+def test_out_of_fold_predictions_come_from_fits_that_never_saw_them() -> None:
+    seen: list[tuple[set[int], set[int]]] = []
+
+    def fit_predict(train: list[int], test: list[int]) -> list[float]:
+        seen.append((set(train), set(test)))
+        return [float(i) for i in test]
+
+    assert out_of_fold(12, fit_predict) == [float(i) for i in range(12)]
+    assert len(seen) == 5
+    assert all(not (train & test) and len(train | test) == 12 for train, test in seen)
+    assert set().union(*(test for _, test in seen)) == set(range(12))
+
+
+def test_cross_validated_calibration_is_worse_than_in_sample_on_noise() -> None:
+    # Scores that carry no information: a fit on them looks calibrated in sample, not on unseen frames.
+    rng = np.random.default_rng(14)  # a draw whose noise happens to rank the right way: a fit is proposed
+    log_odds = rng.normal(0, 1, 60).tolist()
+    labels = [bool(rng.random() < 0.5) for _ in range(60)]
+    slope, offset = fit_platt(log_odds, labels)
+    in_sample = sum((sigmoid(slope * x + offset) - y) ** 2 for x, y in zip(log_odds, labels, strict=True)) / 60
+
+    def fold(train: list[int], test: list[int]) -> list[float]:
+        a, b = fit_platt([log_odds[i] for i in train], [labels[i] for i in train], enough=False)
+        return [sigmoid(a * log_odds[i] + b) for i in test]
+
+    unseen = out_of_fold(60, fold)
+    cross = sum((p - y) ** 2 for p, y in zip(unseen, labels, strict=True)) / 60
+    assert cross > in_sample

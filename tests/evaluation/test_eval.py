@@ -148,6 +148,8 @@ def test_calibrate_and_write_keep_the_rules_file_and_the_appliance_then_answers_
                     max_false_alarm_rate=0.0)
     fit = summary["precisions"]["float32"]["questions"]["defect"]["calibration"]
     assert fit["slope"] > 0
+    assert 0 <= fit["brier_cross_validated"] <= 1, "judged on frames each fold's fit did not see"
+    assert fit["expected_calibration_error_cross_validated"] is not None
     assert fit["alarm_threshold"]["false_alarm_rate"] == 0.0
     temperature = summary["precisions"]["float32"]["questions"]["kind"]["calibration"]["temperature"]
     assert temperature > 0
