@@ -7,6 +7,7 @@ the key, or the id an MQTT sender gave its image.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -122,6 +123,18 @@ class SpoolJob:
 
     def save_placement(self, image_file: str | None) -> None:
         atomic_write(self.dir / "placement.json", json_bytes({"image_file": image_file}))
+
+    def drop_placement(self) -> None:
+        """Forget where the image was to go while it is still here, freeing the name it reserved."""
+        placed = self.placement()
+        if placed is None or not os.path.lexists(self.image):
+            return  # nothing decided, or the image is already there: that place stands
+        if placed[0] is not None:
+            reserved = Path(placed[0])
+            with contextlib.suppress(OSError):
+                if reserved.lstat().st_size == 0:  # still the empty reservation, not an image
+                    reserved.unlink()
+        (self.dir / "placement.json").unlink(missing_ok=True)
 
     @property
     def published(self) -> bool:

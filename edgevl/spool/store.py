@@ -165,6 +165,7 @@ class Spool:
             job = self.load(key)
             job.meta["name"] = job.key + Path(safe_name(job.name)).suffix
             job.write_meta()
+            job.drop_placement()  # its outputs are named from its key now
         except (ValueError, FileNotFoundError):
             job = self._damaged(self.root / key, "unreadable when it was quarantined", device_id)
         held = job.held()

@@ -21,12 +21,14 @@ from edgevl.spool.store import Spool
 class Publisher:
     def __init__(self, fail: Exception | None = None) -> None:
         self.published: list[str] = []
+        self.records: list[Record] = []
         self.fail = fail
 
-    def deliver(self, job: SpoolJob, record: Record) -> None:
+    def deliver(self, job: SpoolJob, record: Record, alarm_jpeg: bytes | None = None) -> None:
         if self.fail is not None:
             raise self.fail
         self.published.append(record["job_id"])
+        self.records.append(record)
 
 
 @pytest.fixture
@@ -67,8 +69,11 @@ def test_a_record_is_delivered_once_and_published_once_across_retries(
     delivery.deliver(job.key, None)
     assert publisher.published == [job.job_id], "once, however often the folder delivery was tried"
     assert [r["job_id"] for r in done] == [job.job_id]
-    assert json.loads((tmp_path / "results" / "cam" / "a.json").read_text())["job_id"] == job.job_id
-    assert (tmp_path / "archive" / "cam" / "a.jpg").exists()
+    written = json.loads((tmp_path / "results" / "cam" / "a.json").read_text())
+    assert written["job_id"] == job.job_id
+    assert (tmp_path / "archive" / "cam" / "a.jpg").read_bytes() == b"\xff\xd8\xff image"
+    # Published before the image moved, and still naming where it went.
+    assert publisher.records[0]["image_file"] == written["image_file"] == str(tmp_path / "archive" / "cam" / "a.jpg")
     assert spool.count() == 0
 
 
@@ -83,6 +88,7 @@ def test_a_job_that_breaks_delivery_is_set_aside_with_an_error_record(
     assert record["error"]["code"] == "internal_error"
     assert "RecursionError" in record["error"]["message"]
     assert sorted(p.name for p in (tmp_path / "failed" / "cam").iterdir()) == [
-        f"{job.key}.jpg", f"{job.key}.jpg.error.json"]
+        f"{job.key}.jpg", f"{job.key}.jpg.error.json"], "named from its key; the name first reserved is freed"
+    assert record["image_file"] == str(tmp_path / "failed" / "cam" / f"{job.key}.jpg")
     assert spool.count() == 0
     assert json.loads((tmp_path / "in-hand.json").read_text())["held"] == {}
