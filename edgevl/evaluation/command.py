@@ -99,6 +99,8 @@ def run_eval(folder: Path, rules_path: Path, rule_name: str, model: str, precisi
         raise ConfigError("--tolerance must not be negative")
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a folder")
+    if report is not None and not report.parent.is_dir():
+        raise ConfigError(f"{report}: the folder for the report does not exist")  # said before any answering
     rule = load_rules(rules_path).get(rule_name)
     labelled = load_labels(folder, rule.questions, labels_path)
     cache = AnswerCache(cache_path or default_cache())

@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # no display on an appliance, and the choice must come be
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from edgevl.errors import ConfigError
 from edgevl.evaluation import metrics
 from edgevl.evaluation.labels import LabelledSet
 from edgevl.evaluation.runner import Outcome
@@ -167,5 +168,8 @@ def _plots(question_id: str, figures: dict[str, Any], rule: Rule, labelled: Labe
 
 def write_report(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the report: {exc.strerror or exc}") from None

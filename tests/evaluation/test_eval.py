@@ -298,6 +298,7 @@ def test_bad_labels_and_options_exit_2_with_each_row_named(tmp_path: Path, test_
     assert not (tmp_path / "c.jsonl").exists() or not (tmp_path / "c.jsonl").read_text().strip()
     assert "--write writes what --calibrate fits" in run("--write").stderr
     assert "one or more of float32" in run("--precision", "float32,int3").stderr
+    assert "the folder for the report does not exist" in run("--report", str(tmp_path / "no" / "r.html")).stderr
 
 
 def test_the_appliance_configuration_gives_the_rules_model_and_precision(tmp_path: Path,
