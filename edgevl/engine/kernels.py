@@ -5,9 +5,12 @@ Kernels table of docs/performance.md): oneDNN with float32 weights reordered onc
 into its blocked layout beats ``F.linear`` at every batch size, most for one to a
 few rows (decoding), where ``F.linear`` reads the weights well below the memory
 bandwidth. fbgemm's dynamically quantized Linear (int8 weights per output
-channel, activations quantized per call) is the fast int8 kernel; the other int8
-paths of this torch build (``torch._int_mm``, ``torch._weight_int8pack_mm``) were
-slower than float32 here and are not used.
+channel, activations quantized per call) is the fast int8 kernel. It lives in
+``torch.ao``, which torch has announced it will move out: where it is gone, int8
+falls back to ``torch._int_mm`` on the same int8 weights with activations quantized
+per row, as fbgemm quantizes them per call: the answers agree within rounding, and
+the bench's Kernels table measures both (``torch._weight_int8pack_mm``, weights only,
+was far slower than either here), so an appliance keeps working across a torch upgrade.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ _CHUNK_ROWS = 8192
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (output channel), in row chunks: the int8 rows and their float64 scales."""
+    """Symmetric int8 per row (output channel), in row chunks: the int8 rows and their float64 scales.
+
+    Plain arithmetic (round half to even, as ``torch.quantize_per_channel`` does), so that no quantized
+    tensor type is needed to make the weights.
+    """
     rows = weight.shape[0]
     q = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(rows, dtype=torch.float64)
     for start in range(0, rows, _CHUNK_ROWS):
         block = weight[start : start + _CHUNK_ROWS].float()
         scale = (block.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
-        zeros = torch.zeros(block.shape[0], dtype=torch.int64)
-        q[start : start + _CHUNK_ROWS] = torch.quantize_per_channel(block, scale, zeros, 0, torch.qint8).int_repr()
+        # Times the float32 inverse of the scale, as quantize_per_channel computes it: the same int8 values.
+        inverse = (1.0 / scale.float()).unsqueeze(1)
+        q[start : start + _CHUNK_ROWS] = torch.round(block * inverse).clamp(-128, 127).to(torch.int8)
         scales[start : start + _CHUNK_ROWS] = scale
     return q, scales
 
@@ -41,11 +49,58 @@ def _per_channel_qint8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(q.shape[0], dtype=torch.int64), 0)
 
 
-def int8_linear(linear: nn.Linear, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-    """An fbgemm dynamic-int8 replacement for ``linear`` (the float weight can be freed afterwards).
+def fbgemm_int8_available() -> bool:
+    """Whether this torch still has fbgemm's dynamic int8 Linear."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.nn.quantized.dynamic import Linear  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class IntMatmulLinear(nn.Module):
+    """int8 weights per output channel times activations quantized per row at each call, multiplied by
+    ``torch._int_mm`` (int8 x int8 to int32): the int8 kernel where fbgemm's dynamic Linear is gone.
+
+    The weights are kept transposed, as ``_int_mm`` reads them fastest for more than one row.
+    """
+
+    qweight_t: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("qweight_t", q.t().contiguous())
+        self.register_buffer("scales", scales.float())
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        step = (flat.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+        xq = torch.round(flat * (1.0 / step)).clamp(-128, 127).to(torch.int8)
+        out = torch._int_mm(xq, self.qweight_t).float() * step * self.scales
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8=True"
+
+
+def int8_linear(linear: nn.Linear, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                fbgemm: bool | None = None) -> nn.Module:
+    """An int8 replacement for ``linear`` (the float weight can be freed afterwards): fbgemm's dynamic
+    Linear where this torch has it (``fbgemm=None``), else ``torch._int_mm``.
 
     ``rows``: the weight already quantized by ``quantize_rows``.
     """
+    bias = linear.bias.detach().float() if linear.bias is not None else None
+    q, scales = rows if rows is not None else quantize_rows(linear.weight.detach())
+    if not (fbgemm_int8_available() if fbgemm is None else fbgemm):
+        return IntMatmulLinear(q, scales, bias)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch announces the move of this API to torchao
         from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
@@ -54,8 +109,6 @@ def int8_linear(linear: nn.Linear, rows: tuple[torch.Tensor, torch.Tensor] | Non
         # otherwise allocate and pack a full-size empty weight first.
         qlinear = DynamicQuantLinear(1, 1, bias_=linear.bias is not None, dtype=torch.qint8)  # type: ignore[no-untyped-call]
     qlinear.in_features, qlinear.out_features = linear.in_features, linear.out_features
-    bias = linear.bias.detach().float() if linear.bias is not None else None
-    q, scales = rows if rows is not None else quantize_rows(linear.weight.detach())
     qlinear.set_weight_bias(_per_channel_qint8(q, scales), bias)
     return qlinear
 

@@ -1,0 +1,70 @@
+"""The int8 kernels: fbgemm's where this torch has it, the weight-only fallback where it does not."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgevl.engine import kernels
+from edgevl.engine.engine import Engine
+from edgevl.engine.kernels import IntMatmulLinear, fbgemm_int8_available, int8_linear, quantize_rows
+from edgevl.engine.loading import load_model
+from edgevl.questions import Question
+from tests.harness.images import noise_image
+
+
+def test_the_rows_are_those_torch_quantize_per_channel_gives() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(9000, 300) * 0.05  # more rows than one chunk
+    q, scales = quantize_rows(weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in torch, which is why edgevl no longer uses it
+        reference = torch.quantize_per_channel(weight, scales, torch.zeros(9000, dtype=torch.int64), 0,
+                                               torch.qint8).int_repr()
+    assert torch.equal(q, reference)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_the_fallback_computes_what_fbgemm_computes(rows: int) -> None:
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 96)
+    fallback = int8_linear(linear, fbgemm=False)
+    assert isinstance(fallback, IntMatmulLinear)
+    x = torch.randn(2, rows, 256)
+    exact = linear(x)
+    with torch.inference_mode():
+        got = fallback(x)
+    q, scales = quantize_rows(linear.weight.detach())
+    # The same arithmetic spelled out: activations to int8 per row, an exact integer product, both scales.
+    flat = x.reshape(-1, 256)
+    step = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    xq = torch.round(flat * (1.0 / step)).clamp(-128, 127)
+    spelled = ((xq.double() @ q.double().T) * step.double() * scales.unsqueeze(0)).float() + linear.bias
+    assert got.shape == exact.shape
+    assert torch.allclose(got.reshape(-1, 96), spelled, atol=1e-4)
+    if fbgemm_int8_available():
+        with torch.inference_mode():
+            fast = int8_linear(linear, fbgemm=True)(x)
+        # fbgemm also quantizes the activations: both stay within int8 rounding of the float32 result.
+        scale = exact.abs().max()
+        assert (fast - exact).abs().max() < 0.05 * scale
+        assert (got - exact).abs().max() < 0.05 * scale
+
+
+def test_int8_answers_where_torch_has_no_fbgemm_linear(test_model_dir: Path, fp32_model,  # type: ignore[no-untyped-def]
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "fbgemm_int8_available", lambda: False)
+    lm = load_model(str(test_model_dir), "int8")
+    layers = lm.model.model.language_model.layers
+    assert isinstance(layers[0].mlp.up_proj, IntMatmulLinear)
+    assert isinstance(lm.model.lm_head, IntMatmulLinear)
+    questions = [Question(id="d", ask="Is there a defect?", type="yes_no"),
+                 Question(id="t", ask="Read the label.", max_tokens=4)]
+    image = noise_image(96, 96, seed=5)
+    answered = Engine(lm).answer(image, questions, 96 * 96)
+    reference = Engine(fp32_model).answer(image, questions, 96 * 96)
+    assert answered.answers["d"]["p_yes"] == pytest.approx(reference.answers["d"]["p_yes"], abs=0.15)
+    assert len(answered.tokens["t"]) >= 1
