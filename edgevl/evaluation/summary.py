@@ -115,7 +115,7 @@ def _fit_yes_no(question: Question, log_odds: list[float], labels: list[bool], s
         proposal["alarm_threshold"] = asdict(threshold)
     except metrics.Undefined as why:
         proposal["alarm_above"] = None
-        proposal["undefined"] = {"alarm_above": str(why)}
+        proposal.setdefault("undefined", {})["alarm_above"] = str(why)
     return proposal
 
 
