@@ -71,7 +71,8 @@ def answer_set(labelled: LabelledSet, rule: Rule, model: str, precision: Precisi
         if entry is not None:
             done[i] = entry
     missing = [i for i in range(len(keys)) if keys[i] is not None and i not in done]
-    log.info("%s: %d of %d images already answered", precision, len(keys) - len(missing), len(keys))
+    log.info("%s: %d of %d images already answered, %d cannot be read", precision,
+             sum(keys[i] is not None for i in done), len(keys), keys.count(None))
     if missing:
         from edgevl.engine.engine import Engine
         from edgevl.engine.loading import load_model
