@@ -51,8 +51,9 @@ def _options(text: str) -> list[str]:
     """A JSON list of options, or options separated by commas (then no option may hold a comma)."""
     if text.strip().startswith("["):
         try:
+            check_shape(text.encode(), MAX_DEPTH, MAX_ITEMS)  # nesting bounded before the parser recurses
             options = json.loads(text)
-        except ValueError as exc:
+        except (ShapeError, ValueError) as exc:
             raise ApiError(400, "bad_question", f"options is not a valid JSON list: {exc}") from None
         if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
             raise ApiError(400, "bad_question", "options is a JSON list of texts")
