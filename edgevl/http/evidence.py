@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import falcon
 
@@ -50,7 +51,8 @@ class ResultImage:
         record = _record(self.recent, job_id)
         image_file = record.get("image_file")
         if not image_file:
-            why = "it was deleted (folders.archive is off)" if "image_file" in record else "edgevl did not keep it"
+            why = ("it was deleted (folders.archive is off, or it was no regular file)" if "image_file" in record
+                   else "edgevl did not keep it")
             raise ApiError(404, "image_not_kept", f"the image of job {job_id!r} is not kept: {why}")
         path = Path(image_file)
         roots = [r.resolve() for r in self.roots()]
@@ -63,5 +65,6 @@ class ResultImage:
             raise ApiError(404, "image_not_kept", f"the image of job {job_id!r} is gone ({why}; retention may "
                                                   "have deleted it)") from None
         resp.content_type = CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
-        resp.set_header("Content-Disposition", f'inline; filename="{path.name}"')
+        # Percent-encoded: a file name may hold quotes or line breaks, which must not reach a header raw.
+        resp.set_header("Content-Disposition", f"inline; filename*=UTF-8''{quote(path.name)}")
         resp.set_stream(os.fdopen(fd, "rb"), st.st_size)
