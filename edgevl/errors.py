@@ -105,17 +105,18 @@ def _fields_at(model: Any, loc: tuple[str | int, ...]) -> dict[str, Any]:
         field = fields.get(part)
         if field is None:
             return {}
-        model = _model_in(field.annotation)
+        model = model_in(field.annotation)
         if model is None:
             return {}
     return {(f.alias or name): f for name, f in getattr(model, "model_fields", {}).items()}
 
 
-def _model_in(annotation: Any) -> Any:
+def model_in(annotation: Any) -> Any:
+    """The pydantic model an annotation holds (``Rule``, ``tuple[Rule, ...]``, ``Calibration | None``), or None."""
     if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None

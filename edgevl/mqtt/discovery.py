@@ -12,20 +12,15 @@ depth, the failed jobs and the last error as diagnostic entities. Every template
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from edgevl import __version__
-from edgevl.mqtt.messages import Topics
+from edgevl.mqtt.messages import Topics, dumps
 from edgevl.questions import Question
 from edgevl.rules import Rule
 
 STATE_MAX = 255  # Home Assistant refuses longer states
 _AVAILABLE = "{{ 'online' if value_json.state == 'online' else 'offline' }}"
-
-
-def _dumps(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 def object_id(*parts: str) -> str:
@@ -101,16 +96,16 @@ def discovery_messages(topics: Topics, prefix: str, device_id: str, model_id: st
                           "state_topic": state, "json_attributes_topic": state, **common}
                 if "json_attributes_template" not in config:
                     config["json_attributes_template"] = "{{ value_json | tojson }}"
-                out[f"{prefix}/{component}/edgevl_{node}/{oid}/config"] = _dumps(config)
+                out[f"{prefix}/{component}/edgevl_{node}/{oid}/config"] = dumps(config)
         if rule.alarm_image:
             config = {"name": f"{rule.name} alarm image", "unique_id": f"edgevl:{device_id}:{rule.name}:alarm_image",
                       "image_topic": topics.alarm_image(rule.name), "content_type": "image/jpeg", **common}
-            out[f"{prefix}/image/edgevl_{node}/{object_id(rule.name)}_alarm_image/config"] = _dumps(config)
+            out[f"{prefix}/image/edgevl_{node}/{object_id(rule.name)}_alarm_image/config"] = dumps(config)
     for suffix, keys in _diagnostics():
         config = {**keys, "unique_id": f"edgevl:{device_id}:{suffix}", "state_topic": topics.status,
                   "entity_category": "diagnostic", **common}
         # A leading underscore: no question's object id starts with one.
-        out[f"{prefix}/sensor/edgevl_{node}/_{suffix}/config"] = _dumps(config)
+        out[f"{prefix}/sensor/edgevl_{node}/_{suffix}/config"] = dumps(config)
     return out
 
 

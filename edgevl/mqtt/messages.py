@@ -51,7 +51,8 @@ class OutMessage:
         return None if self.correlation is None else base64.b64decode(self.correlation)
 
 
-def _dumps(data: dict[str, Any]) -> str:
+def dumps(data: dict[str, Any]) -> str:
+    """Compact JSON, as every payload edgevl publishes is written."""
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -87,7 +88,7 @@ def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | Non
                 small["p_yes"] = answer["p_yes"]
             if "error" in answer:
                 small["error"] = answer["error"]
-            messages.append(OutMessage(topics.answer(record["rule"], question), _dumps(small), qos, retain=True))
+            messages.append(OutMessage(topics.answer(record["rule"], question), dumps(small), qos, retain=True))
     if alarm_jpeg is not None and not is_error(record):
         messages.append(OutMessage(topics.alarm_image(record["rule"]), base64.b64encode(alarm_jpeg).decode(), qos,
                                    retain=True, content_type="image/jpeg"))
@@ -97,4 +98,4 @@ def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | Non
 
 
 def status_payload(state: str, **fields: Any) -> str:
-    return _dumps({"state": state, "version": __version__, **fields})
+    return dumps({"state": state, "version": __version__, **fields})

@@ -8,8 +8,9 @@ import sys
 
 from pydantic import BaseModel
 
-from edgevl.commands.reference import _model_of, reference
+from edgevl.commands.reference import reference
 from edgevl.config import Config
+from edgevl.errors import model_in
 from edgevl.rules import RulesFile
 from tests.harness import ROOT
 
@@ -17,7 +18,7 @@ from tests.harness import ROOT
 def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[type[BaseModel]]:
     seen.add(model)
     for field in model.model_fields.values():
-        inner = _model_of(field.annotation)
+        inner = model_in(field.annotation)
         if inner is not None and inner not in seen:
             _models(inner, seen)
     return seen
