@@ -23,7 +23,7 @@ from edgevl.errors import ConfigError
 from edgevl.evaluation import metrics
 from edgevl.evaluation.labels import LabelledSet
 from edgevl.evaluation.runner import Outcome
-from edgevl.evaluation.summary import option_probabilities, p_yes
+from edgevl.evaluation.summary import chosen_option, labelled_pairs, p_yes
 from edgevl.rules import Rule
 
 _STYLE = """
@@ -145,8 +145,7 @@ def _plots(question_id: str, figures: dict[str, Any], rule: Rule, labelled: Labe
         out.append(_img("confusion", "confusion matrix", confusion_plot(figures["confusion"]["labels"],
                                                                         figures["confusion"]["counts"])))
     if question.type == "yes_no" and figures["labelled"]:
-        pairs = [(o, image.labels[question.id]) for o, image in zip(results, labelled.images, strict=True)
-                 if question.id in image.labels and o.answered["error"] is None]
+        pairs = labelled_pairs(question, labelled, results)
         scores = [p_yes(question, o.answered["scores"][question.id][0]) for o, _ in pairs]
         labels = [bool(y) for _, y in pairs]
         if figures["roc_auc"] is not None:
@@ -154,13 +153,9 @@ def _plots(question_id: str, figures: dict[str, Any], rule: Rule, labelled: Labe
             out.append(_img("roc", "ROC curve, the proposed alarm_above marked", roc_plot(scores, labels, chosen)))
         out.append(_img("reliability", "reliability of P(yes)", reliability_plot(scores, labels, "P(yes)")))
     elif question.type == "choice" and figures["labelled"]:
-        confidence, correct = [], []
-        for o, image in zip(results, labelled.images, strict=True):
-            if question.id in image.labels and o.answered["error"] is None:
-                probs = option_probabilities(question, o.answered["scores"][question.id])
-                best = max(range(len(probs)), key=probs.__getitem__)
-                confidence.append(probs[best])
-                correct.append(question.options[best] == image.labels[question.id])
+        chosen = [(chosen_option(question, o), label) for o, label in labelled_pairs(question, labelled, results)]
+        confidence = [p for (_, p), _ in chosen]
+        correct = [question.options[best] == label for (best, _), label in chosen]
         out.append(_img("reliability", "reliability of the chosen option's probability",
                         reliability_plot(confidence, correct, "probability of the chosen option")))
     return out

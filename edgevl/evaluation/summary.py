@@ -53,6 +53,19 @@ def option_probabilities(question: Question, scores: Sequence[float],
     return calibration.option_probabilities(scores) if calibration else softmax(scores)
 
 
+def chosen_option(question: Question, outcome: Outcome) -> tuple[int, float]:
+    """The option a choice question's answer takes, and its probability (calibrated when the question is)."""
+    probabilities = option_probabilities(question, outcome.answered["scores"][question.id])
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return best, probabilities[best]
+
+
+def labelled_pairs(question: Question, labelled: LabelledSet, results: list[Outcome]) -> list[tuple[Outcome, Any]]:
+    """(outcome, label) of every image labelled for ``question`` and answered."""
+    return [(o, image.labels[question.id]) for o, image in zip(results, labelled.images, strict=True)
+            if question.id in image.labels and o.answered["error"] is None]
+
+
 def _rounded(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 6)
@@ -140,10 +153,10 @@ def _choice(question: Question, pairs: list[tuple[Outcome, Any]], settings: Sett
     out = Figures()
     raw_scores = [o.answered["scores"][question.id] for o, _ in pairs]
     labels = [str(y) for _, y in pairs]
-    probabilities = [option_probabilities(question, s) for s in raw_scores]
-    best = [max(range(len(p)), key=p.__getitem__) for p in probabilities]
+    picks = [chosen_option(question, o) for o, _ in pairs]
+    best = [b for b, _ in picks]
+    confidence = [p for _, p in picks]
     answers = [question.options[b] for b in best]
-    confidence = [p[b] for p, b in zip(probabilities, best, strict=True)]
     correct = [a == y for a, y in zip(answers, labels, strict=True)]
     out.figure("accuracy", lambda: metrics.accuracy(answers, labels))
     out["confusion"] = {"labels": list(question.options),
@@ -208,8 +221,7 @@ def _answer_value(question: Question, outcome: Outcome) -> Any:
     if question.type == "yes_no":
         return p_yes(question, outcome.answered["scores"][question.id][0]) >= 0.5
     if question.type == "choice":
-        probs = option_probabilities(question, outcome.answered["scores"][question.id])
-        return question.options[max(range(len(probs)), key=probs.__getitem__)]
+        return question.options[chosen_option(question, outcome)[0]]
     return outcome.answered["answers"][question.id].get("value")
 
 
@@ -228,8 +240,7 @@ def summarise(rule: Rule, labelled: LabelledSet, model: str, outcomes: dict[str,
         seconds = [o.answered["seconds"] for o in answered]
         questions: dict[str, Any] = {}
         for question in rule.questions:
-            pairs = [(o, image.labels[question.id]) for o, image in zip(results, labelled.images, strict=True)
-                     if question.id in image.labels and o.answered["error"] is None]
+            pairs = labelled_pairs(question, labelled, results)
             figures = _BY_TYPE[question.type](question, pairs, settings)
             figures = Figures({"type": question.type, "labelled": len(pairs), **figures})
             if reference is not None:
