@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,49 +19,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgevl.config import HttpSettings
-from edgevl.http.api import Backend, make_app
-from edgevl.http.jobs import HttpQueue, RecentRecords
-from edgevl.http.metrics import Metrics
 from edgevl.rules import Rule
+from tests.harness.http import HOST, in_process_api
 from tests.harness.images import encode, noise_image
 
 JPEG = encode(noise_image(32, 24), "JPEG")
 B64 = base64.b64encode(JPEG).decode()
 RULE = Rule.model_validate({"name": "cam", "question": [{"id": "q", "ask": "?"}]})
-HOST = "127.0.0.1:8080"
 ALLOWED = {200, 400, 403, 413, 415, 429}
-
-
-class _Answerer:
-    """Answers queued jobs the moment they arrive, as an idle worker would."""
-
-    def __init__(self, queue: HttpQueue, wake: threading.Event) -> None:
-        self.queue, self.wake, self.stop = queue, wake, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.wake.wait(0.05)
-            self.wake.clear()
-            while (job := self.queue.take()) is not None:
-                job.future.set_result(job.job.result({"width": 1}, {"id": "m", "precision": "float32"},
-                                                     {q.id: {"value": 1} for q in job.rule.questions}, {}))
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[falcon.testing.TestClient]:
-    wake = threading.Event()
-    queue = HttpQueue(4, wake)
-    health = {"pid": 1, "state": "ready", "restarts": 0, "rss": 1, "memory_limit": 2, "up_since": 0.0, "job": None,
-              "job_seconds": 0.0}
-    metrics = Metrics("m", "float32", lambda: health, lambda: 0)
-    backend = Backend("dev", lambda: (RULE,), queue, RecentRecords(10), lambda: (True, {}), lambda: {}, metrics,
-                      max_pixels=200_704)
-    settings_ = HttpSettings(listen=HOST, max_upload=1 << 20, request_timeout=5)
-    answerer = _Answerer(queue, wake)
-    yield falcon.testing.TestClient(make_app(backend, settings_, None), headers={"Host": HOST})
-    answerer.stop.set()
+    with in_process_api(HttpSettings(listen=HOST, max_upload=1 << 20, request_timeout=5), (RULE,)) as test_client:
+        yield test_client
 
 
 def _post(client: falcon.testing.TestClient, body: bytes, content_type: str | None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -11,25 +11,18 @@ import falcon.testing
 import pytest
 
 from edgevl.config import HttpSettings
-from edgevl.http.api import Backend, make_app
-from edgevl.http.jobs import HttpQueue, RecentRecords
-from edgevl.http.metrics import Metrics
+from edgevl.http.jobs import RecentRecords
 from edgevl.records import Job
-
-HOST = "127.0.0.1:8080"
+from tests.harness.http import HOST, in_process_api
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> tuple[falcon.testing.TestClient, RecentRecords, Path]:
+def served(tmp_path: Path) -> Iterator[tuple[falcon.testing.TestClient, RecentRecords, Path]]:
     archive = tmp_path / "archive"
     (archive / "cam").mkdir(parents=True)
     recent = RecentRecords(10)
-    health = {"pid": 1, "state": "ready", "restarts": 0, "rss": 1, "memory_limit": 2, "up_since": 0.0, "job": None,
-              "job_seconds": 0.0}
-    backend = Backend("dev", lambda: (), HttpQueue(1, threading.Event()), recent, lambda: (True, {}), lambda: {},
-                      Metrics("m", "float32", lambda: health, lambda: 0), 200_704, lambda: [archive])
-    client = falcon.testing.TestClient(make_app(backend, HttpSettings(listen=HOST), None), headers={"Host": HOST})
-    return client, recent, archive
+    with in_process_api(HttpSettings(listen=HOST), recent=recent, image_roots=lambda: [archive]) as client:
+        yield client, recent, archive
 
 
 def _record(recent: RecentRecords, job_id: str, image_file: str | None) -> None:

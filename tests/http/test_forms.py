@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,45 +13,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgevl.config import HttpSettings
-from edgevl.http.api import Backend, make_app
-from edgevl.http.jobs import HttpQueue, RecentRecords
-from edgevl.http.metrics import Metrics
+from edgevl.http.jobs import HttpJob
+from tests.harness.http import HOST, in_process_api
 from tests.harness.images import encode, noise_image
 
 JPEG = encode(noise_image(32, 24), "JPEG")
-HOST = "127.0.0.1:8080"
 
 
-class _Echo:
-    """Answers each queued job with the questions as the application read them."""
-
-    def __init__(self, queue: HttpQueue, wake: threading.Event) -> None:
-        self.queue, self.wake, self.stop = queue, wake, threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.wake.wait(0.05)
-            self.wake.clear()
-            while (job := self.queue.take()) is not None:
-                answers = {q.id: {"value": {"ask": q.ask, "type": q.type, "options": list(q.options)}}
-                           for q in job.rule.questions}
-                job.future.set_result(job.job.result({"width": 1}, {"id": "m", "precision": "float32"},
-                                                     answers, {}))  # type: ignore[typeddict-item]
+def _echo(job: HttpJob) -> dict[str, Any]:
+    """The questions as the application read them."""
+    return {q.id: {"value": {"ask": q.ask, "type": q.type, "options": list(q.options)}} for q in job.rule.questions}
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[falcon.testing.TestClient]:
-    wake = threading.Event()
-    queue = HttpQueue(4, wake)
-    health = {"pid": 1, "state": "ready", "restarts": 0, "rss": 1, "memory_limit": 2, "up_since": 0.0, "job": None,
-              "job_seconds": 0.0}
-    backend = Backend("dev", lambda: (), queue, RecentRecords(10), lambda: (True, {}), lambda: {},
-                      Metrics("m", "float32", lambda: health, lambda: 0), max_pixels=200_704)
-    echo = _Echo(queue, wake)
-    yield falcon.testing.TestClient(make_app(backend, HttpSettings(listen=HOST, request_timeout=5), None),
-                                    headers={"Host": HOST})
-    echo.stop.set()
+    with in_process_api(HttpSettings(listen=HOST, request_timeout=5), answers=_echo) as test_client:
+        yield test_client
 
 
 def _form(client: falcon.testing.TestClient, fields: list[tuple[str, str]]) -> tuple[int, Any]:
