@@ -127,8 +127,7 @@ def test_the_daemon_keeps_answering_while_its_archive_disk_would_overflow(tmp_pa
                                                                           small_tmpfs: Path) -> None:
     archive = small_tmpfs / "archive"
     d, client = _daemon(tmp_path, test_model_dir, '[retention]\nmin_free = "400KiB"\ninterval = 0.2\n')
-    d.archive = archive
-    d.config.write_text(d.config.read_text().replace(f'archive = "{tmp_path / "archive"}"', f'archive = "{archive}"'))
+    d.move("archive", archive)
     # 150 KB of noise per frame, 10 frames: half again what the 1 MiB disk holds.
     frames = [encode(noise_image(400, 120, seed=i), "PNG") for i in range(10)]
     assert all(len(f) > 140_000 for f in frames)

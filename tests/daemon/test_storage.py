@@ -20,9 +20,7 @@ def _jpeg(seed: int) -> bytes:
 def test_full_disk_keeps_the_job_and_delivers_once_space_returns(tmp_path: Path, test_model_dir: Path,
                                                                   small_tmpfs: Path) -> None:
     d = DaemonProcess(tmp_path, test_model_dir)
-    d.results = small_tmpfs / "results"
-    d.config.write_text(d.config.read_text().replace(f'results = "{tmp_path / "results"}"',
-                                                     f'results = "{d.results}"'))
+    d.move("results", small_tmpfs / "results")
     filler = small_tmpfs / "filler"
     with filler.open("wb") as f:
         try:
@@ -86,9 +84,7 @@ def test_inbox_on_another_filesystem_is_claimed_atomically(tmp_path: Path, test_
 def test_a_full_state_directory_leaves_files_in_their_inbox(tmp_path: Path, test_model_dir: Path,
                                                             small_tmpfs: Path) -> None:
     d = DaemonProcess(tmp_path, test_model_dir)
-    d.state = small_tmpfs / "state"
-    d.config.write_text(d.config.read_text().replace(f'state_dir = "{tmp_path / "state"}"',
-                                                     f'state_dir = "{d.state}"'))
+    d.move("state", small_tmpfs / "state")
     d.start()
     try:
         d.wait_notify("READY=1")

@@ -50,6 +50,10 @@ QUESTIONS = """
 """
 
 
+# The folders a test may put elsewhere (a small filesystem, say): the attribute and its key in the file.
+_FOLDER_KEYS = {"results": "results", "archive": "archive", "failed": "failed", "state": "state_dir"}
+
+
 class DaemonProcess:
     def __init__(self, root: Path, model_dir: Path, config_extra: str = "", rules: str = RULES,
                  env: dict[str, str] | None = None, http: str = "", http_extra: str = "",
@@ -93,6 +97,15 @@ listen = "{http}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.messages: list[str] = []
+
+    def move(self, folder: str, path: Path) -> None:
+        """Put one of the daemon's folders (``results``, ``archive``, ``failed``, ``state``) at ``path``."""
+        key = _FOLDER_KEYS[folder]
+        old = getattr(self, folder)
+        text = self.config.read_text()
+        assert f'{key} = "{old}"' in text
+        self.config.write_text(text.replace(f'{key} = "{old}"', f'{key} = "{path}"'))
+        setattr(self, folder, path)
 
     def start(self) -> DaemonProcess:
         self.sock_path.unlink(missing_ok=True)

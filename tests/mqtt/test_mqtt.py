@@ -387,8 +387,7 @@ def test_a_message_that_cannot_be_stored_is_left_with_the_broker_and_answered_on
         tmp_path: Path, test_model_dir: Path, broker: Broker, small_tmpfs: Path) -> None:
     listener = Listener(broker.port, [f"{BASE}/#"])
     d = DaemonProcess(tmp_path, test_model_dir, rules=RULES_MQTT, config_extra=_mqtt_config(broker.port))
-    d.config.write_text(d.config.read_text().replace(f'state_dir = "{d.state}"', f'state_dir = "{small_tmpfs}"'))
-    d.state = small_tmpfs
+    d.move("state", small_tmpfs)
     d.start()
     try:
         d.wait_notify("mqtt connected")
