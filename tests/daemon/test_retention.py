@@ -72,6 +72,24 @@ def test_age_and_size_limits_per_folder(tmp_path: Path) -> None:
     assert retention.sweep(NOW).folders["archive"].deleted_files == 3, "a second sweep has nothing to do"
 
 
+def test_links_fifos_and_undecodable_names_in_a_folder(tmp_path: Path) -> None:
+    results = tmp_path / "results" / "cam"
+    outside = _file(tmp_path / "elsewhere" / "precious.json", 100, age_days=90)
+    results.mkdir(parents=True)
+    (results / "link.json").symlink_to(outside)
+    os.mkfifo(results / "pipe.json")  # a sweep must not open it, nor wait on it
+    odd = os.fsencode(str(results)) + b"/caf\xe9.json"  # a name that is not UTF-8
+    with open(odd, "wb") as f:
+        f.write(b"x" * 10)
+    os.utime(odd, (NOW - 90 * DAY, NOW - 90 * DAY))
+    counts = _retention(tmp_path, results={"max_age_days": 1}).sweep(NOW)
+    assert not os.path.lexists(odd), "an old regular file goes, whatever its name"
+    assert (results / "link.json").is_symlink(), "a link is not removed"
+    assert outside.exists(), "nor followed"
+    assert (results / "pipe.json").exists()
+    assert counts.folders["results"].deleted_files == 1
+
+
 def test_never_the_spool_the_outbox_the_ledger_or_a_watched_folder(tmp_path: Path) -> None:
     # The worst layout: every folder inside the results folder.
     state = tmp_path / "state"
