@@ -102,29 +102,35 @@ def decode_image(data: bytes, pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> Decoded
         raise ImageError(f"cannot read the image header: {exc}", "image_unreadable") from None
 
     fmt = str(img.format)
+    rgb = decode_frame(img, pixel_limit, f"the {fmt} image")
+    return DecodedImage(image=rgb, sha256=digest, width=rgb.width, height=rgb.height, format=fmt)
+
+
+def decode_frame(img: Image.Image, pixel_limit: int, what: str) -> Image.Image:
+    """The current frame of an opened image as an upright RGB picture, checked against ``pixel_limit``
+    before any pixel is decoded (``what`` names it in errors: an image, or a page of a document)."""
     width, height = img.size
     if width <= 0 or height <= 0:
-        raise ImageError(f"image has no pixels ({width}x{height})", "image_unreadable")
+        raise ImageError(f"{what} has no pixels ({width}x{height})", "image_unreadable")
     if width > MAX_SIDE or height > MAX_SIDE or width * height > pixel_limit:
         raise ImageError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {pixel_limit}",
+            f"{what} is {width}x{height} = {width * height} pixels; the limit is {pixel_limit}",
             "image_too_large",
         )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.seek(0)  # GIF/TIFF: first frame or page only
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(img)
+            upright = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(upright)
             rgb.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image rejected as a decompression bomb: {exc}", "image_too_large") from None
+        raise ImageError(f"{what} rejected as a decompression bomb: {exc}", "image_too_large") from None
     except MemoryError:
-        raise ImageError("image too large to decode in memory", "image_too_large") from None
+        raise ImageError(f"{what} is too large to decode in memory", "image_too_large") from None
     except Exception as exc:
-        raise ImageError(f"corrupt or truncated {fmt} image: {exc}", "image_unreadable") from None
-    return DecodedImage(image=rgb, sha256=digest, width=rgb.width, height=rgb.height, format=fmt)
+        raise ImageError(f"corrupt or truncated {what}: {exc}", "image_unreadable") from None
+    return rgb
 
 
 def crop_image(img: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Image:
@@ -143,7 +149,8 @@ def crop_image(img: Image.Image, box: tuple[int, int, int, int] | None) -> Image
 
 
 def image_suffix(data: bytes) -> str | None:
-    """The file suffix of a format edgevl reads, from the leading bytes; None for anything else."""
+    """The file suffix of a format edgevl reads (images and PDF documents), from the leading bytes; None for
+    anything else."""
     if data.startswith(b"\xff\xd8\xff"):
         return ".jpg"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -156,6 +163,8 @@ def image_suffix(data: bytes) -> str | None:
         return ".bmp"
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return ".tif"
+    if b"%PDF-" in data[:1024]:  # readers accept up to 1 KB before the header
+        return ".pdf"
     return None
 
 
@@ -164,17 +173,6 @@ def accepted_suffix(data: bytes) -> str:
     that keep an image before the worker decodes it (MQTT, HTTP) refuse other bytes at once."""
     suffix = image_suffix(data)
     if suffix is None:
-        raise ImageError("not an image edgevl reads (JPEG, PNG, WebP, BMP, TIFF or GIF)", "unsupported_format")
+        raise ImageError("not an image or document edgevl reads (JPEG, PNG, WebP, BMP, TIFF, GIF or PDF)",
+                         "unsupported_format")
     return suffix
-
-
-ALARM_IMAGE_SIDE = 1280  # long side of a published alarm frame: enough to see the defect, small for MQTT
-
-
-def alarm_jpeg(data: bytes) -> bytes:
-    """The upright frame as a JPEG of at most ``ALARM_IMAGE_SIDE`` pixels on its long side."""
-    picture = decode_image(data).image.copy()
-    picture.thumbnail((ALARM_IMAGE_SIDE, ALARM_IMAGE_SIDE))
-    out = io.BytesIO()
-    picture.save(out, "JPEG", quality=85)
-    return out.getvalue()

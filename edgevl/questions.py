@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgevl.schemas import NUMBER_SCHEMA, check_schema, grammar_for
 
 AnswerType = Literal["text", "yes_no", "choice", "number", "json"]
 
@@ -67,7 +71,7 @@ def softmax(scores: Sequence[float]) -> list[float]:
 class Question(BaseModel):
     """One question of a rule."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     id: str = Field(
         description="Key of the answer in the result record and in MQTT topics.",
@@ -96,6 +100,16 @@ class Question(BaseModel):
         default=None,
         description="yes_no: {slope, offset}; choice: {temperature}. Written by `edgevl eval --calibrate --write`.",
     )
+    json_schema: dict[str, Any] | None = Field(
+        default=None, alias="schema",
+        description="json: a JSON Schema the answer is held to while it is generated (object, array, string, "
+                    "number, integer, boolean, null; properties, required, additionalProperties, items, "
+                    "minItems, maxItems, minLength, maxLength, minimum, maximum, enum). The answer always "
+                    "parses and follows it, or is cut short with a truncated error. An object takes only the "
+                    "keys it lists unless additionalProperties says otherwise.")
+    schema_file: Path | None = Field(
+        default=None,
+        description="json: a file holding the schema as JSON, relative to the rules file (instead of schema).")
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> Question:
@@ -120,9 +134,30 @@ class Question(BaseModel):
                 raise ValueError("a choice calibration is {temperature}")
             if self.type not in ("yes_no", "choice"):
                 raise ValueError(f"calibration is for yes_no and choice questions, not {self.type}")
+        if self.schema_file is not None and self.json_schema is None:
+            raise ValueError("schema_file is read by the rules file's loader; here give the schema itself")
+        if self.json_schema is not None:
+            if self.type != "json":
+                raise ValueError(f"schema is for json questions, not {self.type}")
+            check_schema(self.json_schema)
+            grammar_for(self.schema_text)
         if self.max_tokens is not None and self.type in ("yes_no", "choice"):
             raise ValueError(f"{self.type} answers are scored, not generated: max_tokens does not apply")
         return self
+
+    @property
+    def schema_text(self) -> str:
+        """The schema as compact JSON text: the key its compiled grammar is cached under."""
+        return json.dumps(self.json_schema, separators=(",", ":"))  # key order kept: it is the answer's order
+
+    @property
+    def grammar(self) -> str | None:
+        """The grammar its answer is generated under: a json question's schema, a number; None for free text."""
+        if self.type == "number":
+            return grammar_for(json.dumps(NUMBER_SCHEMA))
+        if self.json_schema is not None:
+            return grammar_for(self.schema_text)
+        return None
 
     @property
     def token_budget(self) -> int:

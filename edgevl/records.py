@@ -1,8 +1,9 @@
 """The result and error records: the contract every output of edgevl uses.
 
-One record per image: ``edgevl.result/2`` with its answers, or ``edgevl.error/1``
-with the reason. Records are plain JSON objects, typed here; ``is_error`` is the
-one test of which kind a record is, and ``to_json`` the one serializer.
+One record per input, an image or a whole document: ``edgevl.result/2`` with its
+answers (a document's page by page), or ``edgevl.error/1`` with the reason.
+Records are plain JSON objects, typed here; ``is_error`` is the one test of
+which kind a record is, and ``to_json`` the one serializer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime as dt
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict
 
@@ -68,6 +70,26 @@ class Answer(TypedDict, total=False):
     question: str  # ad-hoc questions (edgevl ask -q, POST /v1/ask with questions): the text asked
 
 
+class PageImage(TypedDict):
+    width: int
+    height: int
+
+
+class PageResult(TypedDict, total=False):
+    """One page of a document: its answers, or why it has none."""
+
+    page: int  # 1-based, as printed on a page counter
+    image: PageImage  # its pixels: a TIFF page's own, a PDF page's as rendered for the model
+    answers: dict[str, Answer]
+    error: ErrorInfo
+
+
+class DocumentInfo(TypedDict):
+    format: str  # "PDF" or "TIFF"
+    page_count: int  # pages in the document
+    pages: list[int]  # the pages the rule asked about, in order
+
+
 class _Identity(TypedDict):
     """What every record says of its job, result or error."""
 
@@ -86,8 +108,11 @@ class ResultRecord(_Identity):
     schema: Literal["edgevl.result/2"]
     image: ImageInfo
     model: ModelInfo
+    # An image's answers; {} for a document, whose answers are under ``pages``.
     answers: dict[str, Answer]
     timings_ms: dict[str, float]
+    document: NotRequired[DocumentInfo]  # a PDF, or a TIFF of several pages
+    pages: NotRequired[list[PageResult]]  # a document: one entry per page of document.pages, in that order
 
 
 class ErrorRecord(_Identity):
@@ -98,6 +123,15 @@ class ErrorRecord(_Identity):
 
 
 Record = ResultRecord | ErrorRecord
+
+
+def all_answers(record: ResultRecord) -> Iterator[tuple[int | None, str, Answer]]:
+    """(page or None, question id, answer) of every answer in the record: an image's, or each page's."""
+    for question, answer in record["answers"].items():
+        yield None, question, answer
+    for page in record.get("pages", []):
+        for question, answer in page.get("answers", {}).items():
+            yield page["page"], question, answer
 
 
 def is_error(record: Record) -> TypeIs[ErrorRecord]:
@@ -114,7 +148,7 @@ def to_json(record: Record, indent: int | None = None) -> str:
 def with_questions(record: Record, asked: dict[str, str]) -> Record:
     """The record with each answer's question text beside it: an ad-hoc question has no rule to look it up in."""
     if not is_error(record):
-        for question, answer in record["answers"].items():
+        for _, question, answer in all_answers(record):
             if question in asked:
                 answer["question"] = asked[question]
     return record

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
@@ -36,7 +37,7 @@ class Rule(BaseModel):
                       pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     folders: tuple[Path, ...] = Field(default=(), description="Watched folders whose images this rule answers.")
     patterns: tuple[str, ...] = Field(
-        default=("*.jpg", "*.jpeg", "*.png", "*.webp", "*.bmp", "*.tif", "*.tiff", "*.gif"),
+        default=("*.jpg", "*.jpeg", "*.png", "*.webp", "*.bmp", "*.tif", "*.tiff", "*.gif", "*.pdf"),
         description="File name patterns (case-insensitive) taken from the folders.",
     )
     recursive: bool = Field(default=False, description="Also watch the folders' subfolders.")
@@ -68,6 +69,14 @@ class Rule(BaseModel):
         default=None, ge=3136, le=16_777_216,
         description="Pixels the image is resized to at most before encoding (default: the model's max_pixels).",
     )
+    pages: Literal["all", "first"] | tuple[Annotated[int, Field(ge=1, le=100_000)], ...] = Field(
+        default="all",
+        description='Documents (PDF, multi-page TIFF): the pages answered, "all", "first" or a list of page '
+                    'numbers (1 is the first page). Each page is answered on its own; the record has one entry '
+                    'per page under "pages".')
+    max_pages: int = Field(
+        default=50, ge=1, le=1000,
+        description="A document with more pages to answer than this gets a too_many_pages error record instead.")
     questions: tuple[Question, ...] = Field(
         alias="question", min_length=1, description="The questions, as [[rule.question]] tables."
     )
@@ -82,6 +91,11 @@ class Rule(BaseModel):
             problem = topic_filter_problem(topic)
             if problem:
                 raise ValueError(f"topic {topic!r}: {problem}")
+        if isinstance(self.pages, tuple):
+            if not self.pages or len(set(self.pages)) != len(self.pages):
+                raise ValueError("pages is a list of distinct page numbers (1 is the first page)")
+            if len(self.pages) > self.max_pages:
+                raise ValueError(f"pages lists {len(self.pages)} pages; max_pages is {self.max_pages}")
         if self.crop is not None and (self.crop[2] <= 0 or self.crop[3] <= 0 or min(self.crop[:2]) < 0):
             raise ValueError("crop is [x, y, width, height] with x, y >= 0 and a positive width and height")
         return self
@@ -117,10 +131,38 @@ def load_rules(path: Path) -> RulesFile:
         raise ConfigError(f"{path}: cannot read the rules file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    problems = _read_schema_files(path, raw)
+    if problems:
+        raise ConfigError("\n".join(problems))
     try:
         return RulesFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("\n".join(format_validation_error(path, exc, raw, RulesFile, text))) from None
+
+
+def _read_schema_files(path: Path, raw: dict[str, Any]) -> list[str]:
+    """Put each ``schema_file``'s schema into its question (as ``schema``), the file named relative to the rules
+    file; one line per file that cannot be read."""
+    problems = []
+    rules = raw.get("rule")
+    for rule in rules if isinstance(rules, list) else []:
+        questions = rule.get("question") if isinstance(rule, dict) else None
+        for question in questions if isinstance(questions, list) else []:
+            if not isinstance(question, dict) or not isinstance(question.get("schema_file"), str):
+                continue
+            where = f'{path}: rule "{rule.get("name", "?")}", question "{question.get("id", "?")}"'
+            if "schema" in question:
+                problems.append(f"{where}: give schema or schema_file, not both")
+                continue
+            file = (path.parent / question["schema_file"]).resolve()
+            question["schema_file"] = str(file)
+            try:
+                question["schema"] = json.loads(file.read_text(encoding="utf-8"))
+            except OSError as exc:
+                problems.append(f"{where}: cannot read schema_file {file}: {exc.strerror or exc}")
+            except ValueError as exc:
+                problems.append(f"{where}: schema_file {file} is not JSON: {exc}")
+    return problems
 
 
 def load_daemon_rules(path: Path) -> RulesFile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,58 @@ def test_one_mistake_is_one_message(tmp_path: Path) -> None:
     line = next(i for i, text in enumerate(GOOD.replace("alarm_above", "alarm_abvoe").splitlines(), 1)
                 if "alarm_abvoe" in text)
     assert err.value.message.startswith(f"{path}:{line}: ")
+
+
+SCHEMA_RULES = """
+[[rule]]
+name = "scans"
+folders = ["/tmp"]
+  [[rule.question]]
+  id = "fields"
+  ask = "Extract the invoice."
+  type = "json"
+  schema_file = "schemas/invoice.json"
+  [[rule.question]]
+  id = "inline"
+  ask = "List the defects."
+  type = "json"
+  [rule.question.schema]
+  type = "array"
+  maxItems = 3
+  items = { type = "string", enum = ["dent", "scratch"] }
+"""
+
+
+def test_a_schema_is_given_inline_or_in_a_file_beside_the_rules(tmp_path: Path) -> None:
+    (tmp_path / "schemas").mkdir()
+    invoice = {"type": "object", "properties": {"number": {"type": "string"}, "total": {"type": "number"}},
+               "required": ["number"]}
+    (tmp_path / "schemas" / "invoice.json").write_text(json.dumps(invoice))
+    path = tmp_path / "rules.toml"
+    path.write_text(SCHEMA_RULES)
+    fields, inline = load_rules(path).rules[0].questions
+    assert fields.json_schema == invoice
+    assert fields.schema_file == tmp_path / "schemas" / "invoice.json"
+    assert inline.json_schema == {"type": "array", "maxItems": 3,
+                                  "items": {"type": "string", "enum": ["dent", "scratch"]}}
+    assert fields.grammar
+    assert inline.grammar
+
+
+@pytest.mark.parametrize(("schema_file", "expected"), [
+    (None, 'rule "scans", question "fields": cannot read schema_file'),
+    ("{not json", 'rule "scans", question "fields": schema_file'),
+    ('{"type": "string", "minLength": 9, "maxLength": 1}',
+     'rule "scans", question "fields": the schema cannot be compiled'),
+    ('{"type": "object", "oneOf": []}', 'question "fields": schema: oneOf not supported for type object'),
+])
+def test_check_names_the_rule_and_question_of_a_schema_it_cannot_use(tmp_path: Path, schema_file: str | None,
+                                                                     expected: str) -> None:
+    if schema_file is not None:
+        (tmp_path / "schemas").mkdir()
+        (tmp_path / "schemas" / "invoice.json").write_text(schema_file)
+    path = tmp_path / "rules.toml"
+    path.write_text(SCHEMA_RULES)
+    with pytest.raises(ConfigError) as err:
+        load_rules(path)
+    assert expected in err.value.message, err.value.message

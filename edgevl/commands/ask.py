@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from edgevl.config import DEFAULT_MAX_PIXELS, Precision, default_device_id
 from edgevl.engine.engine import Engine
 from edgevl.engine.loading import load_model
-from edgevl.engine.pipeline import answer_image
+from edgevl.engine.pipeline import Asked, answer_input
 from edgevl.errors import ConfigError
 from edgevl.questions import Question
 from edgevl.records import Job, Record, Source, is_error, to_json, with_questions
@@ -86,7 +86,7 @@ def run_ask(images: list[Path], questions: list[str], rules: Path | None, rule_n
         except OSError as exc:
             record = job.error("file_unreadable", f"cannot read {path}: {exc.strerror or exc}")
         else:
-            record = answer_image(engine, job, data, rule.questions, rule.crop, max_pixels or rule.max_pixels)
+            record = answer_input(engine, job, data, Asked.of(rule, max_pixels))
         if not questions_from_rules:
             record = with_questions(record, {q.id: q.ask for q in rule.questions})
         print(to_json(record), flush=True)

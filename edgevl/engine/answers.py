@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
 import torch
 
+from edgevl.engine.grammar import Constraint, constrained_value
 from edgevl.errors import AnswerError
 from edgevl.questions import Question, sigmoid, softmax
 from edgevl.records import Answer
@@ -16,8 +16,6 @@ from edgevl.records import Answer
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
 NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")
 
-_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])")
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)?|[.,]\d+)(?:[eE][-+]?\d+)?")
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
 
 
@@ -74,19 +72,6 @@ def choice_answer(question: Question, scores: list[float]) -> Answer:
     return answer
 
 
-def parse_number(text: str) -> float:
-    match = _THOUSANDS.search(text)
-    if match:
-        return float(match.group(0).replace(",", ""))
-    match = _NUMBER.search(text)
-    if not match:
-        raise AnswerError(f"no number in the answer {text!r}", "number_not_found")
-    value = float(match.group(0).replace(",", "."))
-    if not math.isfinite(value):
-        raise AnswerError(f"the number in {text!r} is not finite", "number_not_found")
-    return value
-
-
 def parse_json(text: str) -> Any:
     body = text.strip()
     fenced = _FENCE.match(body)
@@ -99,15 +84,31 @@ def parse_json(text: str) -> Any:
 
 
 def generated_answer(question: Question, text: str, truncated: bool) -> Answer:
+    """A free answer: text, or a json question without a schema (parsed when it parses).  Numbers and json
+    with a schema are generated under their grammar (``constrained_answer``)."""
     answer: Answer = {"type": question.type, "value": text, "text": text}
     if truncated:
         answer["truncated"] = True
     try:
-        if question.type == "number":
-            answer["value"] = parse_number(text)
-        elif question.type == "json":
+        if question.type == "json":
             answer["value"] = parse_json(text)
     except AnswerError as exc:
         answer["value"] = None
         answer["error"] = {"code": exc.code, "message": exc.message}
+    return answer
+
+
+def constrained_answer(question: Question, text: str, constraint: Constraint, finished: bool) -> Answer:
+    """An answer generated under its grammar: its value whenever the grammar was completed (or, at the end of
+    the budget, what was generated is whole), else a ``truncated`` error; never text that does not parse."""
+    answer: Answer = {"type": question.type, "value": None, "text": text}
+    if constraint.failed is not None:
+        answer["error"] = {"code": "constraint_failed", "message": f"the grammar failed: {constraint.failed}"}
+    elif finished or constraint.accepting:
+        answer["value"] = constrained_value(question, text)
+    else:
+        answer["truncated"] = True
+        answer["error"] = {"code": "truncated",
+                           "message": f"the answer ran out of its {question.token_budget} tokens before its "
+                                      "schema was complete (raise max_tokens)"}
     return answer

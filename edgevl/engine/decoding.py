@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from edgevl.engine.grammar import Constraint
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import EncodedImage
 
@@ -42,11 +43,12 @@ class Branch:
     options: list[list[int]] = field(default_factory=list)  # choice: tokens of each option
     max_new: int = 0
     ignore_eos: bool = False  # benchmark: decode exactly max_new tokens
+    constraint: Constraint | None = None  # generate: the grammar its tokens must follow
     # results
     logprobs: torch.Tensor | None = None  # next: log-softmax after the suffix
     scores: list[float] = field(default_factory=list)  # choice: log-likelihood per option
     generated: list[int] = field(default_factory=list)
-    finished_by_eos: bool = False
+    finished_by_eos: bool = False  # ended by an end token, or by completing its grammar
     # layout in the packed cache
     slots: list[int] = field(default_factory=list)
 
@@ -196,13 +198,32 @@ def _prefill(seq: PackedSequence, batch: list[Branch]) -> None:
             for k, opt in enumerate(branch.options):
                 branch.scores[k] += float(logp[row, opt[0]])
         else:
-            _take(seq.lm, branch, int(logp[row].argmax()))
+            _take(seq.lm, branch, _choose(branch, logp[row]))
+
+
+def _choose(branch: Branch, logprobs: torch.Tensor) -> int:
+    """The greedy choice; under a grammar, among the tokens it allows (what a logits processor setting the
+    others to minus infinity gives)."""
+    if branch.constraint is None:
+        return int(logprobs.argmax())
+    allowed = branch.constraint.allowed()
+    if not bool(allowed.any()):
+        return -1  # the grammar is in an error state: nothing can follow
+    return int(logprobs.masked_fill(~allowed, float("-inf")).argmax())
 
 
 def _take(lm: LoadedModel, branch: Branch, token: int) -> None:
-    """Record a generated token; an end token finishes the branch unless the benchmark forces full length."""
+    """Record a generated token; an end token finishes the branch unless the benchmark forces full length, and
+    so does a grammar that allows nothing more (the end token it would force costs no forward pass)."""
+    constraint = branch.constraint
+    if token < 0:
+        branch.max_new = len(branch.generated)  # stuck: ends here, unfinished
+        return
     branch.generated.append(token)
     branch.finished_by_eos = token in lm.eos_ids and not branch.ignore_eos
+    if constraint is not None and not branch.finished_by_eos:
+        constraint.accept(token)
+        branch.finished_by_eos = constraint.complete
 
 
 def _done(branch: Branch) -> bool:
@@ -222,12 +243,13 @@ def _generate(seq: PackedSequence, waiting: list[Branch], max_batch: int, stats:
             tokens.append(_Token(branch.generated[-1], _text_position(branch.positions, len(branch.generated)),
                                  branch.slots))
         hidden = seq.forward(tokens)
-        choices = seq.logprobs(hidden).argmax(dim=-1).tolist()
+        logp = seq.logprobs(hidden)
+        choices = [_choose(branch, logp[row]) for row, branch in enumerate(active)]
         stats.steps += 1
         stats.seconds += time.perf_counter() - started
         still = []
         for branch, token in zip(active, choices, strict=True):
-            _take(seq.lm, branch, int(token))
+            _take(seq.lm, branch, token)
             if not _done(branch):
                 still.append(branch)
         active = still

@@ -13,12 +13,14 @@ from edgevl.engine.answers import (
     NO_VARIANTS,
     YES_VARIANTS,
     choice_answer,
+    constrained_answer,
     generated_answer,
     single_token_ids,
     yes_no_answer,
     yes_no_log_odds,
 )
 from edgevl.engine.decoding import Branch, encode_prefix, run_branches
+from edgevl.engine.grammar import Grammars
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import QuestionPrompt, build_prompt, continuation_ids, preprocess_image
 from edgevl.engine.tuning import default_max_batch
@@ -54,6 +56,15 @@ class Engine:
         self.no_ids = single_token_ids(lm.tokenizer, NO_VARIANTS)
         if not self.yes_ids or not self.no_ids:
             raise ModelError("the tokenizer has no single-token yes/no answers", "model_unsupported")
+        self._grammars: Grammars | None = None  # built with the first constrained question
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            end = self.lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            vocab = int(self.lm.model.config.text_config.vocab_size)  # the rows of the logits
+            self._grammars = Grammars(self.lm.tokenizer, vocab, end if isinstance(end, int) else min(self.lm.eos_ids))
+        return self._grammars
 
     def answer(self, image: Image.Image, questions: Sequence[Question], max_pixels: int | None = None,
                force_full_length: bool = False) -> Answered:
@@ -83,8 +94,9 @@ class Engine:
             suffix_text = self.lm.tokenizer.decode(prompt.suffix_ids, skip_special_tokens=False)
             options = [continuation_ids(self.lm, suffix_text, option) for option in question.options]
             return Branch("choice", prompt.suffix_ids, prompt.suffix_positions, options=options)
+        constraint = self.grammars.constraint(question) if question.grammar is not None else None
         return Branch("generate", prompt.suffix_ids, prompt.suffix_positions, max_new=question.token_budget,
-                      ignore_eos=force_full_length)
+                      ignore_eos=force_full_length and constraint is None, constraint=constraint)
 
     def _scores(self, branch: Branch) -> list[float]:
         if branch.kind == "next":
@@ -99,4 +111,6 @@ class Engine:
             return choice_answer(question, scores)
         tokens = [t for t in branch.generated if t not in self.lm.eos_ids]
         text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        return generated_answer(question, text, truncated=not branch.finished_by_eos)
+        if branch.constraint is None:
+            return generated_answer(question, text, truncated=not branch.finished_by_eos)
+        return constrained_answer(question, text, branch.constraint, branch.finished_by_eos)

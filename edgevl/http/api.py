@@ -44,6 +44,8 @@ PUBLIC = ("/", "/healthz")
 # HTTP status of an error record, by its code.
 _STATUS = {
     "image_empty": 400, "image_unreadable": 400, "unsupported_format": 400, "crop_outside_image": 400,
+    "document_unreadable": 400, "document_encrypted": 400, "page_not_found": 400, "page_unreadable": 400,
+    "too_many_pages": 413, "page_too_large": 413,
     "image_too_large": 413, "memory_limit": 503, "worker_crashed": 503, "worker_stalled": 503, "stopping": 503,
 }
 

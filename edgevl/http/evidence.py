@@ -22,7 +22,8 @@ from edgevl.http.jobs import RecentRecords
 from edgevl.records import Record
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-                 ".bmp": "image/bmp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff"}
+                 ".bmp": "image/bmp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff",
+                 ".pdf": "application/pdf"}
 
 
 def _record(recent: RecentRecords, job_id: str) -> Record:

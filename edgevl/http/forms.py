@@ -29,6 +29,9 @@ def questions_of(raw: list[Any], max_tokens: int) -> tuple[Question, ...]:
     for i, q in enumerate(raw, 1):
         if not isinstance(q, dict):
             raise ApiError(400, "bad_request", "each question is an object with at least \"ask\"")
+        if "schema_file" in q:  # a client must not make the appliance read its files
+            raise ApiError(400, "bad_question", f"question {i}: schema_file is for rules files; send the schema "
+                                                "itself as schema")
         fields = {k: v for k, v in q.items() if v not in (None, "", [])}
         fields.setdefault("id", f"q{i}")
         try:

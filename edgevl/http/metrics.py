@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edgevl import __version__
-from edgevl.records import Record, is_error
+from edgevl.records import Record, all_answers, is_error
 
 if TYPE_CHECKING:
     from edgevl.daemon.retention import Counts
@@ -75,7 +75,7 @@ class Metrics:
             self.jobs.labels(source, "answered").inc()
             for stage, ms in record["timings_ms"].items():
                 self.stage.labels(stage).observe(ms / 1000)
-            for question, answer in record["answers"].items():
+            for _, question, answer in all_answers(record):
                 if answer.get("alarm"):
                     self.alarms.labels(record["rule"], question).inc()
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgevl import __version__
-from edgevl.records import Record, is_error, to_json
+from edgevl.records import Record, all_answers, is_error, to_json
 from edgevl.spool.job import Reply
 
 JSON = "application/json"
@@ -80,10 +80,14 @@ def record_messages(topics: Topics, record: Record, qos: int, reply: Reply | Non
         messages = [OutMessage(topics.errors, payload, qos)]
     else:
         messages = [OutMessage(topics.results(record["rule"]), payload, qos)]
-        for question, answer in record["answers"].items():
+        # A document's pages are published in order, each with its number: the retained value is its last
+        # page's, and a subscriber that follows the topic sees every page.
+        for page, question, answer in all_answers(record):
             small: dict[str, Any] = {"value": answer.get("value"), "confidence": answer.get("confidence"),
                                      "alarm": answer.get("alarm"), "job_id": record["job_id"],
                                      "ts": record["finished_at"]}
+            if page is not None:
+                small["page"] = page
             if "p_yes" in answer:
                 small["p_yes"] = answer["p_yes"]
             if "error" in answer:

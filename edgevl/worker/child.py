@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edgevl.errors import EdgevlError
 from edgevl.logsetup import set_level, setup_logging
-from edgevl.records import Record, is_error
+from edgevl.records import Record, all_answers, is_error
 from edgevl.worker.protocol import (
     Channel,
     ChannelClosed,
@@ -87,12 +87,13 @@ def _alarm_frame(message: Work, record: Record) -> bytes | None:
     """Made here, where untrusted images may be decoded: the daemon never decodes one."""
     if not message.rule.alarm_image or is_error(record):
         return None
-    if not any(a.get("alarm") for a in record["answers"].values()):
+    alarming = [page for page, _, answer in all_answers(record) if answer.get("alarm")]
+    if not alarming:
         return None
-    from edgevl.images import alarm_jpeg
+    from edgevl.documents import alarm_jpeg
 
     try:
-        return alarm_jpeg(message.data)
+        return alarm_jpeg(message.data, alarming[0])
     except Exception:  # the answer stands without its picture
         log.exception("job %s: no alarm frame", message.job.job_id)
         return None
@@ -108,7 +109,7 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
     # Heavy imports only here, inside the capped process.
     from edgevl.engine.engine import Engine
     from edgevl.engine.loading import load_model
-    from edgevl.engine.pipeline import answer_image
+    from edgevl.engine.pipeline import Asked, answer_input
 
     try:
         lm = load_model(load.model_path, load.precision, load.threads)  # type: ignore[arg-type]
@@ -126,8 +127,7 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
             raise ChannelClosed(f"expected Work or Stop, got {type(message).__name__}")
         record: Record
         try:
-            record = answer_image(engine, message.job, message.data, message.rule.questions, message.rule.crop,
-                                  message.rule.max_pixels)
+            record = answer_input(engine, message.job, message.data, Asked.of(message.rule))
         except MemoryError:
             record = message.job.error("memory_limit", "the model ran out of memory on this image")
         except Exception as exc:  # a bug must cost one image, not the worker

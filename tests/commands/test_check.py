@@ -91,6 +91,20 @@ def test_the_model_absent_and_every_problem_listed(tmp_path: Path) -> None:
     assert f"model directory {tmp_path / 'no-model'} does not exist" in proc.stderr, "not only the first problem"
 
 
+def test_a_schema_the_grammar_library_cannot_compile_is_named_by_rule_and_question(tmp_path: Path,
+                                                                                 test_model_dir: Path) -> None:
+    (tmp_path / "inbox").mkdir()
+    question = ('  [[rule.question]]\n  id = "fields"\n  ask = "Extract."\n  type = "json"\n'
+                '  schema = { type = "object", required = ["n"], properties = { n = { type = "integer", minimum = 9, '
+                'maximum = 1 } } }\n')
+    config = _setup(tmp_path, test_model_dir, _rule("scans", tmp_path / "inbox") + question)
+    for command in ("check", "run"):
+        proc = _run(command, config)
+        assert proc.returncode == 2, proc.stderr
+        assert 'rule "scans", question "fields"' in proc.stderr
+        assert "the schema cannot be compiled" in proc.stderr
+
+
 def test_the_http_address_taken(tmp_path: Path, test_model_dir: Path) -> None:
     (tmp_path / "inbox").mkdir()
     port = free_port()

@@ -6,24 +6,9 @@ import math
 
 import pytest
 
-from edgevl.engine.answers import choice_answer, generated_answer, parse_json, parse_number, yes_no_answer
+from edgevl.engine.answers import choice_answer, generated_answer, parse_json, yes_no_answer
 from edgevl.errors import AnswerError
 from edgevl.questions import Question, sigmoid, softmax
-
-
-@pytest.mark.parametrize(("text", "value"), [
-    ("42", 42.0), ("There are 3 parts.", 3.0), ("-7.5 mm", -7.5), ("3,5", 3.5), ("1,234,567 units", 1234567.0),
-    ("1,234.5", 1234.5), ("about 2e3", 2000.0), ("+12", 12.0), (".5", 0.5),
-])
-def test_parse_number(text: str, value: float) -> None:
-    assert parse_number(text) == pytest.approx(value)
-
-
-@pytest.mark.parametrize("text", ["none", "", "many"])
-def test_parse_number_fails_clearly(text: str) -> None:
-    with pytest.raises(AnswerError) as err:
-        parse_number(text)
-    assert err.value.code == "number_not_found"
 
 
 def test_parse_json_accepts_fences_and_rejects_garbage() -> None:
@@ -35,11 +20,6 @@ def test_parse_json_accepts_fences_and_rejects_garbage() -> None:
 
 
 def test_failed_parse_keeps_the_answer_with_its_error_and_raw_text() -> None:
-    q = Question(id="n", ask="How many?", type="number")
-    answer = generated_answer(q, "several", truncated=False)
-    assert answer["value"] is None
-    assert answer["text"] == "several"
-    assert answer["error"]["code"] == "number_not_found"
     j = generated_answer(Question(id="j", ask="Give JSON", type="json"), "not json", truncated=True)
     assert j["error"]["code"] == "invalid_json"
     assert j["truncated"] is True

@@ -147,7 +147,9 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
         # Bad requests: each with its status and an error record.
         status, record = client.ask_form([("rule", "cam")], _jpeg(5)[:300])
         assert (status, record["error"]["code"]) == (400, "image_unreadable")
-        assert client.ask_form([("rule", "cam")], b"%PDF-1.7 not an image")[1]["error"]["code"] == "unsupported_format"
+        assert client.ask_form([("rule", "cam")], b"GIF90 not an image")[1]["error"]["code"] == "unsupported_format"
+        status, record = client.ask_form([("rule", "cam")], b"%PDF-1.7 not a document")
+        assert (status, record["error"]["code"]) == (400, "document_unreadable")
         status, record = client.ask_form([("rule", "cam")], None)
         assert (status, record["error"]["code"]) == (400, "image_empty")
         assert client.ask_form([("rule", "nope")], _jpeg(6))[1]["error"]["code"] == "rule_missing"
@@ -192,7 +194,8 @@ def test_every_endpoint_with_the_token_and_bad_uploads(tmp_path: Path, test_mode
 
         status, state = client.get("/v1/status")
         assert status == 200
-        assert (state["done"], state["failed"], state["worker"]["state"]) == (4, 1, "ready")
+        # Failed: a torn image and a torn PDF.
+        assert (state["done"], state["failed"], state["worker"]["state"]) == (4, 2, "ready")
 
         # The worker dies: /healthz says 503 until its replacement has loaded the model.
         os.kill(state["worker"]["pid"], signal.SIGKILL)

@@ -12,6 +12,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.harness.documents import pages, pdf_of
 from tests.http.test_http import TOKEN, _daemon, _jpeg
 
 pytestmark = pytest.mark.slow
@@ -77,5 +78,17 @@ def test_upload_ask_and_see_the_answers(tmp_path: Path, test_model_dir: Path, br
         browser.find_element(By.ID, "ask").click()
         error = wait.until(expected_conditions.presence_of_element_located((By.ID, "answer-error")))
         assert error.text.startswith("image_unreadable")
+
+        # A PDF upload: the answers page by page.
+        scan = tmp_path / "scan.pdf"
+        scan.write_bytes(pdf_of(pages(2, size=(100, 140))))  # under the test's max_upload
+        browser.find_element(By.ID, "image").send_keys(str(scan))
+        browser.find_element(By.ID, "ask").click()
+        wait.until(expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "#answers tr[data-page='2'][data-question='label']")))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#answers tbody tr")
+        assert [(r.get_attribute("data-page"), r.get_attribute("data-question")) for r in rows] == [
+            ("1", "defect"), ("1", "label"), ("2", "defect"), ("2", "label")]
+        assert [c.text for c in rows[2].find_elements(By.TAG_NAME, "td")][:3] == ["2", "defect", "yes_no"]
     finally:
         assert d.stop() == 0

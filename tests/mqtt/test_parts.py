@@ -80,7 +80,8 @@ def test_formats_are_sniffed_from_their_leading_bytes() -> None:
     assert image_suffix(encode(noise_image(8, 8), "GIF")) == ".gif"
     assert image_suffix(encode(noise_image(8, 8), "BMP")) == ".bmp"
     assert image_suffix(encode(noise_image(8, 8), "TIFF")) == ".tif"
-    assert image_suffix(b"%PDF-1.7") is None
+    assert image_suffix(b"%PDF-1.7") == ".pdf", "a document: read page by page"
+    assert image_suffix(b"%!PS-Adobe-3.0") is None
     assert image_suffix(b"") is None
 
 
