@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,3 +132,17 @@ def test_any_bytes_that_look_like_a_document_give_pages_or_an_image_error(body: 
             code = exc.code
         assert code in {None, "document_unreadable", "document_encrypted", "page_unreadable", "page_too_large",
                         "image_unreadable", "image_too_large", "too_many_pages", "page_not_found"}
+
+
+def test_the_alarm_frame_of_a_document_is_its_alarming_page() -> None:
+    from PIL import Image
+
+    from edgevl.documents import ALARM_IMAGE_SIDE, alarm_jpeg
+
+    images = [noise_image(900, 600, seed=1), Image.new("RGB", (900, 600), (255, 0, 0))]  # 12.5 x 8.3 inches
+    frame = Image.open(io.BytesIO(alarm_jpeg(pdf_of(images), page=2)))
+    assert frame.format == "JPEG"
+    assert max(frame.size) == ALARM_IMAGE_SIDE, "rendered for the alarm, not at the model's budget"
+    red, green, blue = frame.convert("RGB").getpixel((frame.width // 2, frame.height // 2))
+    assert red > 200, "page 2, the red one"
+    assert max(green, blue) < 60
