@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from tests.harness.broker import Broker, Listener, Publisher, free_port
 from tests.harness.daemon import DaemonProcess
+from tests.harness.documents import pages, pdf_of, tiff_of
 from tests.harness.images import encode, noise_image
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,10 @@ pytestmark = pytest.mark.slow
 TOPIC = "factory/p/frame"
 BASE = "edgevl/test-station"
 JPEG = encode(noise_image(64, 48), "JPEG")
+PDF = pdf_of(pages(2, size=(64, 48)))
+TIFF = tiff_of(pages(2, size=(64, 48)))
+DOCUMENT_ERRORS = ("document_unreadable", "document_encrypted", "page_unreadable", "too_many_pages", "image_too_large",
+                   "image_unreadable")
 RULES = """
 [[rule]]
 name = "cam"
@@ -84,7 +89,8 @@ def appliance(tmp_path_factory: pytest.TempPathFactory, test_model_dir: Path) ->
 
 # Folders ------------------------------------------------------------------------------------------------
 
-KINDS = ("image", "garbage", "large", "fifo", "socket", "dir", "link", "link_dev")
+KINDS = ("image", "garbage", "large", "fifo", "socket", "dir", "link", "link_dev", "pdf", "tiff", "torn_pdf")
+REGULAR = ("image", "garbage", "large", "pdf", "tiff", "torn_pdf")
 NAMES = st.binary(min_size=1, max_size=200).filter(
     lambda b: b"/" not in b and b"\0" not in b and not b.startswith((b".", b"~$"))
     and not b.lower().endswith((b".tmp", b".part", b".crdownload", b".partial", b".swp")))
@@ -94,6 +100,10 @@ def _make(path: Path, kind: str) -> None:
     raw = os.fsencode(path)
     if kind == "image":
         path.write_bytes(JPEG)
+    elif kind in ("pdf", "tiff"):
+        path.write_bytes(PDF if kind == "pdf" else TIFF)
+    elif kind == "torn_pdf":
+        path.write_bytes(PDF[: len(raw) * 97 % len(PDF)])
     elif kind == "garbage":
         path.write_bytes(os.urandom(100))
     elif kind == "large":
@@ -130,7 +140,7 @@ def test_any_folder_entry_gives_one_record_or_is_left_alone(appliance: Appliance
         path = os.fsencode(d.inbox) + b"/" + b"e%d-" % appliance.examples + raw
         _make(Path(os.fsdecode(path)), kind)
         made[path] = kind
-    regular = {p for p, kind in made.items() if kind in ("image", "garbage", "large")}
+    regular = {p for p, kind in made.items() if kind in REGULAR}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         taken = [r for r in d.records() if _record_path(r) in made]
@@ -146,11 +156,15 @@ def test_any_folder_entry_gives_one_record_or_is_left_alone(appliance: Appliance
             assert record["error"]["code"] == "file_too_large"
         elif kind == "garbage":
             assert record["error"]["code"] in ("unsupported_format", "image_unreadable", "image_empty")
+        elif kind in ("pdf", "tiff"):
+            assert [p["page"] for p in record["pages"]] == [1, 2], record
+        elif kind == "torn_pdf" and "error" in record:
+            assert record["error"]["code"] in (*DOCUMENT_ERRORS, "image_empty", "unsupported_format"), record
     for path, kind in made.items():
-        assert os.path.lexists(path) == (kind not in ("image", "garbage", "large")), (path, kind)
+        assert os.path.lexists(path) == (kind not in REGULAR), (path, kind)
         if kind == "dir":
             os.rmdir(path)
-        elif kind not in ("image", "garbage", "large"):
+        elif kind not in REGULAR:
             os.unlink(path)
     appliance.alive()
 
@@ -164,6 +178,9 @@ def _deep(depth: int) -> bytes:
 PAYLOADS = st.one_of(
     st.binary(min_size=1, max_size=200).filter(lambda b: b.strip()[:1] not in (b"{", b"")),
     st.just(JPEG),
+    st.sampled_from([PDF, TIFF]),
+    st.binary(max_size=300).map(lambda b: b"%PDF-1.4\n" + b),  # a document header with anything after it
+    st.integers(0, len(PDF)).map(lambda n: PDF[:n]),  # a torn document
     st.builds(lambda m: json.dumps({"image": base64.b64encode(JPEG).decode(), "meta": m}).encode(),
               st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=5)),
     st.builds(_deep, st.integers(1, 3000)),
