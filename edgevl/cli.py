@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("model_id", nargs="?", default=DEFAULT_MODEL,
                       help=f"Hugging Face repo id (default: {DEFAULT_MODEL})")
 
-    bench = sub.add_parser("bench", help="measure workload W4 on a random checkpoint with the real 2B shapes")
+    bench = sub.add_parser("bench", help="measure workloads W4 and W-doc on a random checkpoint with the real 2B "
+                                        "shapes")
     bench.add_argument("--precision", action="append", choices=PRECISIONS, dest="precisions",
                        help="a precision to measure (repeatable; default: float32 and int8)")
     bench.add_argument("--json", action="store_true", help="one JSON object per precision on stdout")

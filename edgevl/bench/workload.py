@@ -1,7 +1,9 @@
-"""Workload W4, what ``edgevl bench`` measures: one 1280x720 frame, four questions.
+"""The workloads ``edgevl bench`` measures.
 
-Two yes_no, one choice of three options, one text answer forced to 24 tokens:
-the figures in docs/performance.md and in the issues are W4's.
+W4: one 1280x720 frame, four questions (two yes_no, one choice of three options,
+one text answer forced to 24 tokens): the camera case.  W-doc: one A4 page scan
+(1240x1754) at max_pixels 1024x1024 with one text answer forced to 128 tokens: the
+document terminal's case, a long prefill (4,096 vision patches) and a long decode.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ W4_QUESTIONS = (
 )
 FRAMES = 5  # the first one warms up and is not timed; the median of the others is reported
 
+WDOC_MAX_PIXELS = 1024 * 1024
+WDOC_TOKENS = 128
+WDOC_QUESTION = Question(id="text", ask="Transcribe the text of this page.", type="text", max_tokens=WDOC_TOKENS)
+
 
 def frame_bytes(seed: int) -> bytes:
     """A 1280x720 JPEG frame: noise, coloured boxes and a label, the same for every run of a seed."""
@@ -37,4 +43,27 @@ def frame_bytes(seed: int) -> bytes:
     draw.text((40, 40), f"A-{seed:03d}", fill=(0, 0, 0))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def page_bytes(seed: int) -> bytes:
+    """A 1240x1754 grey-scale scan of an A4 page (150 dpi): lines of text, a table, the same for every run."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    page = Image.new("L", (1240, 1754), 250)
+    draw = ImageDraw.Draw(page)
+    y = 120
+    while y < 1600:
+        if rng.random() < 0.1:  # a table row
+            for x in range(120, 1120, 250):
+                draw.rectangle([x, y, x + 250, y + 40], outline=40)
+        words = " ".join(rng.choice(("invoice", "total", "date", "qty", "item", "EUR", "net", "tax", "no."))
+                         + str(rng.randint(0, 999)) for _ in range(rng.randint(4, 12)))
+        draw.text((130, y + 12), words, fill=20)
+        y += rng.choice((44, 48, 96))
+    buf = io.BytesIO()
+    page.save(buf, "PNG")
     return buf.getvalue()

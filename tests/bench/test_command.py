@@ -1,0 +1,35 @@
+"""``edgevl bench`` end to end on the test model: every figure measured, the document written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_reports_w4_wdoc_and_ready_and_writes_the_document(tmp_path: Path, test_model_dir: Path) -> None:
+    checkpoint = tmp_path / "model"
+    shutil.copytree(test_model_dir, checkpoint)  # the bench keeps its trained tokenizer beside the checkpoint
+    doc = tmp_path / "performance.md"
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "bench", "--checkpoint", str(checkpoint), "--precision",
+                           "float32", "--json", "--write-doc", str(doc), "--threads", "1"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert result["workload"] == "W4"
+    assert result["precision"] == "float32"
+    for key in ("seconds_per_image", "wdoc_seconds_per_page", "ready_seconds", "decode_seconds_per_token"):
+        assert result[key] > 0, key
+    assert result["ready_seconds"] < 120
+    assert result["peak_rss_bytes"] > 50e6
+    text = doc.read_text()
+    for section in ("| float32 |", "## W-doc: a document page", "## Memory", "## Kernels",
+                    "## Answers held to a schema", "| 151,646 |"):
+        assert section in text, section
+    assert (tmp_path / "qwen-sized-tokenizer.json").is_file()
