@@ -105,7 +105,10 @@ def constrained_answer(question: Question, text: str, constraint: Constraint, fi
     if constraint.failed is not None:
         answer["error"] = {"code": "constraint_failed", "message": f"the grammar failed: {constraint.failed}"}
     elif finished or constraint.accepting:
-        answer["value"] = constrained_value(question, text)
+        try:
+            answer["value"] = constrained_value(question, text)
+        except ValueError as exc:
+            answer["error"] = {"code": "value_out_of_range", "message": str(exc)}
     else:
         answer["truncated"] = True
         answer["error"] = {"code": "truncated",

@@ -12,6 +12,7 @@ matcher.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,20 @@ class Grammars:
         return Constraint(pristine.deep_copy(), self.vocab_size)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a number")
+    return value
+
+
 def constrained_value(question: Question, text: str) -> Any:
-    """The value of a complete constrained answer: the grammar guarantees it parses."""
-    value = json.loads(text)
-    return float(value) if question.type == "number" else value
+    """The value of a complete constrained answer.  The grammar makes it parse; a number too large for a
+    float (``1e999``) is still refused, since records must stay valid JSON.  ``ValueError`` otherwise."""
+    value = json.loads(text, parse_float=_finite)
+    if question.type == "number":
+        try:
+            return _finite(str(float(value)))
+        except OverflowError:
+            raise ValueError(f"{text} is beyond the range of a number") from None
+    return value

@@ -39,8 +39,14 @@ def _digest(value: Any) -> str:
 
 
 def rule_version(rule: Rule, max_pixels: int) -> str:
-    """What changes the model's answers: the questions as asked, the crop and the resolution used."""
-    asked = [q.model_dump(include={"id", "ask", "type", "options", "max_tokens"}) for q in rule.questions]
+    """What changes the model's answers: the questions as asked (with the grammar a constrained answer is
+    generated under), the crop and the resolution used."""
+    asked = []
+    for q in rule.questions:
+        fields = q.model_dump(include={"id", "ask", "type", "options", "max_tokens"})
+        if q.grammar is not None:  # only then: answers cached for free questions stay valid
+            fields["grammar"] = q.grammar
+        asked.append(fields)
     return _digest({"questions": asked, "crop": rule.crop, "max_pixels": rule.max_pixels or max_pixels})[:16]
 
 

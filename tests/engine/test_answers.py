@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from edgevl.engine.answers import choice_answer, generated_answer, parse_json, yes_no_answer
+from edgevl.engine.answers import choice_answer, constrained_answer, generated_answer, parse_json, yes_no_answer
 from edgevl.errors import AnswerError
 from edgevl.questions import Question, sigmoid, softmax
 
@@ -89,3 +90,25 @@ def test_prompt_text_only_changes_typed_questions() -> None:
     assert Question(id="t", ask="Read the label.").prompt_text() == "Read the label."
     assert Question(id="y", ask="Defect?", type="yes_no").prompt_text() == "Defect? Answer yes or no."
     assert "one of: x, y" in Question(id="c", ask="Which?", type="choice", options=("x", "y")).prompt_text()
+
+
+def test_a_constrained_number_beyond_a_float_is_an_error_inside_the_answer_not_invalid_json() -> None:
+    from edgevl.records import to_json
+
+    class Done:  # a constraint whose grammar was completed
+        failed = None
+        accepting = True
+
+    number = Question(id="n", ask="How many?", type="number")
+    assert constrained_answer(number, "12", Done(), True)["value"] == 12.0  # type: ignore[arg-type]
+    for text in ("1e999", "-1e400", "1" + "0" * 400):
+        answer = constrained_answer(number, text, Done(), True)  # type: ignore[arg-type]
+        assert answer["value"] is None
+        assert answer["error"]["code"] == "value_out_of_range"
+    schema = Question.model_validate({"id": "j", "ask": "x", "type": "json",
+                                      "schema": {"type": "object", "properties": {"v": {"type": "number"}}}})
+    answer = constrained_answer(schema, '{"v":1e999}', Done(), True)  # type: ignore[arg-type]
+    assert answer["error"]["code"] == "value_out_of_range"
+    # Strict JSON: Python's reader would take Infinity, a dashboard's would not.
+    text = to_json({"answers": {"j": answer}})  # type: ignore[typeddict-item]
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a record")) == {"answers": {"j": answer}}
