@@ -121,8 +121,9 @@ class PdfDocument(Document):
                 raise ImageError(f"page {number} is {width / 72:.1f} x {height / 72:.1f} inches: not a page "
                                  "edgevl renders", "page_too_large")
             # Embedded pictures are decoded whole whatever the scale of the rendering: one larger than the
-            # pixel limit is a decompression bomb, refused before any pixel of it is decoded.
-            for obj in page.get_objects(filter=(raw.FPDF_PAGEOBJ_IMAGE,), max_depth=8):
+            # pixel limit is a decompression bomb, refused before any pixel of it is decoded.  (One hidden
+            # deeper in nested forms than this search goes still ends at the worker's memory cap.)
+            for obj in page.get_objects(filter=(raw.FPDF_PAGEOBJ_IMAGE,), max_depth=64):
                 px_w, px_h = obj.get_px_size()
                 if px_w * px_h > self.pixel_limit or max(px_w, px_h) > MAX_SIDE:
                     raise ImageError(f"page {number} holds a {px_w}x{px_h} picture; the limit is "

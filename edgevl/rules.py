@@ -160,8 +160,8 @@ def _read_schema_files(path: Path, raw: dict[str, Any]) -> list[str]:
                 question["schema"] = json.loads(file.read_text(encoding="utf-8"))
             except OSError as exc:
                 problems.append(f"{where}: cannot read schema_file {file}: {exc.strerror or exc}")
-            except ValueError as exc:
-                problems.append(f"{where}: schema_file {file} is not JSON: {exc}")
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+                problems.append(f"{where}: schema_file {file} is not JSON edgevl reads: {exc}")
     return problems
 
 

@@ -122,6 +122,7 @@ def test_a_schema_is_given_inline_or_in_a_file_beside_the_rules(tmp_path: Path) 
 @pytest.mark.parametrize(("schema_file", "expected"), [
     (None, 'rule "scans", question "fields": cannot read schema_file'),
     ("{not json", 'rule "scans", question "fields": schema_file'),
+    ("[" * 100_000, 'rule "scans", question "fields": schema_file'),  # deeper than the parser goes
     ('{"type": "string", "minLength": 9, "maxLength": 1}',
      'rule "scans", question "fields": the schema cannot be compiled'),
     ('{"type": "object", "oneOf": []}', 'question "fields": schema: oneOf not supported for type object'),
