@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -79,7 +80,11 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
     results: list[dict[str, Any]] = []
     for precision in dict.fromkeys(precisions):
         print(f"bench: {precision}, engine and naive generate() …", file=sys.stderr)
+        # The first start of an int8 worker prepares its weights; the ready figure is a later start's.
+        shutil.rmtree(path.parent / "prepared", ignore_errors=True)
         result = _child(path, precision, threads)
+        print(f"bench: {precision}, a second start …", file=sys.stderr)
+        result.update(_child(path, precision, threads, "ready"))
         print(f"bench: {precision}, stock model-card path …", file=sys.stderr)
         baseline = _child(path, precision, threads, "stock")
         result["stock_seconds_per_image"] = baseline["stock_seconds_per_image"]
@@ -106,7 +111,8 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
                   f" stock {r['stock_seconds_per_image']:.2f} s),"
                   f" peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB,"
                   f" prefill {r['prefill_seconds']:.2f} s, decode {r['decode_seconds_per_token'] * 1000:.0f} ms/token,"
-                  f" ready {r['ready_seconds']:.1f} s; W-doc {r['wdoc_seconds_per_page']:.2f} s/page")
+                  f" ready {r['ready_seconds']:.1f} s (first start {r['first_ready_seconds']:.1f} s);"
+                  f" W-doc {r['wdoc_seconds_per_page']:.2f} s/page")
     print("bench: the grammar mask of a schema, per token …", file=sys.stderr)
     from edgevl.bench.grammar import mask_costs
 
@@ -173,10 +179,14 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "model card's way end to end in a process of its own: stock `from_pretrained` in the same",
         "precision (int8: torch's `quantize_dynamic` recipe) and the same `generate()` calls. Peak RSS is",
         "the engine process's high-water mark, loading included, before the naive runs. Seconds per image",
-        "are the median of four frames after a warm-up frame.",
+        "are the median of four frames after a warm-up frame. Ready is the time from a worker process's start",
+        "(interpreter and imports included) until its first answer is possible, with the checkpoint in the",
+        "page cache: at the first start (which, for int8, prepares the quantized weights) and at a later one",
+        "(int8: from the prepared weights).",
         "",
         "| precision | s / image | naive s / image | speedup vs naive | stock s / image | speedup vs stock |"
-        " speedup vs float32 | peak RSS | prefill (vision + prefix) s | decode s / token | load s | ready s |",
+        " speedup vs float32 | peak RSS | prefill (vision + prefix) s | decode s / token | ready s, first start |"
+        " ready s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     documents = [
@@ -184,8 +194,7 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "## W-doc: a document page",
         "",
         "One A4 page scan (1240x1754, 150 dpi) at max_pixels 1024x1024 with one text answer forced to 128",
-        "tokens, answered once in the same process after W4's frames. Ready is the time from the worker",
-        "process's start (interpreter and imports included) until its first answer is possible.",
+        "tokens, answered once in the same process after W4's frames.",
         "",
         "| precision | s / page | prefill (vision + prefix) s | image tokens | decode s / token | peak RSS |",
         "|---|---|---|---|---|---|",
@@ -208,7 +217,7 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
             f"{r['speedup']:.2f}x | {r['stock_seconds_per_image']:.2f} | {r['speedup_vs_stock']:.2f}x | "
             f"{r.get('speedup_vs_float32', float('nan')):.2f}x | "
             f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['prefill_seconds']:.2f} | "
-            f"{r['decode_seconds_per_token']:.3f} | {r['load_seconds']:.1f} | {r['ready_seconds']:.1f} |"
+            f"{r['decode_seconds_per_token']:.3f} | {r['first_ready_seconds']:.1f} | {r['ready_seconds']:.1f} |"
         )
         documents.append(f"| {r['precision']} | {r['wdoc_seconds_per_page']:.2f} | {r['wdoc_prefill_seconds']:.2f} | "
                          f"{r['wdoc_image_tokens']} | {r['wdoc_decode_seconds_per_token']:.3f} | "

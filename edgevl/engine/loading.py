@@ -25,6 +25,7 @@ from torch import nn
 from edgevl.config import PRECISIONS, Precision
 from edgevl.engine.kernels import Int8Embedding, convert_linears, int8_linear, quantize_rows
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
+from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
 from edgevl.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class LoadedModel:
     image_token_id: int
     vision_end_id: int
     load_seconds: float
+    # int8: whether its weights came from a prepared file ("read"), were prepared by this load ("written"),
+    # or were quantized without one ("none").
+    prepared: str = "none"
 
     @property
     def config(self) -> Any:
@@ -130,7 +134,43 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision) -> set[str]:
+class _Int8Rows:
+    """Where a load's int8 rows come from (a prepared file) or go to (a new one)."""
+
+    def __init__(self, reader: PreparedReader | None, writer: PreparedWriter | None) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def has(self, key: str) -> bool:
+        return self.reader is not None and f"{key}.q" in self.reader
+
+    def rows(self, key: str, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reader is not None and self.has(key):
+            return self.reader.take(f"{key}.q"), self.reader.take(f"{key}.scales")
+        if weight is None:
+            raise ModelError(f"the checkpoint lacks {key}", "model_unsupported")
+        q, scales = quantize_rows(weight.detach())
+        if self.writer is not None:
+            self.writer.add(f"{key}.q", q)
+            self.writer.add(f"{key}.scales", scales)
+        return q, scales
+
+
+def _int8_linears(module: nn.Module, prefix: str, source: _Int8Rows) -> None:
+    """Every Linear below ``module`` whose weight is loaded, or prepared, made int8 (its bias loaded first)."""
+    for name, child in list(module.named_children()):
+        full = f"{prefix}.{name}" if prefix else name
+        if not isinstance(child, nn.Linear):
+            _int8_linears(child, full, source)
+            continue
+        key = f"{full}.weight"
+        if (child.bias is not None and child.bias.is_meta) or (child.weight.is_meta and not source.has(key)):
+            continue
+        setattr(module, name, int8_linear(child, source.rows(key, None if child.weight.is_meta else child.weight)))
+
+
+def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision,
+                    source: _Int8Rows) -> set[str]:
     from safetensors import safe_open
 
     files = {info.name: info.file for info in read_tensor_infos(path)}
@@ -143,22 +183,30 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     for (file, owner), keys in sorted(groups.items(), key=lambda item: (str(item[0][0]), item[0][1])):
         with safe_open(str(file), framework="pt") as f:
             for key in keys:
+                if source.has(key):
+                    continue  # its int8 rows are prepared: the file's weights are not read at all
                 # int8 quantizes the token embedding from the file's rows (see Int8Embedding).
                 target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
                 _assign(model, key, _read(f, key, target))
-        convert_linears(model.get_submodule(owner), precision)
+        if precision == "int8":
+            _int8_linears(model.get_submodule(owner), owner, source)
+        else:
+            convert_linears(model.get_submodule(owner), precision)
     return set(files)
 
 
-def _finish_int8(model: Any) -> None:
+def _finish_int8(model: Any, source: _Int8Rows) -> None:
     """int8 token embedding and output head; the float table is freed before the head is packed."""
     lm = model.model.language_model
     tied = model.lm_head.weight is lm.embed_tokens.weight
     vocab, hidden = lm.embed_tokens.weight.shape
-    rows = quantize_rows(lm.embed_tokens.weight.detach())
+    key = "model.language_model.embed_tokens.weight"
+    q, scales = source.rows(key, None if lm.embed_tokens.weight.is_meta else lm.embed_tokens.weight)
+    rows = (q.clone(), scales.clone()) if source.has(key) else (q, scales)  # its own memory, not the file's
     lm.embed_tokens = Int8Embedding(*rows)
     if not tied:
-        model.lm_head = int8_linear(model.lm_head)
+        if isinstance(model.lm_head, nn.Linear):
+            model.lm_head = int8_linear(model.lm_head, source.rows("lm_head.weight", model.lm_head.weight))
         return
     model.lm_head = nn.Identity()  # drops the last reference to the float table
     with torch.device("meta"):
@@ -166,9 +214,74 @@ def _finish_int8(model: Any) -> None:
     model.lm_head = int8_linear(head, rows)
 
 
-def load_model(model_id: str, precision: Precision = "float32", threads: int = 0) -> LoadedModel:
-    """Load Qwen3-VL for the CPU in the given precision; ``threads`` 0 means one per usable core."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Qwen3VLForConditionalGeneration
+def _build(config: Any, path: Path, precision: Precision, source: _Int8Rows) -> Any:
+    """The model with its weights streamed in and converted to ``precision``'s kernels."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    _rebuild_meta_buffers(model)
+    _set_mmap_threshold(_LOAD_MMAP_THRESHOLD)
+    try:
+        loaded = _stream_weights(model, path, dtype, precision, source)
+        if "lm_head.weight" not in loaded:
+            # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
+            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        if precision == "int8":
+            _finish_int8(model, source)
+        else:
+            # Mergers and other loose Linear layers; a tied output head stays a dense
+            # nn.Linear because packing it would duplicate the embedding matrix.
+            convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
+    finally:
+        _set_mmap_threshold(_RUN_MMAP_THRESHOLD)
+        _trim_heap()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}", "model_unsupported")
+    return model
+
+
+def _prepared_source(prepared_dir: Path, path: Path) -> tuple[_Int8Rows, Path]:
+    base = location(prepared_dir, path, "int8")
+    reader = PreparedReader.open(base)
+    if reader is not None:
+        return _Int8Rows(reader, None), base
+    try:
+        return _Int8Rows(None, PreparedWriter(base)), base
+    except OSError as exc:
+        log.warning("cannot prepare the int8 weights in %s: %s", prepared_dir, exc.strerror or exc)
+        return _Int8Rows(None, None), base
+
+
+def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str]:
+    """The int8 model from its prepared rows (or preparing them); a damaged file is rebuilt, never used."""
+    source, base = _prepared_source(prepared_dir, path)
+    try:
+        model = _build(config, path, "int8", source)
+    except PreparedCorrupt as exc:
+        log.warning("the prepared int8 weights %s are damaged (%s): they are made again from the model", base, exc)
+        assert source.reader is not None
+        source.reader.discard()
+        source, _ = _prepared_source(prepared_dir, path)
+        model = _build(config, path, "int8", source)
+    except BaseException:
+        if source.writer is not None:
+            source.writer.abort()
+        raise
+    if source.reader is not None:
+        return model, "read"
+    return model, "written" if source.writer is not None and source.writer.commit() else "none"
+
+
+def load_model(model_id: str, precision: Precision = "float32", threads: int = 0,
+               prepared_dir: Path | None = None) -> LoadedModel:
+    """Load Qwen3-VL for the CPU in the given precision; ``threads`` 0 means one per usable core.
+
+    ``prepared_dir`` (int8): where the quantized rows are kept between starts (see ``edgevl.engine.prepared``).
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from edgevl.engine.tuning import usable_cores
@@ -181,28 +294,11 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "qwen3_vl":
         raise ModelError(f"{model_id} is a {config.model_type} model; edgevl runs Qwen3-VL", "model_unsupported")
-    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-    with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    _rebuild_meta_buffers(model)
-    _set_mmap_threshold(_LOAD_MMAP_THRESHOLD)
-    try:
-        loaded = _stream_weights(model, path, dtype, precision)
-        if "lm_head.weight" not in loaded:
-            # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
-            model.lm_head.weight = model.model.language_model.embed_tokens.weight
-        if precision == "int8":
-            _finish_int8(model)
-        else:
-            # Mergers and other loose Linear layers; a tied output head stays a dense
-            # nn.Linear because packing it would duplicate the embedding matrix.
-            convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
-    finally:
-        _set_mmap_threshold(_RUN_MMAP_THRESHOLD)
-        _trim_heap()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ModelError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}", "model_unsupported")
+    prepared = "none"
+    if precision == "int8" and prepared_dir is not None:
+        model, prepared = _build_int8(config, path, prepared_dir)
+    else:
+        model = _build(config, path, precision, _Int8Rows(None, None))
     model.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -224,7 +320,9 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     seconds = time.monotonic() - started
-    log.info("loaded %s (%s) in %.1f s", model_id, precision, seconds)
+    log.info("loaded %s (%s) in %.1f s%s", model_id, precision, seconds,
+             {"read": " from its prepared int8 weights", "written": "; its int8 weights are prepared for the next "
+              "start"}.get(prepared, ""))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -237,4 +335,5 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
         image_token_id=int(config.image_token_id),
         vision_end_id=int(config.vision_end_token_id),
         load_seconds=seconds,
+        prepared=prepared,
     )

@@ -38,6 +38,7 @@ class Load:
     max_pixels: int
     procs_file: str | None  # the cgroup to join before anything is allocated
     log_level: str = "info"  # the daemon's, which the worker follows
+    prepared_dir: str | None = None  # int8: where its quantized weights are kept between starts
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ class WorkerSupervisor:
                  memcap.format_bytes(needed.total), self.cap.describe())
         self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
                              model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None,
-                             logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower())
+                             logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+                             str(self.config.state_dir / "prepared") if model.precision == "int8" else None)
         self._start()
         self._sampler = threading.Thread(target=self._sample, name="worker-rss", daemon=True)
         self._sampler.start()

@@ -132,6 +132,27 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_answered(tmp_path: Path
     assert _gone(replacement), "a clean stop ends the worker too"
 
 
+def test_an_int8_worker_prepares_its_weights_once_and_its_replacement_reads_them(tmp_path: Path,
+                                                                                 test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir, env={"EDGEVL_MODEL__PRECISION": "int8"})
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        prepared = sorted(p.name for p in (d.state / "prepared").iterdir())
+        assert [name.rsplit(".", 1)[1] for name in prepared] == ["bin", "json"]
+        assert "its int8 weights are prepared for the next start" in d.log()
+        worker = d.worker()[0]
+        os.kill(worker, signal.SIGKILL)
+        d.wait_worker("ready", restarts=1)
+        d.wait_log("from its prepared int8 weights")
+        (d.inbox / "a.jpg").write_bytes(_jpeg(2))
+        (record,) = d.wait_records(1)
+        assert record["model"]["precision"] == "int8"
+        assert sorted(p.name for p in (d.state / "prepared").iterdir()) == prepared
+    finally:
+        assert d.stop() == 0
+
+
 def test_a_hung_worker_starves_the_watchdog_and_is_replaced(tmp_path: Path, test_model_dir: Path) -> None:
     d = DaemonProcess(tmp_path, test_model_dir)
     d.config.write_text(d.config.read_text().replace("threads = 1", "threads = 1\nstall_timeout = 2"))

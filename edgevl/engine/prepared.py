@@ -1,0 +1,171 @@
+"""int8 weights prepared once and read back at every start.
+
+Quantizing the 2B model's matrices (reading bfloat16, scaling every row to
+int8) is most of an int8 worker's start.  The first start writes the int8 rows
+and their scales to ``<state_dir>/prepared/``; later starts map that file and
+hand the rows to the kernels as they are.  The file's name is a key of the
+model's files (names, sizes, modification times), the precision, torch's
+version and this format's, so a replaced model or an upgraded torch never meets
+an old file.  Every tensor carries a CRC-32 that is checked as it is read: a
+damaged file is deleted and rebuilt from the model, never trusted.  The index
+is written last, after the data is on disk, so a start killed while writing
+leaves no file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_ALIGN = 64  # every tensor starts at a multiple of this: any dtype's view is aligned
+_DTYPES = {"int8": torch.int8, "float64": torch.float64}
+
+
+class PreparedCorrupt(Exception):
+    """A prepared tensor does not match its checksum."""
+
+
+def model_version(model_dir: Path) -> list[tuple[str, int, int]]:
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def location(directory: Path, model_dir: Path, precision: str) -> Path:
+    """Where the prepared weights of this model, precision and torch live (without suffix)."""
+    key = json.dumps([FORMAT, precision, torch.__version__, str(model_dir.resolve()), model_version(model_dir)])
+    return directory / f"{precision}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+
+
+def _index(base: Path) -> Path:
+    return base.with_name(base.name + ".json")
+
+
+def _data(base: Path) -> Path:
+    return base.with_name(base.name + ".bin")
+
+
+class PreparedReader:
+    """The rows of a complete prepared file, mapped; each checked when taken."""
+
+    def __init__(self, base: Path, entries: dict[str, Any]) -> None:
+        self.base = base
+        self.entries = entries
+        size = _data(base).stat().st_size
+        self.blob = torch.from_file(str(_data(base)), shared=False, size=size, dtype=torch.uint8)
+
+    @classmethod
+    def open(cls, base: Path) -> PreparedReader | None:
+        """The prepared weights at ``base``, or None when there are none (or no complete ones)."""
+        try:
+            index = json.loads(_index(base).read_text())
+            if index.get("format") != FORMAT or not isinstance(index.get("tensors"), dict):
+                return None
+            return cls(base, index["tensors"])
+        except (OSError, ValueError, RuntimeError):
+            return None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def take(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = _DTYPES[entry["dtype"]]
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        start = int(entry["offset"])
+        raw = self.blob[start : start + count * dtype.itemsize]
+        if raw.numel() != count * dtype.itemsize or zlib.crc32(raw.numpy().data) != entry["crc32"]:
+            raise PreparedCorrupt(f"{name} does not match its checksum")
+        return raw.view(dtype).reshape(entry["shape"])
+
+    def discard(self) -> None:
+        for path in (_index(self.base), _data(self.base)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+class PreparedWriter:
+    """Writes rows as the load makes them; nothing is kept in memory beyond the tensor being written."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _data(base).with_name(_data(base).name + ".partial")
+        self.file = self.tmp.open("wb")
+        self.entries: dict[str, Any] = {}
+        self.offset = 0
+        self.failed: OSError | None = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor``; a write that fails (a full disk) ends the writing, never the load."""
+        if self.failed is not None:
+            return
+        try:
+            self._add(name, tensor)
+        except OSError as exc:
+            self.failed = exc
+            self.abort()
+            log.warning("cannot prepare the int8 weights in %s: %s; this start quantizes them, as will the next",
+                        self.base.parent, exc.strerror or exc)
+
+    def _add(self, name: str, tensor: torch.Tensor) -> None:
+        array = tensor.detach().contiguous().numpy()
+        pad = -self.offset % _ALIGN
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(array.data.cast("B"))
+        kind = {torch.int8: "int8", torch.float64: "float64"}[tensor.dtype]
+        self.entries[name] = {"dtype": kind, "shape": list(tensor.shape), "offset": self.offset,
+                              "crc32": zlib.crc32(array.data)}
+        self.offset += array.nbytes
+
+    def commit(self) -> bool:
+        """Data on disk first, then the index that makes it complete; older prepared files are removed."""
+        if self.failed is not None:
+            return False
+        try:
+            self._commit()
+        except OSError as exc:
+            self.abort()
+            log.warning("cannot prepare the int8 weights in %s: %s", self.base.parent, exc.strerror or exc)
+            return False
+        return True
+
+    def _commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, _data(self.base))
+        index = _index(self.base).with_name(_index(self.base).name + ".partial")
+        index.write_text(json.dumps({"format": FORMAT, "tensors": self.entries}))
+        with index.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(index, _index(self.base))
+        directory = os.open(self.base.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        keep = {_index(self.base).name, _data(self.base).name}
+        for other in self.base.parent.iterdir():  # one model per appliance: the files of the old ones go
+            if other.name not in keep and other.suffix in (".json", ".bin", ".partial"):
+                with contextlib.suppress(OSError):
+                    other.unlink()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()

@@ -1,0 +1,92 @@
+"""int8 weights prepared once: read back at the next start with the very same answers, made again when the
+model changes or the file is damaged, and never a reason for a start to fail."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgevl.engine.engine import Engine
+from edgevl.engine.loading import load_model
+from edgevl.questions import Question
+from tests.harness.disks import fill
+from tests.harness.images import noise_image
+
+QUESTIONS = [
+    Question(id="d", ask="Is there a defect?", type="yes_no"),
+    Question(id="c", ask="Which type?", type="choice", options=("A", "B")),
+    Question(id="t", ask="Read the label.", max_tokens=8),
+]
+
+
+def _answers(model_dir: Path, prepared_dir: Path | None) -> tuple[str, object]:
+    lm = load_model(str(model_dir), "int8", 1, prepared_dir)
+    answered = Engine(lm).answer(noise_image(96, 80, seed=3), QUESTIONS, 96 * 96)
+    return lm.prepared, (answered.tokens, answered.scores)
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_written_read_and_rebuilt_with_the_answers_of_a_load_without_them(tmp_path: Path,
+                                                                           test_model_dir: Path) -> None:
+    prepared = tmp_path / "prepared"
+    _, plain = _answers(test_model_dir, None)
+    assert _answers(test_model_dir, prepared) == ("written", plain)
+    names = _files(prepared)
+    assert [n.rsplit(".", 1)[1] for n in names] == ["bin", "json"]
+    assert _answers(test_model_dir, prepared) == ("read", plain)
+
+    data = next(prepared.glob("*.bin"))
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 3] ^= 0x10
+    data.write_bytes(damaged)
+    assert _answers(test_model_dir, prepared) == ("written", plain), "made again, not trusted"
+    assert _files(prepared) == names
+    assert _answers(test_model_dir, prepared) == ("read", plain)
+
+
+def test_a_start_killed_while_preparing_leaves_nothing_that_is_read(tmp_path: Path, test_model_dir: Path) -> None:
+    prepared = tmp_path / "prepared"
+    _answers(test_model_dir, prepared)
+    index = next(prepared.glob("*.json"))
+    index.unlink()  # the index is written last: without it the data is not complete
+    (prepared / (index.stem + ".bin.partial")).write_bytes(b"half")
+    assert _answers(test_model_dir, prepared)[0] == "written"
+    assert not list(prepared.glob("*.partial"))
+
+
+def test_a_changed_model_gets_its_own_prepared_weights_and_the_old_ones_go(tmp_path: Path,
+                                                                          test_model_dir: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(test_model_dir, model)
+    prepared = tmp_path / "prepared"
+    _answers(model, prepared)
+    before = _files(prepared)
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # replaced in place
+    assert _answers(model, prepared)[0] == "written"
+    after = _files(prepared)
+    assert len(after) == 2
+    assert set(after).isdisjoint(before)
+
+
+def test_a_full_disk_costs_the_preparing_not_the_start(small_tmpfs: Path, test_model_dir: Path) -> None:
+    prepared = small_tmpfs / "prepared"
+    prepared.mkdir()
+    fill(small_tmpfs)
+    state, answers = _answers(test_model_dir, prepared)
+    assert state == "none"
+    assert answers == _answers(test_model_dir, None)[1]
+    assert not list(prepared.iterdir()), "no partial file left behind"
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_only_int8_is_prepared(tmp_path: Path, test_model_dir: Path, precision: str) -> None:
+    lm = load_model(str(test_model_dir), precision, 1, tmp_path / "prepared")  # type: ignore[arg-type]
+    assert lm.prepared == "none"
+    assert not (tmp_path / "prepared").exists()
