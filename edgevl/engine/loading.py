@@ -201,8 +201,7 @@ def _finish_int8(model: Any, source: _Int8Rows) -> None:
     tied = model.lm_head.weight is lm.embed_tokens.weight
     vocab, hidden = lm.embed_tokens.weight.shape
     key = "model.language_model.embed_tokens.weight"
-    q, scales = source.rows(key, None if lm.embed_tokens.weight.is_meta else lm.embed_tokens.weight)
-    rows = (q.clone(), scales.clone()) if source.has(key) else (q, scales)  # its own memory, not the file's
+    rows = source.rows(key, None if lm.embed_tokens.weight.is_meta else lm.embed_tokens.weight)
     lm.embed_tokens = Int8Embedding(*rows)
     if not tied:
         if isinstance(model.lm_head, nn.Linear):
@@ -269,8 +268,11 @@ def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str]:
     except BaseException:
         if source.writer is not None:
             source.writer.abort()
+        if source.reader is not None:
+            source.reader.close()
         raise
     if source.reader is not None:
+        source.reader.close()
         return model, "read"
     return model, "written" if source.writer is not None and source.writer.commit() else "none"
 

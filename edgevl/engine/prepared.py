@@ -2,8 +2,8 @@
 
 Quantizing the 2B model's matrices (reading bfloat16, scaling every row to
 int8) is most of an int8 worker's start.  The first start writes the int8 rows
-and their scales to ``<state_dir>/prepared/``; later starts map that file and
-hand the rows to the kernels as they are.  The file's name is a key of the
+and their scales to ``<state_dir>/prepared/``; later starts read them one
+matrix at a time and hand them to the kernels as they are.  The file's name is a key of the
 model's files (names, sizes, modification times), the precision, torch's
 version and this format's, so a replaced model or an upgraded torch never meets
 an old file.  Every tensor carries a CRC-32 that is checked as it is read: a
@@ -61,8 +61,9 @@ class PreparedReader:
     def __init__(self, base: Path, entries: dict[str, Any]) -> None:
         self.base = base
         self.entries = entries
-        size = _data(base).stat().st_size
-        self.blob = torch.from_file(str(_data(base)), shared=False, size=size, dtype=torch.uint8)
+        # Read, not mapped: a mapping's pages would count in the worker's resident size next to the kernels'
+        # packed copies; a read tensor is freed once packed, as a freshly quantized one is.
+        self.file = _data(base).open("rb", buffering=0)
 
     @classmethod
     def open(cls, base: Path) -> PreparedReader | None:
@@ -72,7 +73,7 @@ class PreparedReader:
             if index.get("format") != FORMAT or not isinstance(index.get("tensors"), dict):
                 return None
             return cls(base, index["tensors"])
-        except (OSError, ValueError, RuntimeError):
+        except (OSError, ValueError):
             return None
 
     def __contains__(self, name: str) -> bool:
@@ -84,13 +85,24 @@ class PreparedReader:
         count = 1
         for dim in entry["shape"]:
             count *= dim
-        start = int(entry["offset"])
-        raw = self.blob[start : start + count * dtype.itemsize]
-        if raw.numel() != count * dtype.itemsize or zlib.crc32(raw.numpy().data) != entry["crc32"]:
+        tensor = torch.empty(count, dtype=dtype)
+        view = tensor.numpy().data.cast("B")
+        self.file.seek(int(entry["offset"]))
+        read = 0
+        while read < len(view):
+            got = self.file.readinto(view[read:])
+            if not got:
+                raise PreparedCorrupt(f"{name} is cut short")
+            read += got
+        if zlib.crc32(view) != entry["crc32"]:
             raise PreparedCorrupt(f"{name} does not match its checksum")
-        return raw.view(dtype).reshape(entry["shape"])
+        return tensor.reshape(entry["shape"])
+
+    def close(self) -> None:
+        self.file.close()
 
     def discard(self) -> None:
+        self.close()
         for path in (_index(self.base), _data(self.base)):
             with contextlib.suppress(OSError):
                 path.unlink()
