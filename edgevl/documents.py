@@ -23,7 +23,7 @@ from typing import Literal
 from PIL import Image
 
 from edgevl.errors import ImageError
-from edgevl.images import DEFAULT_PIXEL_LIMIT, MAX_SIDE, decode_frame, decode_image
+from edgevl.images import DEFAULT_PIXEL_LIMIT, MAX_SIDE, decode_frame, decode_image, image_suffix, is_pdf
 
 PageSelection = Literal["all", "first"] | tuple[int, ...]
 # A page is rendered to fit the encoder's pixel budget; beyond this resolution a
@@ -34,14 +34,9 @@ MAX_RENDER_DPI = 300
 MAX_PAGE_POINTS = 14_400 * 4
 
 
-def is_pdf(data: bytes) -> bool:
-    # PDF readers accept up to 1 KB of garbage before the header, and so does edgevl.
-    return b"%PDF-" in data[:1024]
-
-
 def is_multipage_tiff(data: bytes) -> bool:
     """Whether ``data`` is a TIFF with more than one page (a one-page TIFF is answered as an image)."""
-    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+    if image_suffix(data) != ".tif":
         return False
     try:
         with warnings.catch_warnings():
@@ -76,7 +71,13 @@ class Document:
     format: str
     page_count: int
 
-    def render(self, number: int, max_pixels: int) -> Image.Image:  # pragma: no cover - interface
+    def render(self, number: int, max_pixels: int) -> Image.Image:
+        """Page ``number`` (1-based) as an RGB picture for an encoder budget of ``max_pixels``."""
+        if not 1 <= number <= self.page_count:
+            raise ImageError(f"the document has no page {number} (it has {self.page_count})", "page_not_found")
+        return self._render(number, max_pixels)
+
+    def _render(self, number: int, max_pixels: int) -> Image.Image:  # pragma: no cover - interface
         raise NotImplementedError
 
     def close(self) -> None:  # pragma: no cover - interface
@@ -103,12 +104,10 @@ class PdfDocument(Document):
             self.pdf.close()
             raise ImageError("the PDF has no pages", "document_unreadable")
 
-    def render(self, number: int, max_pixels: int) -> Image.Image:
+    def _render(self, number: int, max_pixels: int) -> Image.Image:
         import pypdfium2 as pdfium
         import pypdfium2.raw as raw
 
-        if not 1 <= number <= self.page_count:
-            raise ImageError(f"the document has no page {number} (it has {self.page_count})", "page_not_found")
         try:
             page = self.pdf[number - 1]
         except pdfium.PdfiumError as exc:
@@ -159,9 +158,7 @@ class TiffDocument(Document):
         except Exception as exc:
             raise ImageError(f"not a readable TIFF: {exc}", "document_unreadable") from None
 
-    def render(self, number: int, max_pixels: int) -> Image.Image:
-        if not 1 <= number <= self.page_count:
-            raise ImageError(f"the document has no page {number} (it has {self.page_count})", "page_not_found")
+    def _render(self, number: int, max_pixels: int) -> Image.Image:
         try:
             self.tiff.seek(number - 1)
         except Exception as exc:

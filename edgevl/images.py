@@ -163,9 +163,14 @@ def image_suffix(data: bytes) -> str | None:
         return ".bmp"
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return ".tif"
-    if b"%PDF-" in data[:1024]:  # readers accept up to 1 KB before the header
+    if is_pdf(data):
         return ".pdf"
     return None
+
+
+def is_pdf(data: bytes) -> bool:
+    # PDF readers accept up to 1 KB of garbage before the header, and so does edgevl.
+    return b"%PDF-" in data[:1024]
 
 
 def accepted_suffix(data: bytes) -> str:

@@ -115,12 +115,11 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 1024, seed: int = 0) -> Any:
-    """Train a byte-level BPE with Qwen's pre-tokenizer and special tokens; save it as a Qwen2Tokenizer."""
+def train_bpe(texts: Any, vocab_size: int) -> Any:
+    """A byte-level BPE with Qwen's normalizer, pre-tokenizer and decoder, trained on ``texts``."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
-    from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -138,7 +137,15 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024, seed: int = 0) -> Any
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 1024, seed: int = 0) -> Any:
+    """Train a byte-level BPE with Qwen's pre-tokenizer and special tokens; save it as a Qwen2Tokenizer."""
+    from transformers import Qwen2Tokenizer
+
+    tok = train_bpe(_corpus(seed), vocab_size)
     model = json.loads(tok.to_str())["model"]
     qwen = Qwen2Tokenizer(
         vocab=model["vocab"],

@@ -53,21 +53,9 @@ def qwen_sized_tokenizer(cache: Path, vocab: int = QWEN_VOCAB, corpus_chars: int
     """The tokenizer's JSON, trained on first use and kept in ``cache``."""
     if cache.is_file():
         return cache.read_text()
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-    from tokenizers.trainers import BpeTrainer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from edgevl.bench.checkpoints import train_bpe
 
-    tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=vocab, special_tokens=[], show_progress=False,
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(corpus_chars), trainer=trainer)
+    tok = train_bpe(_corpus(corpus_chars), vocab)
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     text = str(tok.to_str())
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -244,7 +244,10 @@ def _generate(seq: PackedSequence, waiting: list[Branch], max_batch: int, stats:
                                  branch.slots))
         hidden = seq.forward(tokens)
         logp = seq.logprobs(hidden)
-        choices = [_choose(branch, logp[row]) for row, branch in enumerate(active)]
+        choices = logp.argmax(dim=-1).tolist()
+        for row, branch in enumerate(active):
+            if branch.constraint is not None:  # the greedy choice among what its grammar allows
+                choices[row] = _choose(branch, logp[row])
         stats.steps += 1
         stats.seconds += time.perf_counter() - started
         still = []

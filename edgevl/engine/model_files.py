@@ -6,6 +6,7 @@ memory before a worker process loads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -17,6 +18,13 @@ from edgevl.errors import ModelError
 
 # safetensors stores this many bytes of JSON header at most (its own limit).
 _MAX_HEADER = 100 << 20
+
+
+def model_version(model_dir: Path) -> str:
+    """The model's files by name, size and modification time: a replaced checkpoint is a new model."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors", ".jinja"))
+    listing = json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files], sort_keys=True)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 def resolve_model_path(model_id: str) -> Path:

@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from edgevl.engine.model_files import model_version
+from edgevl.fsutil import atomic_write
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -34,11 +37,6 @@ _DTYPES = {"int8": torch.int8, "float64": torch.float64}
 
 class PreparedCorrupt(Exception):
     """A prepared tensor does not match its checksum."""
-
-
-def model_version(model_dir: Path) -> list[tuple[str, int, int]]:
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors"))
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def location(directory: Path, model_dir: Path, precision: str) -> Path:
@@ -160,19 +158,11 @@ class PreparedWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, _data(self.base))
-        index = _index(self.base).with_name(_index(self.base).name + ".partial")
-        index.write_text(json.dumps({"format": FORMAT, "tensors": self.entries}))
-        with index.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(index, _index(self.base))
-        directory = os.open(self.base.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        # The index last; its folder's fsync makes the data's rename durable too.
+        atomic_write(_index(self.base), json.dumps({"format": FORMAT, "tensors": self.entries}).encode())
         keep = {_index(self.base).name, _data(self.base).name}
         for other in self.base.parent.iterdir():  # one model per appliance: the files of the old ones go
-            if other.name not in keep and other.suffix in (".json", ".bin", ".partial"):
+            if other.name not in keep and other.suffix in (".json", ".bin", ".partial", ".part"):
                 with contextlib.suppress(OSError):
                     other.unlink()
 

@@ -50,12 +50,6 @@ def rule_version(rule: Rule, max_pixels: int) -> str:
     return _digest({"questions": asked, "crop": rule.crop, "max_pixels": rule.max_pixels or max_pixels})[:16]
 
 
-def model_version(model_dir: Path) -> str:
-    """The model's files by name, size and modification time: a replaced checkpoint is a new model."""
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors", ".jinja"))
-    return _digest([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])[:16]
-
-
 def answer_key(image_sha256: str, precision: str, rule: str, model: str) -> str:
     return _digest([image_sha256, precision, rule, model])
 

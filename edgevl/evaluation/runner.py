@@ -12,9 +12,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edgevl.config import DEFAULT_MAX_PIXELS, Precision
-from edgevl.engine.model_files import resolve_model_path
+from edgevl.engine.model_files import model_version, resolve_model_path
 from edgevl.errors import InputError
-from edgevl.evaluation.cache import AnswerCache, CachedAnswers, answer_key, model_version, rule_version
+from edgevl.evaluation.cache import AnswerCache, CachedAnswers, answer_key, rule_version
 from edgevl.evaluation.labels import LabelledSet
 from edgevl.fsutil import read_regular
 from edgevl.records import ErrorInfo, Job, Record, Source, is_error
