@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.harness.broker import Broker
 from tests.harness.disks import tmpfs
 
 # Fixtures shared by name across the test packages.
@@ -48,3 +49,13 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 def big_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real filesystem other than the test's folder, room for a 1 GiB file."""
     yield from tmpfs(tmp_path / "big", "1200m")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto of the test's own, on a free loopback port, for tests that break or restart it."""
+    b = Broker(tmp_path / "broker").start()
+    try:
+        yield b
+    finally:
+        b.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +48,6 @@ max_pages = 5
   ask = "What is the amount due?"
   type = "number"
 """
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker").start()
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 def _record_of(d: DaemonProcess, name: str, timeout: float = 60) -> dict[str, Any]:
