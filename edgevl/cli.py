@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-pixels", type=int, default=None, help="resize images to at most this many pixels")
     ask.add_argument("--threads", type=int, default=0, help="0: one per usable core")
     ask.add_argument("--max-batch", type=int, default=0, help="rows decoded together; 0: from the core count")
+    ask.add_argument("--max-frames", type=int, default=0,
+                     help="images answered together (the stream mode); 0: from the core count; 1: each alone")
 
     ev = sub.add_parser("eval", help="measure a rule's answers against labelled images, per precision; "
                                      "a JSON summary on stdout")
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             from edgevl.commands.ask import run_ask
 
             return run_ask(args.images, args.questions, args.rules, args.rule, args.model, args.precision,
-                           args.max_pixels, args.threads, args.max_batch)
+                           args.max_pixels, args.threads, args.max_batch, args.max_frames)
         if args.command == "eval":
             from edgevl.evaluation.command import run_eval, target
             from edgevl.evaluation.summary import Settings

@@ -71,6 +71,11 @@ class ModelSettings(BaseModel):
     precision: Precision = Field(default="float32", description="float32 | bfloat16 | int8.")
     threads: int = Field(default=0, ge=0, le=256, description="Compute threads; 0 = one per usable core.")
     max_batch: int = Field(default=0, ge=0, le=256, description="Answers decoded together; 0 = from the core count.")
+    max_frames: int = Field(
+        default=0, ge=0, le=64,
+        description="Waiting images answered together, sharing the model's passes (the stream mode); 0 = from the "
+                    "core count and memory_limit; 1 = each image alone.",
+    )
     max_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS, ge=3136, le=16_777_216,
         description="Pixels an image is resized to at most before encoding (rules may override).",

@@ -14,6 +14,7 @@ from edgevl.bench.workload import (
     W4_QUESTIONS,
     W4_SHORT_TOKENS,
     W4_TEXT_TOKENS,
+    W4X8_FRAMES,
     WDOC_MAX_PIXELS,
     WDOC_QUESTION,
     frame_bytes,
@@ -85,16 +86,50 @@ def process_age() -> float:
 
 def wdoc(engine: Any) -> dict[str, float]:
     """Workload W-doc: one page, in the warm process."""
+    from edgevl.bench.floor import work_of
     from edgevl.images import decode_image
 
     started = time.perf_counter()
     page = decode_image(page_bytes(1)).image
     answered = engine.answer(page, [WDOC_QUESTION], WDOC_MAX_PIXELS, force_full_length=True)
     return {
+        "wdoc_work": work_of(engine, page, [WDOC_QUESTION], WDOC_MAX_PIXELS, answered.decode_steps),
         "wdoc_seconds_per_page": round(time.perf_counter() - started, 3),
         "wdoc_prefill_seconds": round(answered.encode_ms / 1000, 3),
         "wdoc_image_tokens": answered.image_tokens,
         "wdoc_decode_seconds_per_token": round(answered.decode_seconds / max(answered.decode_steps, 1), 4),
+    }
+
+
+def _summary(answered: Any) -> dict[str, Any]:
+    return {qid: {k: a.get(k) for k in ("value", "text")} | {"tokens": answered.tokens.get(qid)}
+            for qid, a in answered.answers.items()}
+
+
+def w4x8(engine: Any, alone: list[dict[str, Any]], single_seconds: float) -> dict[str, Any]:
+    """Workload W4x8: eight frames queued, answered together (the stream mode) in the warm process; their
+    answers compared with the same frames answered alone (W4's frames are its first ones)."""
+    from edgevl.config import DEFAULT_MAX_PIXELS
+    from edgevl.engine.engine import Answered, Frame
+    from edgevl.images import decode_image
+
+    started = time.perf_counter()
+    frames = [Frame(decode_image(frame_bytes(seed)).image, W4_QUESTIONS, DEFAULT_MAX_PIXELS)
+              for seed in range(W4X8_FRAMES)]
+    results = engine.answer_frames(frames, force_full_length=True)
+    elapsed = time.perf_counter() - started
+    answered = [r for r in results if isinstance(r, Answered)]
+    if len(answered) != W4X8_FRAMES:
+        raise RuntimeError(f"W4x8: {W4X8_FRAMES - len(answered)} frames failed")
+    per_minute = W4X8_FRAMES * 60 / elapsed
+    compared = [(_summary(a), b) for a, b in zip(answered, alone, strict=False)]
+    return {
+        "w4x8_seconds": round(elapsed, 3),
+        "w4x8_frames_per_minute": round(per_minute, 2),
+        "w4x8_speedup": round(per_minute / (60 / single_seconds), 2),
+        "w4x8_identical_frames": sum(a == b for a, b in compared),
+        "w4x8_compared_frames": len(compared),
+        "w4x8_decode_seconds_per_step": round(answered[0].decode_seconds / max(answered[0].decode_steps, 1), 4),
     }
 
 
@@ -127,8 +162,7 @@ def main() -> int:
         image = decode_image(frame_bytes(frame)).image
         answered = engine.answer(image, W4_QUESTIONS, DEFAULT_MAX_PIXELS, force_full_length=True)
         elapsed = time.perf_counter() - started
-        answers.append({qid: {k: a.get(k) for k in ("value", "text")} | {"tokens": answered.tokens.get(qid)}
-                        for qid, a in answered.answers.items()})
+        answers.append(_summary(answered))
         if frame == 0:
             continue
         seconds.append(elapsed)
@@ -137,10 +171,18 @@ def main() -> int:
         decode_seconds += answered.decode_seconds
         if frame == 1:
             ours_text = answered.tokens["label"]
+            from edgevl.bench.floor import work_of
+
+            w4_work = work_of(engine, image, W4_QUESTIONS, DEFAULT_MAX_PIXELS, answered.decode_steps)
         print(f"  frame {frame}: {elapsed:.2f} s", file=sys.stderr)
     peak = own_peak_bytes("VmHWM")
     virtual_peak = own_peak_bytes("VmPeak")
     per_image = statistics.median(seconds)
+    print(f"  W4x8: {W4X8_FRAMES} frames queued …", file=sys.stderr)
+    stream = w4x8(engine, answers, per_image)
+    print(f"  W4x8: {stream['w4x8_frames_per_minute']:.1f} frames/min ({stream['w4x8_speedup']:.2f}x)",
+          file=sys.stderr)
+    stream["w4x8_peak_rss_bytes"] = own_peak_bytes("VmHWM")
     print("  W-doc page …", file=sys.stderr)
     document = wdoc(engine)
     print(f"  W-doc: {document['wdoc_seconds_per_page']:.2f} s", file=sys.stderr)
@@ -163,6 +205,8 @@ def main() -> int:
         "load_seconds": round(lm.load_seconds, 1),
         "first_ready_seconds": round(ready, 1),
         "prepared": lm.prepared,
+        "w4_work": w4_work,
+        **stream,
         **document,
         "wdoc_peak_rss_bytes": wdoc_peak,
         "text_tokens": ours_text,

@@ -1,7 +1,8 @@
 """The workloads ``edgevl bench`` measures.
 
 W4: one 1280x720 frame, four questions (two yes_no, one choice of three options,
-one text answer forced to 24 tokens): the camera case.  W-doc: one A4 page scan
+one text answer forced to 24 tokens): the camera case.  W4x8: eight such frames queued, answered together
+(the stream mode): a burst.  W-doc: one A4 page scan
 (1240x1754) at max_pixels 1024x1024 with one text answer forced to 128 tokens: the
 document terminal's case, a long prefill (4,096 vision patches) and a long decode.
 """
@@ -22,6 +23,7 @@ W4_QUESTIONS = (
     Question(id="label", ask="Read the text on the part label.", type="text", max_tokens=W4_TEXT_TOKENS),
 )
 FRAMES = 5  # the first one warms up and is not timed; the median of the others is reported
+W4X8_FRAMES = 8  # W4x8: W4's frames queued eight at a time (the stream mode)
 
 WDOC_MAX_PIXELS = 1024 * 1024
 WDOC_TOKENS = 128

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from edgevl.config import DEFAULT_MAX_PIXELS, Precision, default_device_id
 from edgevl.engine.engine import Engine
 from edgevl.engine.loading import load_model
-from edgevl.engine.pipeline import Asked, answer_input
+from edgevl.engine.pipeline import Asked, answer_inputs
+from edgevl.engine.tuning import default_max_frames
 from edgevl.errors import ConfigError
 from edgevl.questions import Question
 from edgevl.records import Job, Record, Source, is_error, to_json, with_questions
@@ -71,30 +72,41 @@ def ask_rule(args_questions: list[str], rules: Path | None, rule_name: str | Non
 
 
 def run_ask(images: list[Path], questions: list[str], rules: Path | None, rule_name: str | None, model: str,
-            precision: Precision, max_pixels: int | None, threads: int, max_batch: int) -> int:
+            precision: Precision, max_pixels: int | None, threads: int, max_batch: int, max_frames: int = 0) -> int:
+    """One record per image on stdout, in order; up to ``max_frames`` images answered together as the daemon's
+    stream mode does (0: from the core count; 1: each alone)."""
+    if max_frames < 0:
+        raise ConfigError("--max-frames is 0 (from the core count), 1 (each image alone) or more")
     rule = ask_rule(questions, rules, rule_name)
     questions_from_rules = rules is not None
     lm = load_model(model, precision, threads)
     engine = Engine(lm, max_batch=max_batch, max_pixels=DEFAULT_MAX_PIXELS)
     device = default_device_id()
+    asked = Asked.of(rule, max_pixels)
+    frames = max_frames or default_max_frames()
     failed = 0
-    for path in images:
-        job = Job(rule=rule.name, source=Source(kind="cli", path=str(path.resolve())), device_id=device)
-        record: Record
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            record = job.error("file_unreadable", f"cannot read {path}: {exc.strerror or exc}")
-        else:
-            record = answer_input(engine, job, data, Asked.of(rule, max_pixels))
-        if not questions_from_rules:
-            record = with_questions(record, {q.id: q.ask for q in rule.questions})
-        print(to_json(record), flush=True)
-        if is_error(record):
-            failed += 1
-            log.info("%s: failed: %s", path, record["error"]["code"])
-        else:
-            log.info("%s: answered in %.0f ms", path, record["timings_ms"].get("total", 0.0))
+    for first in range(0, len(images), frames):
+        chunk = images[first: first + frames]
+        records: dict[int, Record] = {}
+        inputs: list[tuple[int, Job, bytes]] = []
+        for index, path in enumerate(chunk):
+            job = Job(rule=rule.name, source=Source(kind="cli", path=str(path.resolve())), device_id=device)
+            try:
+                inputs.append((index, job, path.read_bytes()))
+            except OSError as exc:
+                records[index] = job.error("file_unreadable", f"cannot read {path}: {exc.strerror or exc}")
+        answered = answer_inputs(engine, [(job, data, asked) for _, job, data in inputs])
+        records.update({index: record for (index, _, _), record in zip(inputs, answered, strict=True)})
+        for index, path in enumerate(chunk):
+            record = records[index]
+            if not questions_from_rules:
+                record = with_questions(record, {q.id: q.ask for q in rule.questions})
+            print(to_json(record), flush=True)
+            if is_error(record):
+                failed += 1
+                log.info("%s: failed: %s", path, record["error"]["code"])
+            else:
+                log.info("%s: answered in %.0f ms", path, record["timings_ms"].get("total", 0.0))
     if failed:
         print(f"{failed} of {len(images)} images failed", file=sys.stderr)
     return 1 if failed else 0

@@ -2,7 +2,7 @@
 
 Signal handlers only set flags and wake the loop; the loop does the work:
 SIGHUP reloads the rules (validated first), the first SIGTERM stops taking
-work and lets the current image finish within ``daemon.stop_timeout``, a second
+work and lets the current images finish within ``daemon.stop_timeout``, a second
 SIGTERM stops at once. Whatever is unfinished stays in the spool for the next start.
 
 No single input may stop the loop: every step with one input runs while the
@@ -28,26 +28,23 @@ from edgevl import __version__
 from edgevl.commands.check import check, check_rules
 from edgevl.config import Config
 from edgevl.daemon.delivery import Delivery
+from edgevl.daemon.intake import Intake
 from edgevl.daemon.notify import Notifier
 from edgevl.daemon.quarantine import quarantine_poison
 from edgevl.daemon.retention import Retention
 from edgevl.daemon.status import Status
-from edgevl.errors import ConfigError, InputError
+from edgevl.errors import ConfigError
 from edgevl.folders.layout import create_folders
 from edgevl.folders.watcher import FolderWatcher
-from edgevl.fsutil import read_regular
 from edgevl.http.api import ADHOC_RULE, Backend, make_app
 from edgevl.http.jobs import HttpJob, HttpQueue, RecentRecords
 from edgevl.http.metrics import Metrics
 from edgevl.http.server import HttpServer
 from edgevl.logsetup import set_level
 from edgevl.mqtt.service import MqttService
-from edgevl.names import display
-from edgevl.records import new_job_id, now_rfc3339, with_questions
+from edgevl.records import with_questions
 from edgevl.rules import Rule, RulesFile
-from edgevl.spool.claim import claim
 from edgevl.spool.hand import Hand
-from edgevl.spool.job import SpoolJob
 from edgevl.spool.store import Spool
 from edgevl.worker.supervisor import Finished, Lost, WorkerSupervisor
 
@@ -100,6 +97,7 @@ class Daemon:
         self.status.retention = self.retention.counts
         self.metrics.watch_retention(self.retention.counts)
         self.delivery = Delivery(self.spool, config.folders, config.device_id, self.hand, self.status.record_done)
+        self.intake = Intake(config, self.spool, self.hand, self.watcher, self.delivery, self.rule)
         self.mqtt: MqttService | None = None
         if config.mqtt.enabled:
             self.mqtt = MqttService(config, self.rules.rules, self.spool, self.hand, self.wake,
@@ -185,12 +183,12 @@ class Daemon:
                 self._reload()
 
             for event in self.supervisor.poll(now):
-                if event.key is not None and event.key in self.http_running:
-                    self._finish_http(event)
-                elif isinstance(event, Finished):
-                    self.delivery.deliver(event.key, event.record, event.alarm_jpeg)
-                elif isinstance(event, Lost) and event.key is not None:
+                if isinstance(event, Lost):
                     self._lost(event)
+                elif event.key in self.http_running:
+                    self._finish_http(event.key, event)
+                else:
+                    self.delivery.deliver(event.key, event.record, event.alarm_jpeg)
             if self.supervisor.gave_up:
                 log.error("%s: exiting so that the service manager can restart edgevl", self.supervisor.gave_up)
                 self.notifier.stopping(f"failed: {self.supervisor.gave_up}")
@@ -234,7 +232,7 @@ class Daemon:
     def _start_next(self) -> None:
         if self._http_streak < HTTP_STREAK and self._start_http():
             self._http_streak += 1
-        elif self._start_spooled() or self._start_folder():
+        elif self._start_batch():
             self._http_streak = 0
         elif self._start_http():  # nothing else waits
             self._http_streak += 1
@@ -254,104 +252,49 @@ class Daemon:
             http.future.set_result(record)
         return True
 
-    def _start_spooled(self) -> bool:
-        now = time.monotonic()
-        for job in self.spool.pending(self.config.device_id):
-            if self.delivery.due(job.key, now):
-                self._run(job)
-                return True
-        return False
-
-    def _start_folder(self) -> bool:
-        for path, rule_name in self.watcher.ready():
-            self.watcher.forget(path)
-            rule = self.rule(rule_name)
-            if rule is None:
-                continue
-            claimed = self._claim(path, rule)
-            if claimed is not None:
-                self._run(claimed)
-                return True
-        return False
-
-    def _claim(self, path: Path, rule: Rule) -> SpoolJob | None:
-        shown = display(str(path))[0]
-        extra = {"EDGEVL_IMAGE": shown, "EDGEVL_RULE": rule.name}
-        args = (path, rule.name, now_rfc3339(), int(rule.max_bytes), rule.follow_symlinks, self.config.device_id)
-        job_id = new_job_id()
-        # In hand by its path until it is taken, and by its job from then on (a copy across
-        # filesystems, its recovery after a crash): each stage counts the same input's deaths.
-        with self.hand.holding(f"file:{path}"), self.hand.holding(f"job:{job_id}"):
-            try:
-                claimed = claim(self.spool, *args, job_id=job_id)
-                if claimed is not None:
-                    log.info("took %s as job %s", shown, claimed.job_id, extra={**extra, "EDGEVL_JOB": claimed.job_id})
-                return claimed
-            except InputError as exc:
-                self.watcher.pass_over(path, exc.message)
-            except OSError as exc:
-                log.error("cannot take %s into the spool: %s; it stays in its folder", shown, exc.strerror or exc,
-                          extra=extra)
-            except Exception as exc:
-                log.exception("taking %s failed; it is taken as it is, with an error record", shown, extra=extra)
+    def _start_batch(self) -> bool:
+        """Up to max_frames waiting jobs to the worker at once; False when nothing waited."""
+        works = self.intake.batch(self.supervisor.max_frames)
+        if works is None:
+            return False
+        if works:
+            with self.intake.holding(works):
                 try:
-                    return claim(self.spool, *args, quarantine=(
-                        "internal_error", f"edgevl could not take this file: {type(exc).__name__}: {exc}"))
-                except Exception:
-                    log.exception("cannot take %s even as it is; it is passed over", shown, extra=extra)
-                    self.watcher.pass_over(path, "edgevl cannot take it (see the error above)")
-        return None
-
-    def _run(self, job: SpoolJob) -> None:
-        """Hand a spooled job to the worker, or deliver it at once when it already has its record."""
-        with self.hand.holding(f"job:{job.key}"):
-            if job.record() is not None:  # answered before a crash or a failed delivery, or refused when taken
-                self.delivery.deliver(job.key, None)
-                return
-            spooled = job.job(self.config.device_id)
-            rule = self.rule(job.rule)
-            if rule is None:
-                self.delivery.deliver(job.key, spooled.error(
-                    "rule_missing", f"rule {job.rule!r} is no longer in the rules file"))
-                return
-            try:
-                data = read_regular(job.image, int(rule.max_bytes))
-                self.supervisor.submit(job.key, spooled, data, rule)
-            except InputError as exc:
-                self.delivery.deliver(job.key, spooled.error(exc.code, exc.message))
-            except OSError as exc:
-                self.delivery.deliver(job.key, spooled.error(
-                    "file_unreadable", f"cannot read the spooled image: {exc.strerror or exc}"))
-            except Exception as exc:
-                log.exception("cannot hand job %s to the model worker", job.key, extra={"EDGEVL_JOB": job.job_id})
-                self.delivery.deliver(job.key, spooled.error(
-                    "internal_error", f"edgevl could not run this job: {type(exc).__name__}: {exc}"))
+                    self.supervisor.submit_batch(works)
+                except Exception as exc:  # each travelled alone in intake.work: this is edgevl's own fault
+                    log.exception("cannot hand %d jobs to the model worker", len(works))
+                    for work in works:
+                        self.delivery.deliver(work.key, work.job.error(
+                            "internal_error", f"edgevl could not run this job: {type(exc).__name__}: {exc}"))
+        return True
 
     def _lost(self, event: Lost) -> None:
-        """The worker died on this job: retry it once, then fail it with the reason."""
-        assert event.key is not None
-        extra = {"EDGEVL_JOB": event.key}
-        with self.hand.holding(f"job:{event.key}"):
-            try:
-                job = self.spool.load(event.key)
-                failures = job.add_worker_failure(event.code)
-            except OSError as exc:
-                log.error("cannot record the worker's failure on job %s: %s", event.key, exc, extra=extra)
-                return
-            except ValueError:
-                self.delivery.deliver(event.key, None)  # damaged: delivery sets it aside with an error record
-                return
-            if len(failures) < WORKER_ATTEMPTS:
-                log.warning("job %s will be tried once more (%s: %s)", event.key, event.code, event.detail,
-                            extra=extra)
-                return
-            message = f"{_LOST_MESSAGES[event.code]}, {len(failures)} times; last time {event.detail}"
-            self.delivery.deliver(event.key, job.job(self.config.device_id).error(event.code, message))
+        """The worker died on these jobs: each is tried again (alone), then failed with the reason."""
+        for key in event.keys:
+            if key in self.http_running:
+                self._finish_http(key, event)
+                continue
+            extra = {"EDGEVL_JOB": key}
+            with self.hand.holding(f"job:{key}"):
+                try:
+                    job = self.spool.load(key)
+                    failures = job.add_worker_failure(event.code)
+                except OSError as exc:
+                    log.error("cannot record the worker's failure on job %s: %s", key, exc, extra=extra)
+                    continue
+                except ValueError:
+                    self.delivery.deliver(key, None)  # damaged: delivery sets it aside with an error record
+                    continue
+                if len(failures) < WORKER_ATTEMPTS:
+                    log.warning("job %s will be tried once more (%s: %s)", key, event.code, event.detail, extra=extra)
+                    continue
+                message = f"{_LOST_MESSAGES[event.code]}, {len(failures)} times; last time {event.detail}"
+                self.delivery.deliver(key, job.job(self.config.device_id).error(event.code, message))
 
     # HTTP
 
-    def _finish_http(self, event: Finished | Lost) -> None:
-        job = self.http_running.pop(event.key or "")
+    def _finish_http(self, key: str, event: Finished | Lost) -> None:
+        job = self.http_running.pop(key)
         if isinstance(event, Finished):
             record = event.record
         else:

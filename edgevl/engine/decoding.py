@@ -11,6 +11,12 @@ prefix cache per question.
 
 Rows waiting to be generated share forward passes: up to ``max_batch`` branches
 decode together, and a finished branch's place is taken by a waiting one.
+
+Several frames share one sequence the same way (the stream mode): each frame's
+prefix is prefilled alone, exactly as a lone frame's, and the prefixes' caches
+are laid end to end; a branch then sees only its own frame's prefix, so the
+frames' questions share every forward pass (each decode step reads the weights
+once for all frames) and each computes what it would compute alone.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class Branch:
     generated: list[int] = field(default_factory=list)
     finished_by_eos: bool = False  # ended by an end token, or by completing its grammar
     # layout in the packed cache
+    prefix: tuple[int, int] = (0, 0)  # the slots of its frame's prefix, set by run_branches
+    frame: int = 0  # which of the sequence's prefixes it continues
     slots: list[int] = field(default_factory=list)
 
 
@@ -64,18 +72,40 @@ class _Token:
     token: int
     position: int | torch.Tensor  # int for text (all three axes equal), else a (3,) tensor
     context: list[int]  # cache slots it attends to besides the prefix, itself included
+    prefix: tuple[int, int]  # its frame's prefix: the slots [start, end) it attends to
 
 
 class PackedSequence:
-    """The single-row KV cache: prefix first, then branches appended in any order."""
+    """The single-row KV cache: the frames' prefixes first, then branches appended in any order."""
 
     def __init__(self, lm: LoadedModel, cache: DynamicCache, prefix_length: int,
                  on_step: Callable[[], None] = lambda: None) -> None:
         self.lm = lm
         self.cache = cache
-        self.prefix_length = prefix_length
+        self.prefixes = [(0, prefix_length)]  # each frame's slots [start, end)
         self.length = prefix_length
         self.on_step = on_step
+
+    @classmethod
+    def join(cls, parts: list[PackedSequence]) -> PackedSequence:
+        """The frames' prefixes end to end in one cache; each keeps exactly the keys and values it had alone
+        (the parts are spent: drop them, their caches are copies now)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        if any(len(p.prefixes) != 1 or p.length != p.prefixes[0][1] for p in parts):
+            raise ValueError("only fresh single-frame prefixes can be joined")
+        cache = DynamicCache(config=first.lm.model.config.text_config)
+        for layer in range(len(first.cache.layers)):
+            keys = torch.cat([p.cache.layers[layer].keys for p in parts], dim=-2)
+            values = torch.cat([p.cache.layers[layer].values for p in parts], dim=-2)
+            cache.update(keys, values, layer)
+        joined = cls(first.lm, cache, 0, first.on_step)
+        joined.prefixes = []
+        for part in parts:
+            joined.prefixes.append((joined.length, joined.length + part.length))
+            joined.length += part.length
+        return joined
 
     def forward(self, tokens: list[_Token]) -> torch.Tensor:
         """Append ``tokens`` to the cache; returns their final hidden states (len(tokens), hidden)."""
@@ -83,9 +113,9 @@ class PackedSequence:
         start = self.length
         total = start + count
         mask = torch.zeros((1, 1, count, total), dtype=torch.bool)
-        mask[..., : self.prefix_length] = True
         positions = torch.empty((3, 1, count), dtype=torch.long)
         for i, tok in enumerate(tokens):
+            mask[0, 0, i, tok.prefix[0]: tok.prefix[1]] = True
             mask[0, 0, i, tok.context] = True
             positions[:, 0, i] = tok.position
         # Row 0 of the position ids is the cache slot; rows 1-3 the rotary positions.
@@ -146,8 +176,11 @@ def _text_position(positions: torch.Tensor, offset: int) -> int:
 
 @torch.inference_mode()
 def run_branches(seq: PackedSequence, branches: list[Branch], max_batch: int) -> DecodeStats:
-    """Prefill every branch, score yes/no and choices, then decode the generating branches."""
+    """Prefill every branch, score yes/no and choices, then decode the generating branches; each branch
+    continues the prefix of its ``frame``."""
     stats = DecodeStats()
+    for branch in branches:
+        branch.prefix = seq.prefixes[branch.frame]
     # Suffixes and options, packed into as few passes as the token budget allows.
     pending = list(branches)
     while pending:
@@ -174,13 +207,14 @@ def _prefill(seq: PackedSequence, batch: list[Branch]) -> None:
     for branch in batch:
         branch.slots = list(range(slot, slot + len(branch.tokens)))
         for j, token in enumerate(branch.tokens):
-            tokens.append(_Token(token, branch.positions[:, j], branch.slots[: j + 1]))
+            tokens.append(_Token(token, branch.positions[:, j], branch.slots[: j + 1], branch.prefix))
         slot += len(branch.tokens)
         wanted.append((branch, -1, len(tokens) - 1, -1))
         for k, option_ids in enumerate(branch.options):
             own = list(range(slot, slot + len(option_ids)))
             for j, token in enumerate(option_ids):
-                tokens.append(_Token(token, _text_position(branch.positions, j + 1), branch.slots + own[: j + 1]))
+                tokens.append(_Token(token, _text_position(branch.positions, j + 1), branch.slots + own[: j + 1],
+                                     branch.prefix))
                 if j + 1 < len(option_ids):
                     wanted.append((branch, k, len(tokens) - 1, option_ids[j + 1]))
             slot += len(option_ids)
@@ -241,7 +275,7 @@ def _generate(seq: PackedSequence, waiting: list[Branch], max_batch: int, stats:
         for offset, branch in enumerate(active):
             branch.slots.append(seq.length + offset)  # the slot of its latest token
             tokens.append(_Token(branch.generated[-1], _text_position(branch.positions, len(branch.generated)),
-                                 branch.slots))
+                                 branch.slots, branch.prefix))
         hidden = seq.forward(tokens)
         logp = seq.logprobs(hidden)
         choices = logp.argmax(dim=-1).tolist()

@@ -1,7 +1,9 @@
-"""The engine: all of a rule's questions about one image, answered from one encoding."""
+"""The engine: all of a rule's questions about one image, answered from one encoding; and several images
+answered together (the stream mode), each exactly as it would be alone."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,14 +21,16 @@ from edgevl.engine.answers import (
     yes_no_answer,
     yes_no_log_odds,
 )
-from edgevl.engine.decoding import Branch, encode_prefix, run_branches
+from edgevl.engine.decoding import Branch, PackedSequence, encode_prefix, run_branches
 from edgevl.engine.grammar import Grammars
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import QuestionPrompt, build_prompt, continuation_ids, preprocess_image
 from edgevl.engine.tuning import default_max_batch
-from edgevl.errors import ModelError
+from edgevl.errors import EdgevlError, ModelError
 from edgevl.questions import Question
 from edgevl.records import Answer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,23 @@ class Answered:
     scores: dict[str, list[float]]
     decode_steps: int = 0
     decode_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image and what is asked of it."""
+
+    image: Image.Image
+    questions: Sequence[Question]
+    max_pixels: int | None = None
+
+
+@dataclass
+class _Encoded:
+    index: int
+    prompts: list[QuestionPrompt]
+    encode_ms: float
+    image_tokens: int
 
 
 class Engine:
@@ -69,23 +90,67 @@ class Engine:
     def answer(self, image: Image.Image, questions: Sequence[Question], max_pixels: int | None = None,
                force_full_length: bool = False) -> Answered:
         """Answer ``questions`` about ``image``; ``force_full_length`` (benchmark only) ignores end tokens."""
+        result = self.answer_frames([Frame(image, questions, max_pixels)], force_full_length)[0]
+        if isinstance(result, EdgevlError):
+            raise result
+        return result
+
+    def answer_frames(self, frames: Sequence[Frame], force_full_length: bool = False) -> list[Answered | EdgevlError]:
+        """Answer every frame's questions, all frames' questions sharing forward passes; a frame that cannot be
+        encoded gets its error and costs the others nothing.  ``answer_ms`` and the decode figures are the
+        shared part's, the same for every frame of the call."""
+        results: list[Answered | EdgevlError | None] = [None] * len(frames)
+        encoded: list[_Encoded] = []
+        parts: list[PackedSequence] = []
+        for index, frame in enumerate(frames):
+            try:
+                done, part = self._encode(index, frame)
+            except EdgevlError as exc:
+                results[index] = exc
+                continue
+            except MemoryError:
+                raise
+            except Exception as exc:  # what one frame meets costs that frame, as it would alone
+                log.exception("a frame could not be encoded")
+                results[index] = ModelError(f"{type(exc).__name__}: {exc}", "engine_failed")
+                continue
+            encoded.append(done)
+            parts.append(part)
+        if encoded:
+            started = time.perf_counter()
+            seq = PackedSequence.join(parts)
+            parts.clear()  # the joined cache holds the only copy now
+            per_frame: list[list[Branch]] = []
+            for n, e in enumerate(encoded):
+                questions = frames[e.index].questions
+                branches = [self._branch(q, p, force_full_length) for q, p in zip(questions, e.prompts, strict=True)]
+                for branch in branches:
+                    branch.frame = n
+                per_frame.append(branches)
+            stats = run_branches(seq, [b for branches in per_frame for b in branches], self.max_batch)
+            answer_ms = (time.perf_counter() - started) * 1000
+            for e, branches in zip(encoded, per_frame, strict=True):
+                results[e.index] = self._answered(frames[e.index].questions, branches, e, answer_ms, stats.steps,
+                                                  stats.seconds)
+        return [r for r in results if r is not None]
+
+    def _encode(self, index: int, frame: Frame) -> tuple[_Encoded, PackedSequence]:
         started = time.perf_counter()
-        encoded = preprocess_image(self.lm, image, max_pixels or self.max_pixels)
-        prompts = [build_prompt(self.lm, q.prompt_text(), encoded) for q in questions]
+        encoded = preprocess_image(self.lm, frame.image, frame.max_pixels or self.max_pixels)
+        prompts = [build_prompt(self.lm, q.prompt_text(), encoded) for q in frame.questions]
         shared = prompts[0]
         if any(p.prefix_ids != shared.prefix_ids for p in prompts[1:]):
             raise ModelError("the chat template puts question text before the image", "model_unsupported")
-        prefix = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions, self.on_progress)
-        encoded_at = time.perf_counter()
+        seq = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions, self.on_progress)
+        return _Encoded(index, prompts, (time.perf_counter() - started) * 1000, encoded.n_tokens), seq
 
-        branches = [self._branch(q, p, force_full_length) for q, p in zip(questions, prompts, strict=True)]
-        stats = run_branches(prefix, branches, self.max_batch)
-        scores = {q.id: self._scores(b) for q, b in zip(questions, branches, strict=True) if b.kind != "generate"}
-        answers = {q.id: self._answer(q, b, scores.get(q.id, [])) for q, b in zip(questions, branches, strict=True)}
-        tokens = {q.id: list(b.generated) for q, b in zip(questions, branches, strict=True) if b.kind == "generate"}
-        done = time.perf_counter()
-        return Answered(answers, (encoded_at - started) * 1000, (done - encoded_at) * 1000, encoded.n_tokens,
-                        tokens, scores, stats.steps, stats.seconds)
+    def _answered(self, questions: Sequence[Question], branches: list[Branch], encoded: _Encoded, answer_ms: float,
+                  steps: int, seconds: float) -> Answered:
+        pairs = list(zip(questions, branches, strict=True))
+        scores = {q.id: self._scores(b) for q, b in pairs if b.kind != "generate"}
+        answers = {q.id: self._answer(q, b, scores.get(q.id, [])) for q, b in pairs}
+        tokens = {q.id: list(b.generated) for q, b in pairs if b.kind == "generate"}
+        return Answered(answers, encoded.encode_ms, answer_ms, encoded.image_tokens, tokens, scores, steps, seconds)
 
     def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
         if question.type == "yes_no":

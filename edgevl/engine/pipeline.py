@@ -9,10 +9,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from PIL import Image
+
 from edgevl.documents import PageSelection, is_document, open_document, select_pages
-from edgevl.engine.engine import Answered, Engine
+from edgevl.engine.engine import Answered, Engine, Frame
 from edgevl.errors import EdgevlError
-from edgevl.images import crop_image, decode_image
+from edgevl.images import DecodedImage, crop_image, decode_image
 from edgevl.questions import Question
 from edgevl.records import ErrorInfo, ImageInfo, Job, ModelInfo, PageResult, Record
 from edgevl.rules import Rule
@@ -36,11 +38,30 @@ class Asked:
         return cls(rule.questions, rule.crop, max_pixels or rule.max_pixels, rule.pages, rule.max_pages)
 
 
-def answer_input(engine: Engine, job: Job, data: bytes, asked: Asked) -> Record:
-    """The job's ``edgevl.result/2`` record, or its ``edgevl.error/1`` record when the input fails."""
-    if is_document(data):
-        return answer_document(engine, job, data, asked)
-    return run_image(engine, job, data, asked.questions, asked.crop, asked.max_pixels)[0]
+def answer_inputs(engine: Engine, inputs: Sequence[tuple[Job, bytes, Asked]]) -> list[Record]:
+    """Each input's record, in order: the images answered together in one stream (each exactly as alone), each
+    document alone after them.  An image that cannot be decoded or encoded costs only itself."""
+    records: list[Record | None] = [None] * len(inputs)
+    model = ModelInfo(id=engine.lm.model_id, precision=engine.lm.precision)
+    frames: list[tuple[int, DecodedImage, float, Frame]] = []
+    for index, (job, data, asked) in enumerate(inputs):
+        if is_document(data):
+            continue
+        started = time.perf_counter()
+        taken = _picture(job, model, data, asked.crop)
+        if isinstance(taken, dict):
+            records[index] = taken
+            continue
+        decoded, picture = taken
+        frames.append((index, decoded, (time.perf_counter() - started) * 1000,
+                       Frame(picture, asked.questions, asked.max_pixels)))
+    results = engine.answer_frames([frame for *_, frame in frames]) if frames else []
+    for (index, decoded, decode_ms, _), result in zip(frames, results, strict=True):
+        records[index] = _image_record(inputs[index][0], model, decoded, decode_ms, result)
+    for index, (job, data, asked) in enumerate(inputs):
+        if records[index] is None:
+            records[index] = answer_document(engine, job, data, asked)
+    return [r for r in records if r is not None]
 
 
 def run_image(engine: Engine, job: Job, data: bytes, questions: Sequence[Question],
@@ -49,24 +70,40 @@ def run_image(engine: Engine, job: Job, data: bytes, questions: Sequence[Questio
     """An image's record, and the engine's full output behind it (None when the image failed)."""
     model = ModelInfo(id=engine.lm.model_id, precision=engine.lm.precision)
     started = time.perf_counter()
+    taken = _picture(job, model, data, crop)
+    if isinstance(taken, dict):
+        return taken, None
+    decoded, picture = taken
+    decode_ms = (time.perf_counter() - started) * 1000
+    result = engine.answer_frames([Frame(picture, questions, max_pixels)])[0]
+    return _image_record(job, model, decoded, decode_ms, result), None if isinstance(result, EdgevlError) else result
+
+
+def _picture(job: Job, model: ModelInfo, data: bytes,
+             crop: tuple[int, int, int, int] | None) -> tuple[DecodedImage, Image.Image] | Record:
+    """The decoded image and the picture its rule looks at, or the job's error record."""
     image_meta: ImageInfo | None = None
     try:
         decoded = decode_image(data)
         image_meta = decoded.meta()
-        picture = crop_image(decoded.image, crop)
-        decoded_at = time.perf_counter()
-        answered = engine.answer(picture, questions, max_pixels)
+        return decoded, crop_image(decoded.image, crop)
     except EdgevlError as exc:
         log.warning("job %s failed: %s (%s)", job.job_id, exc.message, exc.code)
-        return job.error(exc.code, exc.message, image_meta, model), None
-    total = (time.perf_counter() - started) * 1000
+        return job.error(exc.code, exc.message, image_meta, model)
+
+
+def _image_record(job: Job, model: ModelInfo, decoded: DecodedImage, decode_ms: float,
+                  result: Answered | EdgevlError) -> Record:
+    if isinstance(result, EdgevlError):
+        log.warning("job %s failed: %s (%s)", job.job_id, result.message, result.code)
+        return job.error(result.code, result.message, decoded.meta(), model)
     timings = {
-        "decode": (decoded_at - started) * 1000,
-        "encode": answered.encode_ms,
-        "answer": answered.answer_ms,
-        "total": total,
+        "decode": decode_ms,
+        "encode": result.encode_ms,
+        "answer": result.answer_ms,
+        "total": decode_ms + result.encode_ms + result.answer_ms,
     }
-    return job.result(decoded.meta(), model, answered.answers, timings), answered
+    return job.result(decoded.meta(), model, result.answers, timings)
 
 
 def answer_document(engine: Engine, job: Job, data: bytes, asked: Asked) -> Record:

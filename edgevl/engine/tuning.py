@@ -26,3 +26,13 @@ def default_max_batch(cores: int | None = None) -> int:
     if cores <= 8:
         return 16
     return 32
+
+
+def default_max_frames(cores: int | None = None) -> int:
+    """Frames answered together when several wait (the stream mode).
+
+    A frame's prefill is compute-bound and gains nothing from company, but its
+    answers' decode steps are bound by reading the weights: frames share them
+    until their rows fill a decode batch. A frame brings at least one row.
+    """
+    return default_max_batch(cores)

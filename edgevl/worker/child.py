@@ -17,11 +17,13 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgevl.errors import EdgevlError
 from edgevl.logsetup import set_level, setup_logging
 from edgevl.records import Record, all_answers, is_error
 from edgevl.worker.protocol import (
+    Batch,
     Channel,
     ChannelClosed,
     Done,
@@ -35,6 +37,9 @@ from edgevl.worker.protocol import (
     Work,
     worker_end,
 )
+
+if TYPE_CHECKING:  # torch is imported in the worker only once it has joined its memory cap
+    from edgevl.engine.engine import Engine
 
 log = logging.getLogger("edgevl.worker")
 
@@ -109,7 +114,6 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
     # Heavy imports only here, inside the capped process.
     from edgevl.engine.engine import Engine
     from edgevl.engine.loading import load_model
-    from edgevl.engine.pipeline import Asked, answer_input
 
     try:
         lm = load_model(load.model_path, load.precision, load.threads,  # type: ignore[arg-type]
@@ -124,17 +128,36 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
         message = channel.recv()
         if isinstance(message, Stop):
             return 0
-        if not isinstance(message, Work):
-            raise ChannelClosed(f"expected Work or Stop, got {type(message).__name__}")
-        record: Record
+        if isinstance(message, Work):
+            works: tuple[Work, ...] = (message,)
+        elif isinstance(message, Batch):
+            works = message.works
+        else:
+            raise ChannelClosed(f"expected Work, Batch or Stop, got {type(message).__name__}")
+        for work, record in zip(works, _answer(engine, works), strict=True):
+            channel.send(Done(work.key, record, _alarm_frame(work, record)))
+
+
+def _answer(engine: Engine, works: tuple[Work, ...]) -> list[Record]:
+    """The jobs' records: together in one stream; should that fail as a whole, each alone, so that whatever
+    made it fail costs only the job that brought it."""
+    from edgevl.engine.pipeline import Asked, answer_inputs
+
+    if len(works) > 1:
         try:
-            record = answer_input(engine, message.job, message.data, Asked.of(message.rule))
+            return answer_inputs(engine, [(w.job, w.data, Asked.of(w.rule)) for w in works])
+        except Exception:  # MemoryError included: alone, each needs less
+            log.exception("a batch of %d jobs failed together; answering each alone", len(works))
+    records: list[Record] = []
+    for work in works:
+        try:
+            records.extend(answer_inputs(engine, [(work.job, work.data, Asked.of(work.rule))]))
         except MemoryError:
-            record = message.job.error("memory_limit", "the model ran out of memory on this image")
+            records.append(work.job.error("memory_limit", "the model ran out of memory on this image"))
         except Exception as exc:  # a bug must cost one image, not the worker
-            log.exception("job %s failed inside the engine", message.job.job_id)
-            record = message.job.error("engine_failed", f"{type(exc).__name__}: {exc}")
-        channel.send(Done(message.key, record, _alarm_frame(message, record)))
+            log.exception("job %s failed inside the engine", work.job.job_id)
+            records.append(work.job.error("engine_failed", f"{type(exc).__name__}: {exc}"))
+    return records
 
 
 def main(argv: list[str]) -> int:

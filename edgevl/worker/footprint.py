@@ -20,6 +20,8 @@ from edgevl.worker.memcap import format_bytes
 RUNTIME_BYTES = 400 << 20
 # A question's prompt plus a generous answer, per decoded row.
 TOKENS_PER_ROW = 160
+# Rows a frame brings to the stream mode's shared cache (its questions' prompts and answers), on average.
+ROWS_PER_FRAME = 2
 HEADROOM = 1.05
 
 
@@ -47,7 +49,8 @@ def _weight_bytes(info: TensorInfo, precision: Precision) -> int:
     return info.numel * 4
 
 
-def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int) -> Footprint:
+def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, frames: int = 1) -> Footprint:
+    """The worker's resident peak answering ``frames`` images together (the stream mode) at ``max_pixels``."""
     config: dict[str, Any] = read_config(path)
     text: dict[str, Any] = config.get("text_config", config)
     vision: dict[str, Any] = config.get("vision_config", {})
@@ -64,8 +67,11 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int) 
     act_bytes = 2 if precision == "bfloat16" else 4
 
     image_tokens = max_pixels // (patch * merge) ** 2
-    tokens = image_tokens + 32 + max_batch * TOKENS_PER_ROW
-    kv_cache = layers * 2 * kv_heads * head_dim * act_bytes * tokens
+    prefix_tokens = frames * (image_tokens + 32)
+    tokens = prefix_tokens + max(max_batch, frames * ROWS_PER_FRAME) * TOKENS_PER_ROW
+    per_token = layers * 2 * kv_heads * head_dim * act_bytes
+    # Several frames' prefixes are laid end to end in one cache: their own caches live until that is done.
+    kv_cache = per_token * (tokens + (prefix_tokens if frames > 1 else 0))
 
     patches = max_pixels // patch**2
     vision_act = patches * int(vision.get("intermediate_size", 4 * hidden)) * act_bytes * 3
@@ -87,8 +93,17 @@ def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,
     if precision != "int8" and int8 is not None and int8.total <= limit:
         advice += ' or use precision = "int8"'
     else:
-        advice += " or lower model.max_pixels and model.max_batch"
+        advice += " or lower model.max_pixels, model.max_batch and model.max_frames"
     return (f"{model_id} in {precision} needs ≈ {format_bytes(needed.total)} "
             f"(weights {format_bytes(needed.weights)}, cache and activations "
             f"{format_bytes(needed.kv_cache + needed.activations)}, runtime {format_bytes(needed.runtime)}); "
             f"model.memory_limit is {format_bytes(limit)}: {advice}")
+
+
+def fit_frames(path: Path, precision: Precision, max_batch: int, max_pixels: int, limit: int, most: int) -> int:
+    """The most frames, up to ``most``, whose stream fits under ``limit`` (at least 1: one frame is checked
+    on its own)."""
+    frames = max(1, most)
+    while frames > 1 and estimate(path, precision, max_batch, max_pixels, frames).total > limit:
+        frames -= 1
+    return frames

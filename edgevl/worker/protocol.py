@@ -1,8 +1,9 @@
 """What the daemon and its model worker say to each other, typed both ways, and how it travels.
 
-The daemon sends ``Load`` once, then ``Work`` and finally ``Stop``; the worker
-answers ``Ready`` once the model is loaded (or ``Fatal`` when it cannot be),
-``Progress`` while it computes, and ``Done`` with each job's record.
+The daemon sends ``Load`` once, then ``Work`` (one job) or ``Batch`` (several,
+answered together in the stream mode) and finally ``Stop``; the worker answers
+``Ready`` once the model is loaded (or ``Fatal`` when it cannot be), ``Progress``
+while it computes, and ``Done`` with each job's record.
 
 Messages are pickled into length-prefixed frames on a socket pair. Both ends are
 edgevl's own processes, started with the same code, so pickle is safe here;
@@ -50,6 +51,13 @@ class Work:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """Jobs answered together: their images share forward passes, each answered as it would be alone."""
+
+    works: tuple[Work, ...]
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
@@ -83,9 +91,9 @@ class Fatal:
     message: str
 
 
-ToWorker = Load | Work | Stop
+ToWorker = Load | Work | Batch | Stop
 FromWorker = Ready | Progress | Done | Fatal
-TO_WORKER = (Load, Work, Stop)
+TO_WORKER = (Load, Work, Batch, Stop)
 FROM_WORKER = (Ready, Progress, Done, Fatal)
 
 Out = TypeVar("Out")

@@ -29,7 +29,7 @@ from edgevl.engine.model_files import resolve_model_path
 from edgevl.errors import ConfigError, ModelError
 from edgevl.records import Job, Record
 from edgevl.rules import Rule
-from edgevl.worker import footprint, memcap
+from edgevl.worker import footprint, memcap, protocol
 from edgevl.worker.protocol import ChannelClosed, Done, Fatal, FromWorker, Load, Progress, Ready, Stop, Work, daemon_end
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ class Finished:
 
 @dataclass(frozen=True)
 class Lost:
-    """The worker died or was killed; ``key`` is the job it was on, if any."""
+    """The worker died or was killed; ``keys`` are the jobs it was on (none when it had no job)."""
 
-    key: str | None
+    keys: tuple[str, ...]
     code: str  # memory_limit | worker_crashed | worker_stalled
     detail: str
 
@@ -72,7 +72,7 @@ class _Worker:
         self.started = time.monotonic()
         self.ready = False
         self.last_progress = self.started
-        self.job: Work | None = None
+        self.jobs: list[Work] = []  # in hand: sent and not yet done
         self.job_started = 0.0
         self.stall_timeout = 0.0
         self.kill_reason: tuple[str, str] | None = None
@@ -126,6 +126,7 @@ class WorkerSupervisor:
         self._closing = threading.Event()
         self._sampler: threading.Thread | None = None
         self.cap: memcap.MemoryCap | None = None
+        self.max_frames = 1  # jobs one batch may hold, set once the memory cap is known
         self._request: Load | None = None
         # Set when the worker had to be replaced too often: the daemon exits and lets systemd decide.
         self.gave_up: str | None = None
@@ -135,9 +136,13 @@ class WorkerSupervisor:
     def __enter__(self) -> WorkerSupervisor:
         model = self.config.model
         path = resolve_model_path(model.id)
-        max_batch = model.max_batch or _default_max_batch()
-        needed = footprint.estimate(path, model.precision, max_batch, model.max_pixels)
+        auto_batch, auto_frames = _defaults()
+        max_batch = model.max_batch or auto_batch
         limit = int(model.memory_limit)
+        # Auto: as many frames as share a decode batch, fewer where the memory cap would not hold them.
+        self.max_frames = model.max_frames or footprint.fit_frames(path, model.precision, max_batch,
+                                                                   model.max_pixels, limit, auto_frames)
+        needed = footprint.estimate(path, model.precision, max_batch, model.max_pixels, self.max_frames)
         if needed.total > limit:
             int8 = footprint.estimate(path, "int8", max_batch, model.max_pixels)
             raise ConfigError(footprint.refusal(model.id, model.precision, needed, limit, int8))
@@ -145,8 +150,8 @@ class WorkerSupervisor:
             self.cap = memcap.setup(limit, model.memory_enforcement)
         except memcap.CgroupUnavailable as exc:
             raise ConfigError(f'model.memory_enforcement = "cgroup", but no cgroup can be made: {exc}') from None
-        log.info("model worker: %s in %s needs ≈ %s; memory cap %s", model.id, model.precision,
-                 memcap.format_bytes(needed.total), self.cap.describe())
+        log.info("model worker: %s in %s needs ≈ %s with up to %d frames at a time; memory cap %s", model.id,
+                 model.precision, memcap.format_bytes(needed.total), self.max_frames, self.cap.describe())
         self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
                              model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None,
                              logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
@@ -160,7 +165,7 @@ class WorkerSupervisor:
         self._closing.set()
         worker = self.worker
         if worker is not None:
-            if worker.job is None and worker.ready:
+            if not worker.jobs and worker.ready:
                 try:
                     worker.channel.send(Stop())
                     worker.proc.wait(STOP_GRACE)
@@ -200,21 +205,24 @@ class WorkerSupervisor:
     def ready(self) -> bool:
         """Loaded and idle: it can take a job."""
         w = self.worker
-        return w is not None and w.ready and w.job is None and w.kill_reason is None
+        return w is not None and w.ready and not w.jobs and w.kill_reason is None
 
     @property
     def busy(self) -> bool:
         w = self.worker
-        return w is not None and w.job is not None
+        return w is not None and bool(w.jobs)
 
     @property
     def current(self) -> str | None:
+        """The jobs in hand, for people: the first key, and how many more."""
         w = self.worker
-        return w.job.key if w is not None and w.job is not None else None
+        if w is None or not w.jobs:
+            return None
+        return w.jobs[0].key + (f" and {len(w.jobs) - 1} more" if len(w.jobs) > 1 else "")
 
     def seconds_since_progress(self, now: float) -> float:
         w = self.worker
-        if w is None or (w.ready and w.job is None):
+        if w is None or (w.ready and not w.jobs):
             return 0.0
         return now - max(w.last_progress, w.job_started)
 
@@ -226,7 +234,7 @@ class WorkerSupervisor:
         return w.stuck_since is None and self._in_time(w, now)
 
     def _in_time(self, w: _Worker, now: float) -> bool:
-        limit = w.stall_timeout if w.job is not None else self.config.model.load_timeout
+        limit = w.stall_timeout if w.jobs else self.config.model.load_timeout
         return self.seconds_since_progress(now) < limit
 
     def health(self) -> dict[str, Any]:
@@ -234,32 +242,40 @@ class WorkerSupervisor:
         now = time.monotonic()
         return {
             "pid": w.pid if w else None,
-            "state": "down" if w is None else "stuck" if w.stuck_since else "busy" if w.job else
+            "state": "down" if w is None else "stuck" if w.stuck_since else "busy" if w.jobs else
                      "ready" if w.ready else "loading",
             "up_since": self.up_since,
             "restarts": self.restarts,
             "rss": w.rss if w else 0,
             "memory_limit": int(self.config.model.memory_limit),
-            "job": w.job.key if w and w.job else None,
-            "job_seconds": round(now - w.job_started, 1) if w and w.job else 0.0,
+            "job": w.jobs[0].key if w and w.jobs else None,
+            "jobs": [j.key for j in w.jobs] if w else [],
+            "job_seconds": round(now - w.job_started, 1) if w and w.jobs else 0.0,
+            "max_frames": self.max_frames,
         }
 
     # work
 
     def submit(self, key: str, job: Job, data: bytes, rule: Rule) -> None:
+        self.submit_batch([Work(key, job, data, rule)])
+
+    def submit_batch(self, works: Sequence[Work]) -> None:
+        """Hand the worker one job, or up to ``max_frames`` to answer together."""
         w = self.worker
         if w is None or not self.ready:
             raise RuntimeError("the model worker is not ready")
-        pixels = rule.max_pixels or self.config.model.max_pixels
+        if not 1 <= len(works) <= self.max_frames:
+            raise ValueError(f"a batch holds 1 to {self.max_frames} jobs, not {len(works)}")
+        pixels = max(work.rule.max_pixels or self.config.model.max_pixels for work in works)
         w.stall_timeout = self.config.model.stall_timeout or 120.0 * max(1.0, pixels / DEFAULT_MAX_PIXELS)
-        w.job = Work(key, job, data, rule)
+        w.jobs = list(works)
         w.job_started = w.last_progress = time.monotonic()
         try:
-            w.channel.send(w.job)
+            w.channel.send(works[0] if len(works) == 1 else protocol.Batch(tuple(works)))
         except ChannelClosed:
-            pass  # the reader reports the exit; the job is lost with it
+            pass  # the reader reports the exit; the jobs are lost with it
         except Exception:
-            w.job = None  # it could not even be encoded: nothing was sent, the worker is still free
+            w.jobs = []  # it could not even be encoded: nothing was sent, the worker is still free
             raise
 
     def poll(self, now: float) -> list[Finished | Lost]:
@@ -284,7 +300,7 @@ class WorkerSupervisor:
                 worker.last_progress = now
                 log.info("model worker %d ready: model loaded in %.1f s", worker.pid, message.load_seconds)
             elif isinstance(message, Done):
-                worker.job = None
+                worker.jobs = [j for j in worker.jobs if j.key != message.key]
                 out.append(Finished(message.key, message.record, message.alarm_jpeg))
             elif isinstance(message, Fatal):
                 # Deterministic (missing or unloadable model): no restart would help.
@@ -292,7 +308,7 @@ class WorkerSupervisor:
                 raise ModelError(message.message, message.code)
         w = self.worker
         if w is not None and w.kill_reason is None and not self._in_time(w, now):
-            if w.job is not None:
+            if w.jobs:
                 w.kill_reason = ("worker_stalled", f"no progress for {w.stall_timeout:.0f} s")
             else:
                 w.kill_reason = ("worker_stalled", f"still loading after {self.config.model.load_timeout:.0f} s")
@@ -320,15 +336,16 @@ class WorkerSupervisor:
         else:
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             reason, detail = "worker_crashed", f"it ended with {how}"
-        key = worker.job.key if worker.job is not None else None
-        log.error("model worker %d lost%s: %s (%s)", worker.pid, f" on job {key}" if key else "", reason, detail,
-                  extra={"EDGEVL_JOB": key} if key else None)
+        keys = tuple(j.key for j in worker.jobs)
+        on = f" on job {keys[0]}" if len(keys) == 1 else f" on {len(keys)} jobs ({', '.join(keys)})" if keys else ""
+        log.error("model worker %d lost%s: %s (%s)", worker.pid, on, reason, detail,
+                  extra={"EDGEVL_JOB": keys[0]} if keys else None)
         with self._lock:
             self.worker = None
-        # A death on a job is that job's (it is tried once more, then failed): only deaths with no
+        # A death on jobs is theirs (each is tried again, alone, then failed): only deaths with no
         # job in hand count against max_restarts, so that no stream of bad inputs ends the daemon.
-        self._restart(counted=key is None)
-        return Lost(key, reason, detail)
+        self._restart(counted=not keys)
+        return Lost(keys, reason, detail)
 
     def _restart(self, counted: bool) -> None:
         model = self.config.model
@@ -366,7 +383,8 @@ class WorkerSupervisor:
                 self.wake.set()
 
 
-def _default_max_batch() -> int:
-    from edgevl.engine.tuning import default_max_batch
+def _defaults() -> tuple[int, int]:
+    """max_batch and max_frames from the core count."""
+    from edgevl.engine.tuning import default_max_batch, default_max_frames
 
-    return default_max_batch()
+    return default_max_batch(), default_max_frames()

@@ -91,6 +91,31 @@ max_pixels = 20000
     assert record["answers"]["defect"]["alarm"] is True  # any P(yes) > 0
 
 
+def test_ask_answers_several_images_together_as_each_alone(tmp_path: Path, test_model_dir: Path) -> None:
+    paths = []
+    for n, size in enumerate([(320, 180), (120, 200), (200, 200), (90, 90), (260, 140)]):
+        paths.append(tmp_path / f"f{n}.jpg")
+        paths[-1].write_bytes(encode(noise_image(*size, seed=n), "JPEG"))
+    paths.insert(2, tmp_path / "absent.jpg")
+    common = ["--model", str(test_model_dir), "-q", "Read the label.", "-q", "yes_no: Is there a defect?",
+              "-q", "choice(A|B|C): Which type?", "--max-pixels", "40000"]
+
+    def answers(*extra: str) -> list[dict[str, object]]:
+        proc = _ask(*map(str, paths), *common, *extra)
+        assert proc.returncode == 1, proc.stderr  # the absent one
+        records = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [Path(r["source"]["path"]).name for r in records] == [p.name for p in paths], "in the order given"
+        return [{k: (a["value"], round(a.get("probability", 0.0), 4)) for k, a in r.get("answers", {}).items()}
+                for r in records]
+
+    # Four at a time: a stream of four with the absent file among them, then one of two.
+    together = answers("--max-frames", "4")
+    assert together == answers("--max-frames", "1")
+    assert together[2] == {}
+    assert all(together[i] for i in (0, 1, 3, 4, 5))
+    assert _ask(str(paths[0]), *common, "--max-frames", "-1").returncode == 2
+
+
 def test_ask_usage_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     image.write_bytes(encode(noise_image(20, 20), "PNG"))

@@ -4,7 +4,7 @@ Run as the supervisor runs its worker (``python -m tests.worker.fakechild [--loa
 ``--load`` says how loading goes: ``ok`` (default), ``fatal``, ``crash``, ``hang``. A job's bytes say what
 to do with it: ``answer``, ``crash``, ``exit:N``, ``hang`` (no progress, in Python), ``grow:MiB`` (touch that
 much memory, then hang), ``slow:S`` (progress every 0.1 s for S seconds, then answer), ``garbage`` (send
-something outside the protocol).
+something outside the protocol). A batch does what each of its jobs says, in turn, then answers them all.
 """
 
 from __future__ import annotations
@@ -16,7 +16,20 @@ import sys
 import time
 
 from edgevl.worker.child import become_worker
-from edgevl.worker.protocol import Done, Fatal, Load, Progress, Ready, Stop, Work, worker_end
+from edgevl.worker.protocol import (
+    Batch,
+    Channel,
+    Done,
+    Fatal,
+    FromWorker,
+    Load,
+    Progress,
+    Ready,
+    Stop,
+    ToWorker,
+    Work,
+    worker_end,
+)
 
 
 def _hang() -> None:
@@ -42,31 +55,37 @@ def main(argv: list[str]) -> int:
         message = channel.recv()
         if isinstance(message, Stop):
             return 0
-        assert isinstance(message, Work)
-        what, _, arg = message.data.decode().partition(":")
-        if what == "crash":
-            os.kill(os.getpid(), signal.SIGSEGV)
-        elif what == "exit":
-            os._exit(int(arg))
-        elif what == "hang":
-            _hang()
-        elif what == "grow":
-            held = bytearray(int(arg) << 20)
-            for i in range(0, len(held), 4096):
-                held[i] = 1  # resident, not just reserved
-            _hang()
-        elif what == "slow":
-            until = time.monotonic() + float(arg)
-            while time.monotonic() < until:
-                channel.send(Progress())
-                time.sleep(0.1)
-        elif what == "garbage":
-            channel.send({"not": "a message"})  # type: ignore[arg-type]
-            _hang()
-        channel.send(Done(message.key, message.job.result(
-            {"sha256": "", "width": 1, "height": 1, "format": "PNG"}, {"id": "fake", "precision": "float32"},
-            {}, {"total": 1.0})))
+        assert isinstance(message, Work | Batch)
+        works = (message,) if isinstance(message, Work) else message.works
+        for work in works:
+            _act(channel, work.data.decode())
+        for work in works:
+            channel.send(Done(work.key, work.job.result(
+                {"sha256": "", "width": 1, "height": 1, "format": "PNG"}, {"id": "fake", "precision": "float32"},
+                {}, {"total": 1.0})))
 
+
+def _act(channel: Channel[FromWorker, ToWorker], what: str) -> None:
+    what, _, arg = what.partition(":")
+    if what == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif what == "exit":
+        os._exit(int(arg))
+    elif what == "hang":
+        _hang()
+    elif what == "grow":
+        held = bytearray(int(arg) << 20)
+        for i in range(0, len(held), 4096):
+            held[i] = 1  # resident, not just reserved
+        _hang()
+    elif what == "slow":
+        until = time.monotonic() + float(arg)
+        while time.monotonic() < until:
+            channel.send(Progress())
+            time.sleep(0.1)
+    elif what == "garbage":
+        channel.send({"not": "a message"})  # type: ignore[arg-type]
+        _hang()
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv))

@@ -58,7 +58,20 @@ def test_estimate_of_the_2b_shapes_covers_the_measured_peaks(tmp_path: Path) -> 
     assert message.startswith("Qwen/Qwen3-VL-2B-Instruct in float32 needs ≈ 9.1 GiB (weights 7.9 GiB")
     assert message.endswith('model.memory_limit is 4.0 GiB: raise it or use precision = "int8"')
     message = footprint.refusal("Qwen/Qwen3-VL-2B-Instruct", "int8", int8, 2 * GIB, int8)
-    assert message.endswith("raise it or lower model.max_pixels and model.max_batch")
+    assert message.endswith("raise it or lower model.max_pixels, model.max_batch and model.max_frames")
+
+
+def test_the_stream_mode_takes_as_many_frames_as_the_cap_holds(tmp_path: Path) -> None:
+    path = _shapes_only_checkpoint(tmp_path / "2b")
+    one = footprint.estimate(path, "float32", 8, 448 * 448)
+    eight = footprint.estimate(path, "float32", 8, 448 * 448, frames=8)
+    # Each frame keeps its prefix (≈ 230 tokens, 235 KB each in float32) and brings its answers' rows.
+    assert 0.3e9 < eight.total - one.total < 1.5e9
+    assert footprint.fit_frames(path, "float32", 8, 448 * 448, eight.total, 8) == 8
+    assert footprint.fit_frames(path, "float32", 8, 448 * 448, eight.total - 1, 8) == 7
+    assert footprint.fit_frames(path, "float32", 8, 448 * 448, one.total - 1, 8) == 1  # one frame is refused elsewhere
+    # A document's pixel budget leaves room for fewer frames under the same cap.
+    assert footprint.fit_frames(path, "float32", 8, 1024 * 1024, eight.total, 8) < 8
 
 
 def test_estimate_of_the_test_model_is_close_to_its_use(test_model_dir: Path) -> None:

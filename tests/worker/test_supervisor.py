@@ -20,6 +20,7 @@ from edgevl.config import Config, load_config
 from edgevl.errors import ModelError
 from edgevl.records import Job, Source
 from edgevl.rules import Rule
+from edgevl.worker.protocol import Work
 from edgevl.worker.supervisor import Finished, Lost, WorkerSupervisor
 
 RULE = Rule.model_validate({"name": "cam", "question": [{"id": "q", "ask": "?"}]})
@@ -92,12 +93,42 @@ def test_a_crash_on_a_job_loses_that_job_and_the_worker_is_replaced(
     first = _ready(supervisor)
     _submit(supervisor, "poison", b"crash")
     (lost,) = _until(supervisor, lambda e: bool(e))
-    assert lost == Lost("poison", "worker_crashed", "it ended with signal SIGSEGV")
+    assert lost == Lost(("poison",), "worker_crashed", "it ended with signal SIGSEGV")
     second = _ready(supervisor)
     assert second != first
     assert supervisor.restarts == 1
     _submit(supervisor, "next", b"answer")
     assert isinstance(_until(supervisor, lambda e: bool(e))[0], Finished)
+
+
+def _works(*what: tuple[str, bytes]) -> list[Work]:
+    return [Work(key, Job(rule="cam", source=Source(kind="folder")), data, RULE) for key, data in what]
+
+
+def test_a_batch_is_answered_job_by_job(supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise(extra="max_frames = 3")
+    _ready(supervisor)
+    assert supervisor.max_frames == 3
+    supervisor.submit_batch(_works(("a", b"slow:0.2"), ("b", b"answer"), ("c", b"answer")))
+    assert supervisor.health()["jobs"] == ["a", "b", "c"]
+    assert supervisor.current == "a and 2 more"
+    events = _until(supervisor, lambda e: len(e) == 3)
+    assert [(type(e), e.key) for e in events if isinstance(e, Finished)] == [(Finished, k) for k in "abc"]
+    assert supervisor.ready
+    with pytest.raises(ValueError, match="1 to 3 jobs"):
+        supervisor.submit_batch(_works(*[(k, b"answer") for k in "defg"]))
+    assert supervisor.ready, "a refused batch leaves the worker free"
+
+
+def test_a_crash_in_a_batch_loses_all_its_jobs_and_counts_no_restart(
+        supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise(extra="max_frames = 3\nmax_restarts = 0")
+    _ready(supervisor)
+    supervisor.submit_batch(_works(("a", b"answer"), ("poison", b"crash"), ("b", b"answer")))
+    (lost,) = _until(supervisor, lambda e: bool(e))
+    assert lost == Lost(("a", "poison", "b"), "worker_crashed", "it ended with signal SIGSEGV")
+    _ready(supervisor)  # replaced although max_restarts is 0: a death on jobs is theirs, not the worker's
+    assert supervisor.gave_up is None
 
 
 def test_a_stalled_worker_shows_its_stack_then_is_killed(supervise: Callable[..., WorkerSupervisor],
@@ -108,7 +139,7 @@ def test_a_stalled_worker_shows_its_stack_then_is_killed(supervise: Callable[...
     _until(supervisor, lambda e: supervisor.health()["state"] == "stuck", timeout=10)
     assert not supervisor.healthy(time.monotonic()), "a stuck worker starves the service watchdog"
     (lost,) = _until(supervisor, lambda e: bool(e), timeout=10)
-    assert (lost.key, lost.code, lost.detail) == ("stuck", "worker_stalled", "no progress for 1 s")
+    assert (lost.keys, lost.code, lost.detail) == (("stuck",), "worker_stalled", "no progress for 1 s")
     err = capfd.readouterr().err
     assert 'fakechild.py", line' in err, "the worker's Python stack is in the log before it is killed"
     assert "in _hang" in err
@@ -129,7 +160,7 @@ def test_memory_over_the_limit_kills_the_worker_alone(supervise: Callable[..., W
     _ready(supervisor)
     _submit(supervisor, "big", b"grow:900")
     (lost,) = _until(supervisor, lambda e: bool(e))
-    assert (lost.key, lost.code) == ("big", "memory_limit")
+    assert (lost.keys, lost.code) == (("big",), "memory_limit")
     assert "over the limit of 500 MiB" in lost.detail
     _ready(supervisor)
 
@@ -140,7 +171,7 @@ def test_a_worker_outside_the_protocol_is_killed_not_waited_for(
     _ready(supervisor)
     _submit(supervisor, "odd", b"garbage")
     (lost,) = _until(supervisor, lambda e: bool(e), timeout=10)
-    assert (lost.key, lost.code) == ("odd", "worker_crashed")
+    assert (lost.keys, lost.code) == (("odd",), "worker_crashed")
     _ready(supervisor)
 
 

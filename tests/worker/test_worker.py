@@ -209,3 +209,45 @@ def test_a_killed_daemon_takes_its_worker_with_it(tmp_path: Path, test_model_dir
     worker = d.wait_worker("ready")
     d.kill()
     assert _gone(worker), "no orphaned worker holding the model's memory"
+
+
+def test_a_poison_image_in_a_batch_costs_the_others_one_try_not_their_answers(tmp_path: Path,
+                                                                               test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir, rules=RULES + HUGE_RULE)
+    (d.inbox / "huge").mkdir()
+    d.config.write_text(d.config.read_text().replace(
+        "threads = 1", 'threads = 1\nmemory_limit = "640MiB"\nmemory_enforcement = "rss"\nmax_frames = 4\n'
+                       "max_restarts = 0"))
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        worker = d.freeze_worker()
+        _move_in(tmp_path, d.inbox / "warm.jpg", _jpeg(1))
+        d.wait_worker("busy")
+        # Moved in while the worker is busy: all four wait, and go to it together once it is free.
+        _move_in(tmp_path, d.inbox / "huge" / "big.jpg", _jpeg(7, (4000, 3000)))
+        for n in range(3):
+            _move_in(tmp_path, d.inbox / f"ok{n}.jpg", _jpeg(10 + n))
+        d.wait_notify("queued 5,")
+        d.thaw_worker(worker)
+        records = {Path(r["source"]["path"]).name: r for r in d.wait_records(5, timeout=180)}
+        assert d.wait_log("lost on 4 jobs (")
+        big = records.pop("big.jpg")
+        assert (big["schema"], big["error"]["code"]) == ("edgevl.error/1", "memory_limit")
+        assert "2 times" in big["error"]["message"]
+        # Each companion was tried again alone, and answered; the poison's second death was its own.
+        assert {name: r["schema"] for name, r in records.items()} == {
+            name: "edgevl.result/2" for name in ("warm.jpg", "ok0.jpg", "ok1.jpg", "ok2.jpg")}
+        assert d.log().count("memory_limit (") == 2
+        assert d.proc is not None
+        assert d.proc.poll() is None, "max_restarts = 0 and the daemon lives on: deaths on jobs are theirs"
+    finally:
+        assert d.stop() == 0
+
+
+def _move_in(tmp_path: Path, target: Path, data: bytes) -> None:
+    """Written elsewhere and renamed into the folder: taken at once, without waiting for it to settle."""
+    staged = tmp_path / "staged" / target.name
+    staged.parent.mkdir(exist_ok=True)
+    staged.write_bytes(data)
+    os.replace(staged, target)

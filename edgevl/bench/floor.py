@@ -1,0 +1,71 @@
+"""A workload's floor: the time its matrix products would take at the kernel rates ``edgevl bench`` measured
+in the same run, prefill at the 256-row rate (compute-bound) and every decode step at the one-row rate (bound
+by reading the weights).  Attention, norms, the image's preprocessing and Python are not counted, so the
+floor is below anything reachable; the fraction reached says how much of the time is the products."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgevl.engine.model_files import read_tensor_infos
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    vision: int  # the vision tower's matrices (and its merger's)
+    text: int  # the language model's matrices, without the embedding
+    head: int  # the output head (the embedding, when tied)
+
+
+def linear_params(path: Path) -> LinearParams:
+    vision = text = head = embedding = 0
+    for info in read_tensor_infos(path):
+        if len(info.shape) != 2 or not info.name.endswith(".weight"):
+            continue
+        if ".visual." in info.name or info.name.startswith("visual."):
+            vision += info.numel
+        elif "embed_tokens" in info.name:
+            embedding = info.numel
+        elif info.name.startswith("lm_head"):
+            head = info.numel
+        else:
+            text += info.numel
+    return LinearParams(vision, text, head or embedding)
+
+
+def work_of(engine: Any, image: Any, questions: Sequence[Any], max_pixels: int, decode_steps: int) -> dict[str, int]:
+    """What one frame asks of the products: vision patches, prefilled tokens, rows whose logits are computed
+    in the prefill, and decode steps (counted by the engine)."""
+    from edgevl.engine.prompts import build_prompt, continuation_ids, preprocess_image
+
+    lm = engine.lm
+    encoded = preprocess_image(lm, image, max_pixels)
+    prompts = [build_prompt(lm, q.prompt_text(), encoded) for q in questions]
+    tokens = len(prompts[0].prefix_ids)
+    rows = 0
+    for question, prompt in zip(questions, prompts, strict=True):
+        tokens += len(prompt.suffix_ids)
+        rows += 1
+        if question.type == "choice":
+            suffix = lm.tokenizer.decode(prompt.suffix_ids, skip_special_tokens=False)
+            options = [continuation_ids(lm, suffix, option) for option in question.options]
+            tokens += sum(len(o) for o in options)
+            rows += sum(len(o) - 1 for o in options)
+    return {"patches": int(encoded.grid_thw.prod()), "prefill_tokens": tokens, "logit_rows": rows,
+            "decode_steps": decode_steps}
+
+
+def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float | None:
+    """The floor of ``work`` in ``precision``; None where the bench measured no kernel of that precision."""
+    kernel = {"float32": "packed", "int8": "int8" if "int8_m1" in rates else "int8_int_mm"}.get(precision)
+    if kernel is None:
+        return None
+    prefill_rate = rates[f"{kernel}_m256"] * 1e9
+    decode_rate = rates[f"{kernel}_m1"] * 1e9
+    prefill = 2 * (params.vision * work["patches"] + params.text * work["prefill_tokens"]
+                   + params.head * work["logit_rows"])
+    decode = 2 * (params.text + params.head) * work["decode_steps"]
+    return prefill / prefill_rate + decode / decode_rate

@@ -1,0 +1,79 @@
+"""The stream mode: several frames answered together compute exactly what each computes alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgevl.engine.engine import Answered, Engine, Frame
+from edgevl.errors import EdgevlError
+from edgevl.questions import Question
+from tests.engine.test_exactness import _reference_tokens
+from tests.harness.images import noise_image
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "count": {"type": "integer"}},
+          "required": ["ok", "count"]}
+CAMERA = (
+    Question(id="defect", ask="Is there a visible defect?", type="yes_no"),
+    Question(id="connector", ask="Which connector?", type="choice", options=("type-A", "type-B", "none")),
+    Question(id="label", ask="Read the label.", type="text", max_tokens=14),
+    Question(id="count", ask="How many screws?", type="number", max_tokens=6),
+)
+SCAN = (
+    Question(id="title", ask="Transcribe the title.", type="text", max_tokens=22),
+    Question.model_validate({"id": "fields", "ask": "Extract the fields.", "type": "json", "max_tokens": 30,
+                             "schema": SCHEMA}),
+    Question(id="signed", ask="Is it signed?", type="yes_no"),
+)
+# Frames of different sizes, pixel budgets and rules: prefixes of different lengths side by side.
+FRAMES = [
+    Frame(noise_image(200, 120, seed=1), CAMERA, 64 * 64 * 4),
+    Frame(noise_image(96, 300, seed=2), SCAN, 32 * 32 * 16),
+    Frame(noise_image(320, 180, seed=3), CAMERA, 128 * 128),
+    Frame(noise_image(150, 150, seed=4), SCAN, 64 * 64 * 4),
+    Frame(noise_image(640, 360, seed=5), CAMERA, 64 * 64 * 4),
+]
+
+
+def _same(together: Answered, alone: Answered) -> None:
+    assert together.tokens == alone.tokens
+    assert together.image_tokens == alone.image_tokens
+    for qid, scores in alone.scores.items():
+        assert together.scores[qid] == pytest.approx(scores, abs=1e-4), qid
+    for qid, answer in alone.answers.items():
+        assert together.answers[qid].get("value") == answer.get("value"), qid
+        assert together.answers[qid].get("probability") == pytest.approx(answer.get("probability"), abs=1e-4), qid
+
+
+@pytest.mark.parametrize("max_batch", [8, 3])  # 3: the frames' rows queue for places in the decode batch
+def test_frames_answered_together_are_token_identical_to_each_alone(fp32_model, max_batch) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(fp32_model, max_batch=max_batch)
+    together = engine.answer_frames(FRAMES)
+    assert len(together) == len(FRAMES)
+    generated = 0
+    for frame, result in zip(FRAMES, together, strict=True):
+        assert isinstance(result, Answered)
+        _same(result, engine.answer(frame.image, frame.questions, frame.max_pixels))
+        generated += sum(len(t) for t in result.tokens.values())
+    # The decode really was shared: fewer passes than the frames' generated tokens.
+    assert together[0].decode_steps < generated
+
+
+def test_a_frame_in_a_stream_matches_generate_on_its_full_prompt(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(fp32_model, max_batch=8)
+    together = engine.answer_frames(FRAMES[:3])
+    frame, result = FRAMES[1], together[1]
+    assert isinstance(result, Answered)
+    title = SCAN[0]
+    assert result.tokens["title"] == _reference_tokens(fp32_model, title, frame.image, frame.max_pixels)
+
+
+def test_a_frame_that_cannot_be_encoded_costs_only_itself(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(fp32_model, max_batch=8)
+    # A sliver the image processor refuses: its frame fails at encoding, before any shared pass.
+    broken = Frame(noise_image(1, 400, seed=9), CAMERA, 64 * 64 * 4)
+    results = engine.answer_frames([FRAMES[0], broken, FRAMES[2]])
+    assert isinstance(results[1], EdgevlError)
+    assert (results[1].code, "aspect ratio" in results[1].message) == ("engine_failed", True)
+    for frame, result in ((FRAMES[0], results[0]), (FRAMES[2], results[2])):
+        assert isinstance(result, Answered)
+        _same(result, engine.answer(frame.image, frame.questions, frame.max_pixels))
