@@ -144,7 +144,8 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
 
 
 def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 2)
+    """Three significant digits: a floor of the 2B shapes is seconds, the test model's a fraction of a millisecond."""
+    return None if seconds is None else float(f"{seconds:.3g}")
 
 
 def _child(path: Path, precision: str, threads: int, *extra: str) -> dict[str, Any]:
