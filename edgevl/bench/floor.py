@@ -1,7 +1,8 @@
-"""A workload's floor: the time its matrix products would take at the kernel rates ``edgevl bench`` measured
-in the same run, prefill at the 256-row rate (compute-bound) and every decode step at the one-row rate (bound
-by reading the weights).  Attention, norms, the image's preprocessing and Python are not counted, so the
-floor is below anything reachable; the fraction reached says how much of the time is the products."""
+"""A workload's floor: the time its matrix products would take at the rates ``edgevl bench`` measured in the
+same run: prefill at the 256-row kernel rate (compute-bound), and every decode step at the time it takes to
+read the weights it multiplies at the measured memory bandwidth.  Attention, norms, the image's preprocessing
+and Python are not counted, so the floor is below anything reachable; the fraction reached says how much of
+the time is the products."""
 
 from __future__ import annotations
 
@@ -63,9 +64,7 @@ def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, f
     kernel = {"float32": "packed", "int8": "int8" if "int8_m1" in rates else "int8_int_mm"}.get(precision)
     if kernel is None:
         return None
-    prefill_rate = rates[f"{kernel}_m256"] * 1e9
-    decode_rate = rates[f"{kernel}_m1"] * 1e9
     prefill = 2 * (params.vision * work["patches"] + params.text * work["prefill_tokens"]
                    + params.head * work["logit_rows"])
-    decode = 2 * (params.text + params.head) * work["decode_steps"]
-    return prefill / prefill_rate + decode / decode_rate
+    weight_bytes = (params.text + params.head) * (4 if precision == "float32" else 1)
+    return prefill / (rates[f"{kernel}_m256"] * 1e9) + work["decode_steps"] * weight_bytes / (rates["read_gbs"] * 1e9)

@@ -12,11 +12,12 @@ prefix cache per question.
 Rows waiting to be generated share forward passes: up to ``max_batch`` branches
 decode together, and a finished branch's place is taken by a waiting one.
 
-Several frames share one sequence the same way (the stream mode): each frame's
-prefix is prefilled alone, exactly as a lone frame's, and the prefixes' caches
-are laid end to end; a branch then sees only its own frame's prefix, so the
-frames' questions share every forward pass (each decode step reads the weights
-once for all frames) and each computes what it would compute alone.
+Several frames share the decoding the same way (the stream mode): each frame's
+prefix and questions are prefilled alone, exactly as a lone frame's, then the
+frames' caches are laid end to end; a branch sees only its own frame's slots, so
+the frames' answers share every decode step (each reads the weights once for
+all frames) and each computes what it would compute alone.  Prefilling alone
+keeps each suffix token's attention to its own frame's few hundred slots.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from edgevl.engine.grammar import Constraint
+from edgevl.engine.kvcache import new_cache
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import EncodedImage
 
@@ -56,8 +58,7 @@ class Branch:
     generated: list[int] = field(default_factory=list)
     finished_by_eos: bool = False  # ended by an end token, or by completing its grammar
     # layout in the packed cache
-    prefix: tuple[int, int] = (0, 0)  # the slots of its frame's prefix, set by run_branches
-    frame: int = 0  # which of the sequence's prefixes it continues
+    prefix: tuple[int, int] = (0, 0)  # the slots of its frame's prefix, set by prefill_branches
     slots: list[int] = field(default_factory=list)
 
 
@@ -87,25 +88,25 @@ class PackedSequence:
         self.on_step = on_step
 
     @classmethod
-    def join(cls, parts: list[PackedSequence]) -> PackedSequence:
-        """The frames' prefixes end to end in one cache; each keeps exactly the keys and values it had alone
-        (the parts are spent: drop them, their caches are copies now)."""
+    def join(cls, parts: list[PackedSequence]) -> tuple[PackedSequence, list[int]]:
+        """The frames' sequences end to end in one cache, and the slot offset of each: every slot keeps exactly
+        the keys and values it had alone (the parts are spent: drop them, their caches are copies now)."""
         if len(parts) == 1:
-            return parts[0]
+            return parts[0], [0]
         first = parts[0]
-        if any(len(p.prefixes) != 1 or p.length != p.prefixes[0][1] for p in parts):
-            raise ValueError("only fresh single-frame prefixes can be joined")
-        cache = DynamicCache(config=first.lm.model.config.text_config)
+        cache = new_cache(first.lm.model.config.text_config)
         for layer in range(len(first.cache.layers)):
             keys = torch.cat([p.cache.layers[layer].keys for p in parts], dim=-2)
             values = torch.cat([p.cache.layers[layer].values for p in parts], dim=-2)
             cache.update(keys, values, layer)
         joined = cls(first.lm, cache, 0, first.on_step)
         joined.prefixes = []
+        offsets = []
         for part in parts:
-            joined.prefixes.append((joined.length, joined.length + part.length))
+            offsets.append(joined.length)
+            joined.prefixes += [(start + joined.length, end + joined.length) for start, end in part.prefixes]
             joined.length += part.length
-        return joined
+        return joined, offsets
 
     def forward(self, tokens: list[_Token]) -> torch.Tensor:
         """Append ``tokens`` to the cache; returns their final hidden states (len(tokens), hidden)."""
@@ -156,7 +157,7 @@ def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], p
     embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), image_embeds)
     length = len(prefix_ids)
     position_ids = torch.cat([torch.arange(length).view(1, 1, -1), positions.view(3, 1, -1)], dim=0)
-    cache = DynamicCache(config=model.config.text_config)
+    cache = new_cache(model.config.text_config)
     text_model(
         inputs_embeds=embeds,
         position_ids=position_ids,
@@ -175,12 +176,12 @@ def _text_position(positions: torch.Tensor, offset: int) -> int:
 
 
 @torch.inference_mode()
-def run_branches(seq: PackedSequence, branches: list[Branch], max_batch: int) -> DecodeStats:
-    """Prefill every branch, score yes/no and choices, then decode the generating branches; each branch
-    continues the prefix of its ``frame``."""
-    stats = DecodeStats()
+def prefill_branches(seq: PackedSequence, branches: list[Branch]) -> None:
+    """Every branch's suffix and options after the prefix of a one-frame sequence: yes/no and choices are
+    scored, a generating branch gets its first token."""
+    (prefix,) = seq.prefixes
     for branch in branches:
-        branch.prefix = seq.prefixes[branch.frame]
+        branch.prefix = prefix
     # Suffixes and options, packed into as few passes as the token budget allows.
     pending = list(branches)
     while pending:
@@ -190,8 +191,20 @@ def run_branches(seq: PackedSequence, branches: list[Branch], max_batch: int) ->
             budget -= _prefill_size(pending[0])
             batch.append(pending.pop(0))
         _prefill(seq, batch)
+
+
+@torch.inference_mode()
+def decode_branches(seq: PackedSequence, branches: list[Branch], max_batch: int) -> DecodeStats:
+    """Decode the prefilled generating branches (any frame's) to their ends, sharing the forward passes."""
+    stats = DecodeStats()
     _generate(seq, [b for b in branches if b.kind == "generate" and not _done(b)], max_batch, stats)
     return stats
+
+
+def shift(branch: Branch, offset: int) -> None:
+    """Move a prefilled branch by ``offset`` slots, where its frame's sequence now sits in a joined one."""
+    branch.prefix = (branch.prefix[0] + offset, branch.prefix[1] + offset)
+    branch.slots = [slot + offset for slot in branch.slots]
 
 
 def _prefill_size(branch: Branch) -> int:

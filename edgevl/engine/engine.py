@@ -21,7 +21,15 @@ from edgevl.engine.answers import (
     yes_no_answer,
     yes_no_log_odds,
 )
-from edgevl.engine.decoding import Branch, PackedSequence, encode_prefix, run_branches
+from edgevl.engine.decoding import (
+    Branch,
+    DecodeStats,
+    PackedSequence,
+    decode_branches,
+    encode_prefix,
+    prefill_branches,
+    shift,
+)
 from edgevl.engine.grammar import Grammars
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import QuestionPrompt, build_prompt, continuation_ids, preprocess_image
@@ -57,9 +65,12 @@ class Frame:
 
 @dataclass
 class _Encoded:
+    """A frame ready to decode: its branches prefilled in its own sequence."""
+
     index: int
-    prompts: list[QuestionPrompt]
-    encode_ms: float
+    branches: list[Branch]
+    encode_ms: float  # the image and the prefix
+    prefill_ms: float  # its questions' suffixes and options
     image_tokens: int
 
 
@@ -96,15 +107,15 @@ class Engine:
         return result
 
     def answer_frames(self, frames: Sequence[Frame], force_full_length: bool = False) -> list[Answered | EdgevlError]:
-        """Answer every frame's questions, all frames' questions sharing forward passes; a frame that cannot be
-        encoded gets its error and costs the others nothing.  ``answer_ms`` and the decode figures are the
-        shared part's, the same for every frame of the call."""
+        """Answer every frame's questions: each frame is encoded and its questions prefilled alone, then all
+        frames' answers decode together, sharing every step.  A frame that fails before that gets its error and
+        costs the others nothing.  The decode figures are the shared part's, the same for every frame."""
         results: list[Answered | EdgevlError | None] = [None] * len(frames)
         encoded: list[_Encoded] = []
         parts: list[PackedSequence] = []
         for index, frame in enumerate(frames):
             try:
-                done, part = self._encode(index, frame)
+                done, part = self._prefilled(index, frame, force_full_length)
             except EdgevlError as exc:
                 results[index] = exc
                 continue
@@ -118,23 +129,19 @@ class Engine:
             parts.append(part)
         if encoded:
             started = time.perf_counter()
-            seq = PackedSequence.join(parts)
+            seq, offsets = PackedSequence.join(parts)
             parts.clear()  # the joined cache holds the only copy now
-            per_frame: list[list[Branch]] = []
-            for n, e in enumerate(encoded):
-                questions = frames[e.index].questions
-                branches = [self._branch(q, p, force_full_length) for q, p in zip(questions, e.prompts, strict=True)]
-                for branch in branches:
-                    branch.frame = n
-                per_frame.append(branches)
-            stats = run_branches(seq, [b for branches in per_frame for b in branches], self.max_batch)
-            answer_ms = (time.perf_counter() - started) * 1000
-            for e, branches in zip(encoded, per_frame, strict=True):
-                results[e.index] = self._answered(frames[e.index].questions, branches, e, answer_ms, stats.steps,
-                                                  stats.seconds)
+            for e, offset in zip(encoded, offsets, strict=True):
+                for branch in e.branches:
+                    shift(branch, offset)
+            stats = decode_branches(seq, [b for e in encoded for b in e.branches], self.max_batch)
+            decode_ms = (time.perf_counter() - started) * 1000
+            for e in encoded:
+                results[e.index] = self._answered(frames[e.index].questions, e, decode_ms, stats)
         return [r for r in results if r is not None]
 
-    def _encode(self, index: int, frame: Frame) -> tuple[_Encoded, PackedSequence]:
+    def _prefilled(self, index: int, frame: Frame, force_full_length: bool) -> tuple[_Encoded, PackedSequence]:
+        """The frame's image encoded and its questions prefilled, in a sequence of its own."""
         started = time.perf_counter()
         encoded = preprocess_image(self.lm, frame.image, frame.max_pixels or self.max_pixels)
         prompts = [build_prompt(self.lm, q.prompt_text(), encoded) for q in frame.questions]
@@ -142,15 +149,20 @@ class Engine:
         if any(p.prefix_ids != shared.prefix_ids for p in prompts[1:]):
             raise ModelError("the chat template puts question text before the image", "model_unsupported")
         seq = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions, self.on_progress)
-        return _Encoded(index, prompts, (time.perf_counter() - started) * 1000, encoded.n_tokens), seq
+        encoded_at = time.perf_counter()
+        branches = [self._branch(q, p, force_full_length) for q, p in zip(frame.questions, prompts, strict=True)]
+        prefill_branches(seq, branches)
+        return _Encoded(index, branches, (encoded_at - started) * 1000, (time.perf_counter() - encoded_at) * 1000,
+                        encoded.n_tokens), seq
 
-    def _answered(self, questions: Sequence[Question], branches: list[Branch], encoded: _Encoded, answer_ms: float,
-                  steps: int, seconds: float) -> Answered:
-        pairs = list(zip(questions, branches, strict=True))
+    def _answered(self, questions: Sequence[Question], encoded: _Encoded, decode_ms: float,
+                  stats: DecodeStats) -> Answered:
+        pairs = list(zip(questions, encoded.branches, strict=True))
         scores = {q.id: self._scores(b) for q, b in pairs if b.kind != "generate"}
         answers = {q.id: self._answer(q, b, scores.get(q.id, [])) for q, b in pairs}
         tokens = {q.id: list(b.generated) for q, b in pairs if b.kind == "generate"}
-        return Answered(answers, encoded.encode_ms, answer_ms, encoded.image_tokens, tokens, scores, steps, seconds)
+        return Answered(answers, encoded.encode_ms, encoded.prefill_ms + decode_ms, encoded.image_tokens, tokens,
+                        scores, stats.steps, stats.seconds)
 
     def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
         if question.type == "yes_no":

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from edgevl.config import PRECISIONS, Precision
+from edgevl.engine.attention import use_grouped_attention
 from edgevl.engine.kernels import Int8Embedding, convert_linears, int8_linear, quantize_rows
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
@@ -220,6 +221,7 @@ def _build(config: Any, path: Path, precision: Precision, source: _Int8Rows) -> 
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    use_grouped_attention(model)
     _rebuild_meta_buffers(model)
     _set_mmap_threshold(_LOAD_MMAP_THRESHOLD)
     try:

@@ -1,0 +1,74 @@
+"""The packed sequence's KV cache: transformers' ``DynamicCache`` whose layers write each pass's keys and
+values in place, into buffers with room to grow.
+
+``DynamicLayer`` concatenates: every pass copies the layer's whole cache into a fresh allocation, which the
+kernel must also fault in page by page.  With several frames' prefixes in one cache (the stream mode) that
+is most of the cost of a decode step beside the weights.  Here a pass copies only its own tokens; the layer's
+keys and values are views of the first ``length`` slots, which attention reads as they are (the same values,
+bit for bit, as a contiguous copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Slots reserved beyond what a pass needs, at least: a frame's questions and answers fit without a regrowth.
+MIN_ROOM = 256
+
+
+class GrowingLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyped
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        count = key_states.shape[-2]
+        end = self.length + count
+        keys, values = self._keys, self._values
+        if keys is None or values is None or end > keys.shape[-2]:
+            keys, values = self._grow(key_states, value_states, end)
+        keys[..., self.length: end, :].copy_(key_states)
+        values[..., self.length: end, :].copy_(value_states)
+        self.length = end
+        self.keys = keys[..., :end, :]
+        self.values = values[..., :end, :]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor,
+              needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Doubling keeps regrowths rare; the room not yet written is never touched, so it costs no memory.
+        capacity = max(2 * needed, needed + MIN_ROOM)
+        keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+        values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        if self._keys is not None and self._values is not None and self.length:
+            keys[..., : self.length, :].copy_(self._keys[..., : self.length, :])
+            values[..., : self.length, :].copy_(self._values[..., : self.length, :])
+        self._keys, self._values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+        self._keys = self._values = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the packed sequence never drops slots")
+
+
+def new_cache(text_config: Any) -> DynamicCache:
+    """An empty cache for the language model of ``text_config``, with growing layers."""
+    cache = DynamicCache(config=text_config)
+    cache.layers = [GrowingLayer() for _ in range(len(cache.layers))]
+    return cache
