@@ -45,8 +45,9 @@ class GrowingLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyp
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor,
               needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Doubling keeps regrowths rare; the room not yet written is never touched, so it costs no memory.
-        capacity = max(2 * needed, needed + MIN_ROOM)
+        # A quarter more keeps regrowths rare while the room held beyond what is written stays small: the
+        # worker's memory ceiling counts it.
+        capacity = needed + max(needed // 4, MIN_ROOM)
         keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
         values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
         if self._keys is not None and self._values is not None and self.length:
