@@ -24,7 +24,7 @@ from torch import nn
 
 from edgevl.config import PRECISIONS, Precision
 from edgevl.engine.attention import use_grouped_attention
-from edgevl.engine.kernels import Int8Embedding, convert_linears, int8_linear, quantize_rows
+from edgevl.engine.kernels import ChunkedLinear, Int8Embedding, convert_linears, int8_linear, quantize_rows
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
 from edgevl.errors import ModelError
@@ -235,6 +235,8 @@ def _build(config: Any, path: Path, precision: Precision, source: _Int8Rows) -> 
             # Mergers and other loose Linear layers; a tied output head stays a dense
             # nn.Linear because packing it would duplicate the embedding matrix.
             convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
+            if "lm_head.weight" not in loaded and precision == "float32":
+                model.lm_head = ChunkedLinear(model.lm_head)
     finally:
         _set_mmap_threshold(_RUN_MMAP_THRESHOLD)
         _trim_heap()

@@ -68,3 +68,20 @@ def test_int8_answers_where_torch_has_no_fbgemm_linear(test_model_dir: Path, fp3
     reference = Engine(fp32_model).answer(image, questions, 96 * 96)
     assert answered.answers["d"]["p_yes"] == pytest.approx(reference.answers["d"]["p_yes"], abs=0.15)
     assert len(answered.tokens["t"]) >= 1
+
+
+@pytest.mark.parametrize("rows", [1, 8, 16, 300])
+def test_the_chunked_head_computes_what_one_product_computes_bit_for_bit(rows: int) -> None:
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(256, 3 * kernels.ChunkedLinear.CHUNK + 123, bias=False)  # a partial last slice
+    chunked = kernels.ChunkedLinear(linear)
+    assert chunked.weight is linear.weight, "the tied weight is shared, never copied"
+    x = torch.randn(rows, 256)
+    with torch.inference_mode():
+        assert torch.equal(chunked(x), linear(x))
+
+
+def test_a_tied_float32_head_is_chunked_and_stays_the_embedding(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    model = fp32_model.model
+    assert isinstance(model.lm_head, kernels.ChunkedLinear)
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
