@@ -1,8 +1,9 @@
 """A workload's floor: the time its matrix products would take at the rates ``edgevl bench`` measured in the
-same run: prefill at the 256-row kernel rate (compute-bound), and every decode step at the time it takes to
-read the weights it multiplies at the measured memory bandwidth.  Attention, norms, the image's preprocessing
-and Python are not counted, so the floor is below anything reachable; the fraction reached says how much of
-the time is the products."""
+same run: the prefill's weight products at the 256-row kernel rate (compute-bound), its attention (the vision
+tower's over all of an image's patches, the language model's over the prompt) at the measured attention rate,
+and every decode step at the time it takes to read the weights it multiplies at the measured memory
+bandwidth.  Norms, activations, the image's preprocessing and Python are not counted, so the floor is below
+anything reachable; the fraction reached says how much of the time is these products."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevl.engine.model_files import read_tensor_infos
+from edgevl.engine.model_files import read_config, read_tensor_infos
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class LinearParams:
     vision: int  # the vision tower's matrices (and its merger's)
     text: int  # the language model's matrices, without the embedding
     head: int  # the output head (the embedding, when tied)
+    vision_attention: int = 0  # the vision tower's attention width summed over its layers (layers x hidden)
+    text_attention: int = 0  # the language model's (layers x query heads x head width)
 
 
 def linear_params(path: Path) -> LinearParams:
@@ -34,18 +37,23 @@ def linear_params(path: Path) -> LinearParams:
             head = info.numel
         else:
             text += info.numel
-    return LinearParams(vision, text, head or embedding)
+    config = read_config(path)
+    v, t = config.get("vision_config", {}), config.get("text_config", config)
+    heads = int(t["num_attention_heads"])
+    text_width = int(t.get("head_dim") or int(t["hidden_size"]) // heads) * heads
+    return LinearParams(vision, text, head or embedding, int(v.get("depth", 0)) * int(v.get("hidden_size", 0)),
+                        int(t["num_hidden_layers"]) * text_width)
 
 
 def work_of(engine: Any, image: Any, questions: Sequence[Any], max_pixels: int, decode_steps: int) -> dict[str, int]:
-    """What one frame asks of the products: vision patches, prefilled tokens, rows whose logits are computed
-    in the prefill, and decode steps (counted by the engine)."""
+    """What one frame asks of the products: vision patches, prefilled tokens (of which the shared prefix),
+    rows whose logits are computed in the prefill, and decode steps (counted by the engine)."""
     from edgevl.engine.prompts import build_prompt, continuation_ids, preprocess_image
 
     lm = engine.lm
     encoded = preprocess_image(lm, image, max_pixels)
     prompts = [build_prompt(lm, q.prompt_text(), encoded) for q in questions]
-    tokens = len(prompts[0].prefix_ids)
+    prefix = tokens = len(prompts[0].prefix_ids)
     rows = 0
     for question, prompt in zip(questions, prompts, strict=True):
         tokens += len(prompt.suffix_ids)
@@ -55,8 +63,16 @@ def work_of(engine: Any, image: Any, questions: Sequence[Any], max_pixels: int, 
             options = [continuation_ids(lm, suffix, option) for option in question.options]
             tokens += sum(len(o) for o in options)
             rows += sum(len(o) - 1 for o in options)
-    return {"patches": int(encoded.grid_thw.prod()), "prefill_tokens": tokens, "logit_rows": rows,
-            "decode_steps": decode_steps}
+    return {"patches": int(encoded.grid_thw.prod()), "prefill_tokens": tokens, "prefix_tokens": prefix,
+            "logit_rows": rows, "decode_steps": decode_steps}
+
+
+def attention_flops(params: LinearParams, work: dict[str, int]) -> float:
+    """Scores and weighted sums of the prefill: every patch with every patch of its image in each vision layer;
+    the prefix causally, and each question's tokens with the prefix, in each language-model layer."""
+    patches, prefix = work["patches"], work.get("prefix_tokens", 0)
+    suffix = work["prefill_tokens"] - prefix
+    return 4.0 * (params.vision_attention * patches**2 + params.text_attention * (prefix**2 / 2 + suffix * prefix))
 
 
 def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float | None:
@@ -67,4 +83,6 @@ def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, f
     prefill = 2 * (params.vision * work["patches"] + params.text * work["prefill_tokens"]
                    + params.head * work["logit_rows"])
     weight_bytes = (params.text + params.head) * (4 if precision == "float32" else 1)
-    return prefill / (rates[f"{kernel}_m256"] * 1e9) + work["decode_steps"] * weight_bytes / (rates["read_gbs"] * 1e9)
+    attention = attention_flops(params, work) / (rates["attention_gflops"] * 1e9)
+    return prefill / (rates[f"{kernel}_m256"] * 1e9) + attention + work["decode_steps"] * weight_bytes / (
+        rates["read_gbs"] * 1e9)

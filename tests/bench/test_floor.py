@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from edgevl.bench.floor import floor_seconds, linear_params
+from edgevl.bench.floor import attention_flops, floor_seconds, linear_params
 from tests.worker.test_footprint import _shapes_only_checkpoint
+
+W4 = {"patches": 784, "prefill_tokens": 300, "prefix_tokens": 200, "logit_rows": 8, "decode_steps": 23}
 
 
 def test_the_2b_matrices_are_counted_once_each(tmp_path: Path) -> None:
@@ -16,19 +18,31 @@ def test_the_2b_matrices_are_counted_once_each(tmp_path: Path) -> None:
     assert 0.3e9 < params.vision < 0.5e9
     assert 1.2e9 < params.text < 1.6e9
     assert params.head == 151_936 * 2048
+    assert (params.vision_attention, params.text_attention) == (24 * 1024, 28 * 16 * 128)
 
 
-def test_the_floor_is_prefill_at_the_256_row_rate_plus_each_step_reading_the_weights(tmp_path: Path) -> None:
+def test_the_floor_is_products_at_their_rates_and_each_step_reading_the_weights(tmp_path: Path) -> None:
     params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
-    rates = {"packed_m1": 10.0, "packed_m256": 200.0, "int8_m1": 80.0, "int8_m256": 700.0, "read_gbs": 30.0}
-    work = {"patches": 784, "prefill_tokens": 300, "logit_rows": 8, "decode_steps": 23}
-    prefill = 2 * (params.vision * 784 + params.text * 300 + params.head * 8)
+    rates = {"packed_m1": 10.0, "packed_m256": 200.0, "int8_m1": 80.0, "int8_m256": 700.0, "read_gbs": 30.0,
+             "attention_gflops": 150.0}
+    products = 2 * (params.vision * 784 + params.text * 300 + params.head * 8)
+    attention = attention_flops(params, W4) / 150e9
     step_weights = params.text + params.head  # 1.7 G weights: 6.9 GB in float32, 1.7 GB in int8
-    float32 = prefill / 200e9 + 23 * 4 * step_weights / 30e9
-    assert floor_seconds(params, work, rates, "float32") == pytest.approx(float32)
-    assert floor_seconds(params, work, rates, "int8") == pytest.approx(prefill / 700e9 + 23 * step_weights / 30e9)
-    assert 0.05 < step_weights / 30e9 < 0.06, "the issue's int8 decode floor: ~1.7 GB at ~31 GB/s"
+    float32 = products / 200e9 + attention + 23 * 4 * step_weights / 30e9
+    assert floor_seconds(params, W4, rates, "float32") == pytest.approx(float32)
+    int8 = products / 700e9 + attention + 23 * step_weights / 30e9
+    assert floor_seconds(params, W4, rates, "int8") == pytest.approx(int8)
+    assert 0.05 < step_weights / 30e9 < 0.06, "the int8 decode floor: ~1.7 GB at ~31 GB/s"
     # Without fbgemm, int8 prefill is judged at the fallback's rate; bfloat16 has no measured kernel.
-    fallback = {"int8_int_mm_m1": 20.0, "int8_int_mm_m256": 600.0, "read_gbs": 30.0}
-    assert floor_seconds(params, work, fallback, "int8") == pytest.approx(prefill / 600e9 + 23 * step_weights / 30e9)
-    assert floor_seconds(params, work, rates, "bfloat16") is None
+    fallback = {"int8_int_mm_m1": 20.0, "int8_int_mm_m256": 600.0, "read_gbs": 30.0, "attention_gflops": 150.0}
+    expected = products / 600e9 + attention + 23 * step_weights / 30e9
+    assert floor_seconds(params, W4, fallback, "int8") == pytest.approx(expected)
+    assert floor_seconds(params, W4, rates, "bfloat16") is None
+
+
+def test_attention_is_every_patch_with_every_patch_and_the_prompt_causally(tmp_path: Path) -> None:
+    params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
+    page = {"patches": 4096, "prefill_tokens": 1010, "prefix_tokens": 1000, "logit_rows": 1, "decode_steps": 0}
+    vision = 4 * 24 * 1024 * 4096**2  # 1.65 TFLOP: a page's vision tower spends more on attention than on weights
+    text = 4 * 28 * 16 * 128 * (1000**2 / 2 + 10 * 1000)
+    assert attention_flops(params, page) == pytest.approx(vision + text)
