@@ -7,7 +7,6 @@ with work for the worker or a record, whatever goes wrong.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 import time
@@ -49,13 +48,14 @@ class Intake:
         handled = False
         for job in self._waiting():
             handled = True
-            if works and job.worker_failures():
+            alone = bool(job.worker_failures())
+            if works and alone:
                 continue  # its turn comes next, alone
             work = self.work(job)
             if work is None:
                 continue
             works.append(work)
-            if len(works) >= most or job.worker_failures():
+            if len(works) >= most or alone:
                 break
         return works if handled else None
 
@@ -130,14 +130,3 @@ class Intake:
                 self.delivery.deliver(job.key, spooled.error(
                     "internal_error", f"edgevl could not run this job: {type(exc).__name__}: {exc}"))
         return None
-
-    def holding(self, works: list[Work]) -> contextlib.ExitStack:
-        """All the works' jobs noted in hand (while they are handed over together)."""
-        stack = contextlib.ExitStack()
-        try:
-            for work in works:
-                stack.enter_context(self.hand.holding(f"job:{work.key}"))
-        except BaseException:
-            stack.close()
-            raise
-        return stack

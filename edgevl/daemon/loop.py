@@ -258,7 +258,7 @@ class Daemon:
         if works is None:
             return False
         if works:
-            with self.intake.holding(works):
+            with self.hand.holding(*(f"job:{work.key}" for work in works)):
                 try:
                     self.supervisor.submit_batch(works)
                 except Exception as exc:  # each travelled alone in intake.work: this is edgevl's own fault

@@ -75,30 +75,37 @@ class Hand:
         return sorted((key, deaths) for key, deaths in self.carried.items() if deaths >= POISON_DEATHS)
 
     @contextlib.contextmanager
-    def holding(self, key: str) -> Iterator[None]:
-        """Note ``key`` as in hand for the block.
+    def holding(self, *keys: str) -> Iterator[None]:
+        """Note ``keys`` as in hand for the block (several: inputs handed over together, noted in one write).
 
         A storage problem (``OSError``) or an input's own error (``EdgevlError``) leaving the block
-        releases it: callers handle those. Any other exception leaves it noted, as a death would:
+        releases them: callers handle those. Any other exception leaves them noted, as a death would:
         it is a fault nobody foresaw, and the daemon is going down.
         """
         with self._lock:
-            self._held[key] += 1
-            if self._held[key] == 1:  # a nested hold of the same key changes nothing on disk
+            new = False
+            for key in keys:
+                self._held[key] += 1
+                new = new or self._held[key] == 1  # a nested hold of the same key changes nothing on disk
+            if new:
                 self._write()
         try:
             yield
         except (OSError, EdgevlError):
-            self.release(key)
+            self.release(*keys)
             raise
-        self.release(key)
+        self.release(*keys)
 
-    def release(self, key: str) -> None:
+    def release(self, *keys: str) -> None:
         with self._lock:
-            self._held[key] -= 1
-            if self._held[key] <= 0:
-                del self._held[key]
-                self.carried.pop(key, None)
+            gone = False
+            for key in keys:
+                self._held[key] -= 1
+                if self._held[key] <= 0:
+                    del self._held[key]
+                    self.carried.pop(key, None)
+                    gone = True
+            if gone:
                 self._write()
 
     # MQTT payloads cannot be set aside at start (the broker holds them): they are

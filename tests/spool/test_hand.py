@@ -83,3 +83,16 @@ def test_storage_and_input_errors_release_the_input(tmp_path: Path) -> None:
         with pytest.raises(type(error)), hand.holding("job:x"):
             raise error
         assert Hand(path).carried == {}, "callers handle these: no death to count"
+
+
+def test_inputs_handed_over_together_are_noted_and_released_together(tmp_path: Path) -> None:
+    path = tmp_path / "in-hand.json"
+    hand = Hand(path)
+    with hand.holding("job:x"):
+        with hand.holding("job:a", "job:x", "job:b"):
+            assert set(Hand(path).carried) == {"job:a", "job:b", "job:x"}
+        assert Hand(path).carried == {"job:x": 1}, "a key also held outside stays in hand"
+    hand = Hand(path)
+    assert hand.carried == {}
+    hand.holding("job:a", "job:b").__enter__()  # a death with a batch in hand counts for each of them
+    assert Hand(path).carried == {"job:a": 1, "job:b": 1}
