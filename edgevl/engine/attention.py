@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "edgevl_sdpa"
 
@@ -21,8 +22,6 @@ NAME = "edgevl_sdpa"
 def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = int(getattr(module, "num_key_value_groups", 1))
     if attention_mask is None or query.shape[2] == 1 or groups == 1 or kwargs.get("position_bias") is not None:
         out: tuple[torch.Tensor, None] = sdpa_attention_forward(module, query, key, value, attention_mask,

@@ -100,10 +100,13 @@ def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,
             f"model.memory_limit is {format_bytes(limit)}: {advice}")
 
 
-def fit_frames(path: Path, precision: Precision, max_batch: int, max_pixels: int, limit: int, most: int) -> int:
+def fit_frames(path: Path, precision: Precision, max_batch: int, max_pixels: int, limit: int,
+               most: int) -> tuple[int, Footprint]:
     """The most frames, up to ``most``, whose stream fits under ``limit`` (at least 1: one frame is checked
-    on its own)."""
+    on its own), and their footprint."""
     frames = max(1, most)
-    while frames > 1 and estimate(path, precision, max_batch, max_pixels, frames).total > limit:
+    needed = estimate(path, precision, max_batch, max_pixels, frames)
+    while frames > 1 and needed.total > limit:
         frames -= 1
-    return frames
+        needed = estimate(path, precision, max_batch, max_pixels, frames)
+    return frames, needed

@@ -139,10 +139,12 @@ class WorkerSupervisor:
         auto_batch, auto_frames = _defaults()
         max_batch = model.max_batch or auto_batch
         limit = int(model.memory_limit)
-        # Auto: as many frames as share a decode batch, fewer where the memory cap would not hold them.
-        self.max_frames = model.max_frames or footprint.fit_frames(path, model.precision, max_batch,
-                                                                   model.max_pixels, limit, auto_frames)
-        needed = footprint.estimate(path, model.precision, max_batch, model.max_pixels, self.max_frames)
+        if model.max_frames:
+            self.max_frames = model.max_frames
+            needed = footprint.estimate(path, model.precision, max_batch, model.max_pixels, self.max_frames)
+        else:  # as many frames as share a decode batch, fewer where the memory cap would not hold them
+            self.max_frames, needed = footprint.fit_frames(path, model.precision, max_batch, model.max_pixels,
+                                                           limit, auto_frames)
         if needed.total > limit:
             int8 = footprint.estimate(path, "int8", max_batch, model.max_pixels)
             raise ConfigError(footprint.refusal(model.id, model.precision, needed, limit, int8))

@@ -67,11 +67,13 @@ def test_the_stream_mode_takes_as_many_frames_as_the_cap_holds(tmp_path: Path) -
     eight = footprint.estimate(path, "float32", 8, 448 * 448, frames=8)
     # Each frame keeps its prefix (≈ 230 tokens, 235 KB each in float32) and brings its answers' rows.
     assert 0.3e9 < eight.total - one.total < 1.5e9
-    assert footprint.fit_frames(path, "float32", 8, 448 * 448, eight.total, 8) == 8
-    assert footprint.fit_frames(path, "float32", 8, 448 * 448, eight.total - 1, 8) == 7
-    assert footprint.fit_frames(path, "float32", 8, 448 * 448, one.total - 1, 8) == 1  # one frame is refused elsewhere
+    assert footprint.fit_frames(path, "float32", 8, 448 * 448, eight.total, 8) == (8, eight)
+    seven = footprint.estimate(path, "float32", 8, 448 * 448, frames=7)
+    assert footprint.fit_frames(path, "float32", 8, 448 * 448, eight.total - 1, 8) == (7, seven)
+    # One frame is refused elsewhere (the supervisor), with its footprint.
+    assert footprint.fit_frames(path, "float32", 8, 448 * 448, one.total - 1, 8) == (1, one)
     # A document's pixel budget leaves room for fewer frames under the same cap.
-    assert footprint.fit_frames(path, "float32", 8, 1024 * 1024, eight.total, 8) < 8
+    assert footprint.fit_frames(path, "float32", 8, 1024 * 1024, eight.total, 8)[0] < 8
 
 
 def test_estimate_of_the_test_model_is_close_to_its_use(test_model_dir: Path) -> None:
