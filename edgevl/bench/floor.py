@@ -48,21 +48,16 @@ def linear_params(path: Path) -> LinearParams:
 def work_of(engine: Any, image: Any, questions: Sequence[Any], max_pixels: int, decode_steps: int) -> dict[str, int]:
     """What one frame asks of the products: vision patches, prefilled tokens (of which the shared prefix),
     rows whose logits are computed in the prefill, and decode steps (counted by the engine)."""
-    from edgevl.engine.prompts import build_prompt, continuation_ids, preprocess_image
+    from edgevl.engine.prompts import build_prompt, preprocess_image
 
     lm = engine.lm
     encoded = preprocess_image(lm, image, max_pixels)
     prompts = [build_prompt(lm, q.prompt_text(), encoded) for q in questions]
-    prefix = tokens = len(prompts[0].prefix_ids)
-    rows = 0
-    for question, prompt in zip(questions, prompts, strict=True):
-        tokens += len(prompt.suffix_ids)
-        rows += 1
-        if question.type == "choice":
-            suffix = lm.tokenizer.decode(prompt.suffix_ids, skip_special_tokens=False)
-            options = [continuation_ids(lm, suffix, option) for option in question.options]
-            tokens += sum(len(o) for o in options)
-            rows += sum(len(o) - 1 for o in options)
+    branches = [engine.branch(q, p) for q, p in zip(questions, prompts, strict=True)]
+    prefix = len(prompts[0].prefix_ids)
+    tokens = prefix + sum(len(b.tokens) + sum(len(o) for o in b.options) for b in branches)
+    # The end of each suffix, and each option token but the last, predicts a token whose score is read.
+    rows = sum(1 + sum(len(o) - 1 for o in b.options) for b in branches)
     return {"patches": int(encoded.grid_thw.prod()), "prefill_tokens": tokens, "prefix_tokens": prefix,
             "logit_rows": rows, "decode_steps": decode_steps}
 

@@ -150,7 +150,7 @@ class Engine:
             raise ModelError("the chat template puts question text before the image", "model_unsupported")
         seq = encode_prefix(self.lm, encoded, shared.prefix_ids, shared.prefix_positions, self.on_progress)
         encoded_at = time.perf_counter()
-        branches = [self._branch(q, p, force_full_length) for q, p in zip(frame.questions, prompts, strict=True)]
+        branches = [self.branch(q, p, force_full_length) for q, p in zip(frame.questions, prompts, strict=True)]
         prefill_branches(seq, branches)
         return _Encoded(index, branches, (encoded_at - started) * 1000, (time.perf_counter() - encoded_at) * 1000,
                         encoded.n_tokens), seq
@@ -164,7 +164,8 @@ class Engine:
         return Answered(answers, encoded.encode_ms, encoded.prefill_ms + decode_ms, encoded.image_tokens, tokens,
                         scores, stats.steps, stats.seconds)
 
-    def _branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool) -> Branch:
+    def branch(self, question: Question, prompt: QuestionPrompt, force_full_length: bool = False) -> Branch:
+        """How ``question`` continues its image's prefix: scored next token, scored options, or generated."""
         if question.type == "yes_no":
             return Branch("next", prompt.suffix_ids, prompt.suffix_positions)
         if question.type == "choice":
