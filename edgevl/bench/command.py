@@ -16,17 +16,15 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from edgevl.bench.floor import attention_flops, floor_seconds, linear_params
+from edgevl.bench.kernels import INT4_GROUP, kernel_rates, read_rate
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
 from edgevl.errors import ModelError
 from edgevl.worker import footprint
-
-MATRICES = 8  # kernel_rates: 8 x 50 MB in float32, more than any cache of these hosts
 
 
 def default_checkpoint() -> Path:
@@ -44,70 +42,6 @@ def ensure_checkpoint(path: Path) -> Path:
     build_checkpoint(tmp, QWEN3_VL_2B, dtype="bfloat16")
     tmp.rename(path)
     return path
-
-
-def kernel_rates(threads: int) -> dict[str, float]:
-    """GFLOP/s of a 2048x6144 projection: float32, fbgemm dynamic int8 and the weight-only int8 fallback,
-    one row and 256 rows.  Eight different matrices take turns, so that a one-row product reads its weights
-    from memory, as a decode step does, not from the cache."""
-    import torch
-
-    from edgevl.engine.kernels import PackedLinear, fbgemm_int8_available, int8_linear
-
-    torch.set_num_threads(threads)
-    linears = [torch.nn.Linear(2048, 6144, bias=False) for _ in range(MATRICES)]
-    kernels: dict[str, list[torch.nn.Module]] = {
-        "float32": list(linears),
-        "packed": [PackedLinear(linear) for linear in linears],
-        "int8_int_mm": [int8_linear(linear, fbgemm=False) for linear in linears],
-    }
-    if fbgemm_int8_available():
-        kernels["int8"] = [int8_linear(linear, fbgemm=True) for linear in linears]
-    rates: dict[str, float] = {}
-    for rows in (1, 256):
-        x = torch.randn(rows, 2048)
-        for name, fns in kernels.items():
-            with torch.inference_mode():
-                for fn in fns:
-                    fn(x)
-                reps = 3 if rows == 1 else 1
-                t = time.perf_counter()
-                for _ in range(reps):
-                    for fn in fns:
-                        fn(x)
-                seconds = (time.perf_counter() - t) / (reps * len(fns))
-            rates[f"{name}_m{rows}"] = round(2 * rows * 2048 * 6144 / seconds / 1e9, 1)
-    rates["read_gbs"] = read_bandwidth()
-    rates["attention_gflops"] = attention_rate()
-    return rates
-
-
-def attention_rate() -> float:
-    """GFLOP/s of float32 attention (SDPA) over 2,048 tokens of 16 heads of 64: a vision tower's layer."""
-    import torch
-    import torch.nn.functional as F
-
-    q, k, v = (torch.randn(1, 16, 2048, 64) for _ in range(3))
-    with torch.inference_mode():
-        F.scaled_dot_product_attention(q, k, v)
-        t = time.perf_counter()
-        for _ in range(3):
-            F.scaled_dot_product_attention(q, k, v)
-        seconds = (time.perf_counter() - t) / 3
-    return round(4 * 2048**2 * 64 * 16 / seconds / 1e9, 1)
-
-
-def read_bandwidth() -> float:
-    """GB/s at which these threads read memory: a sum over 1 GiB, the best of three."""
-    import torch
-
-    data = torch.ones(1 << 28)  # written once: resident, not just reserved
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - t)
-    return round(data.numel() * 4 / best / 1e9, 1)
 
 
 def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, write_doc: Path | None,
@@ -172,6 +106,23 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
         write_doc.write_text(render_doc(results, kernels, threads, grammar))
         print(f"wrote {write_doc}", file=sys.stderr)
     return 0
+
+
+def _int4_verdict(kernels: dict[str, float]) -> list[str]:
+    """What the int4 kernel's measured rates say of an int4 precision."""
+    int8 = "int8" if "int8_m1" in kernels else "int8_int_mm"
+    speed = kernels["int4_m1"] / kernels[f"{int8}_m1"]
+    int4_read, int8_read = read_rate(kernels, "int4"), read_rate(kernels, int8)
+    bound = ("well below the memory's: the kernel is bound by its arithmetic (unpacking four-bit values), not by"
+             " reading" if int4_read < 0.7 * kernels["read_gbs"] else "near the memory's")
+    return [
+        f"int4 against int8 (`{int8}`), same run: {speed:.2f}x the one-row rate, "
+        f"{kernels['int4_m256'] / kernels[f'{int8}_m256']:.2f}x the 256-row rate.",
+        f"At one row int4 reads its weights at {int4_read} GB/s and int8 at {int8_read} GB/s, against"
+        f" {kernels['read_gbs']} GB/s of memory read: {bound}.",
+        f"A decode step's products on int4 weights would take {1 / speed:.2f}x the time of int8's (an int4 precision"
+        " is worth having at 1/1.6 = 0.62x or less), and its prefill would run at the 256-row ratio.",
+    ]
 
 
 def _rounded(seconds: float | None) -> float | None:
@@ -287,6 +238,19 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         " of which attention s | fraction of W-doc at its floor |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    restart = [
+        "",
+        "## Ready after a start",
+        "",
+        "A later start of the worker process (int8: from its prepared weights), with the checkpoint and the",
+        "prepared file in the page cache: ready (its first answer possible), W4's first frame answered, and",
+        "full speed. int8 answers at once with `torch._int_mm` on the int8 rows mapped from the prepared file",
+        "while one thread packs the layers for fbgemm (edgevl.engine.packing); full speed is when the last is",
+        "packed. Peak RSS is that process's high-water mark through its first answer and the packing.",
+        "",
+        "| precision | ready s | first W4 frame answered at s | full speed at s | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
     memory = [
         "",
         "## Memory",
@@ -321,6 +285,8 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
                           f"{r['wdoc_seconds_per_page']:.2f} | {r['wdoc_floor_seconds_per_page']:.2f} | "
                           f"{r['wdoc_attention_seconds']:.2f} | "
                           f"{r['wdoc_floor_seconds_per_page'] / r['wdoc_seconds_per_page']:.0%} |")
+        restart.append(f"| {r['precision']} | {r['ready_seconds']:.1f} | {r['first_answer_seconds']:.1f} | "
+                       f"{r['full_speed_seconds']:.1f} | {r['ready_peak_rss_bytes'] / 1e9:.2f} GB |")
         memory.append(f"| {r['precision']} | {r['estimated_bytes'] / 1e9:.2f} GB | "
                       f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_virtual_bytes'] / 1e9:.2f} GB |")
     lines += ["", "Text answer token-identical to `generate()` on the same frame (naive: same model; stock:",
@@ -343,6 +309,7 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         *stream,
         *documents,
         *floors,
+        *restart,
         *memory,
         "",
         "## Kernels",
@@ -357,6 +324,10 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         f"{kernels.get('int8_m256', '–')} |",
         f"| int8 `torch._int_mm`, activations per row (the fallback where torch has no fbgemm Linear) | "
         f"{kernels['int8_int_mm_m1']} | {kernels['int8_int_mm_m256']} |",
+        f"| int4 `torch._weight_int4pack_mm_for_cpu`, groups of {INT4_GROUP}, bfloat16 activations (measured, not "
+        f"offered) | {kernels['int4_m1']} | {kernels['int4_m256']} |",
+        "",
+        *_int4_verdict(kernels),
         "",
         f"Memory read by the same threads (a sum over 1 GiB): {kernels['read_gbs']} GB/s. Attention (float32",
         f"SDPA, 2,048 tokens, 16 heads of 64, as in a vision layer): {kernels['attention_gflops']} GFLOP/s.",

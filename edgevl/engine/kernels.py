@@ -68,16 +68,18 @@ class IntMatmulLinear(nn.Module):
     """int8 weights per output channel times activations quantized per row at each call, multiplied by
     ``torch._int_mm`` (int8 x int8 to int32): the int8 kernel where fbgemm's dynamic Linear is gone.
 
-    The weights are kept transposed, as ``_int_mm`` reads them fastest for more than one row.
+    The weights stay as they are made, one output channel per row: ``_int_mm`` reads them through a
+    transposed view no slower than from a transposed copy (measured on the 2-core host), so rows mapped
+    from a prepared file (``edgevl.engine.prepared``) are used in place, never copied.
     """
 
-    qweight_t: torch.Tensor
+    qweight: torch.Tensor
     scales: torch.Tensor
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("qweight_t", q.t().contiguous())
+        self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.float())
         self.bias = bias
 
@@ -85,7 +87,7 @@ class IntMatmulLinear(nn.Module):
         flat = x.reshape(-1, self.in_features).float()
         step = (flat.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
         xq = torch.round(flat * (1.0 / step)).clamp(-128, 127).to(torch.int8)
-        out = torch._int_mm(xq, self.qweight_t).float() * step * self.scales
+        out = torch._int_mm(xq, self.qweight.t()).float() * step * self.scales
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -105,14 +107,51 @@ def int8_linear(linear: nn.Linear, rows: tuple[torch.Tensor, torch.Tensor] | Non
     q, scales = rows if rows is not None else quantize_rows(linear.weight.detach())
     if not (fbgemm_int8_available() if fbgemm is None else fbgemm):
         return IntMatmulLinear(q, scales, bias)
+    return fbgemm_linear(q, scales, bias)
+
+
+def fbgemm_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """fbgemm's dynamic int8 Linear on int8 rows and their float64 scales (``quantize_rows``).
+
+    Packing copies the rows into fbgemm's own layout: ``q`` is not referenced afterwards.  A matrix of more
+    than ``RowSlices.ROWS`` outputs (the output head) is packed in slices, so that the quantized copy packing
+    makes on the way (0.3 GB for the whole head) never exists at once.
+    """
+    if q.shape[0] > RowSlices.ROWS:
+        step = RowSlices.ROWS
+        return RowSlices([_fbgemm_linear(q[start: start + step], scales[start: start + step],
+                                         None if bias is None else bias[start: start + step])
+                          for start in range(0, q.shape[0], step)])
+    return _fbgemm_linear(q, scales, bias)
+
+
+class RowSlices(nn.Module):
+    """One Linear made of slices of its outputs, each its own fbgemm Linear.
+
+    fbgemm quantizes the activations once per call from the whole input, which every slice sees whole, and
+    each output channel has its own weight scale: the outputs are those of the unsliced Linear
+    (tests/engine/test_kernels.py).
+    """
+
+    ROWS = 16384
+
+    def __init__(self, slices: list[nn.Module]) -> None:
+        super().__init__()
+        self.slices = nn.ModuleList(slices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.slices], dim=-1)
+
+
+def _fbgemm_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch announces the move of this API to torchao
         from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
         # Built at 1x1 and then given its weight: the constructor would
         # otherwise allocate and pack a full-size empty weight first.
-        qlinear = DynamicQuantLinear(1, 1, bias_=linear.bias is not None, dtype=torch.qint8)  # type: ignore[no-untyped-call]
-    qlinear.in_features, qlinear.out_features = linear.in_features, linear.out_features
+        qlinear = DynamicQuantLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+    qlinear.out_features, qlinear.in_features = q.shape
     qlinear.set_weight_bias(_per_channel_qint8(q, scales), bias)
     return qlinear
 
@@ -145,9 +184,11 @@ class ChunkedLinear(nn.Module):
     outputs at a time.
 
     For a few rows (a decode step's), one product over all outputs reads the 1.2 GB matrix at well under the
-    memory's bandwidth; in slices it runs about twice as fast at eight rows, with the same products and sums
-    per output (bit for bit; tests/engine/test_kernels.py).  The weight stays the embedding's own tensor:
-    packing a copy would cost 1.2 GB.
+    memory's bandwidth on some hosts; in slices it ran about twice as fast at eight rows there, with the same
+    products and sums per output (bit for bit; tests/engine/test_kernels.py).  A single row is one product:
+    the BLAS's matrix-vector kernel may split a row's sum differently for a slice than for the whole matrix
+    (a last-bit difference, seen on an Intel host), and it reads at the bandwidth anyway.  The weight stays
+    the embedding's own tensor: packing a copy would cost 1.2 GB.
     """
 
     CHUNK = 4096
@@ -160,6 +201,8 @@ class ChunkedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features:
+            return F.linear(x, self.weight, self.bias)
         parts = []
         for start in range(0, self.out_features, self.CHUNK):
             bias = None if self.bias is None else self.bias[start: start + self.CHUNK]

@@ -13,6 +13,7 @@ import ctypes
 import json
 import logging
 import re
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,8 +25,17 @@ from torch import nn
 
 from edgevl.config import PRECISIONS, Precision
 from edgevl.engine.attention import use_grouped_attention
-from edgevl.engine.kernels import ChunkedLinear, Int8Embedding, convert_linears, int8_linear, quantize_rows
+from edgevl.engine.kernels import (
+    ChunkedLinear,
+    Int8Embedding,
+    IntMatmulLinear,
+    convert_linears,
+    fbgemm_int8_available,
+    int8_linear,
+    quantize_rows,
+)
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
+from edgevl.engine.packing import Deferred, Packer
 from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
 from edgevl.errors import ModelError
 
@@ -64,6 +74,8 @@ class LoadedModel:
     # int8: whether its weights came from a prepared file ("read"), were prepared by this load ("written"),
     # or were quantized without one ("none").
     prepared: str = "none"
+    # int8 from prepared weights: packs the layers for fbgemm while the model already answers.
+    packer: Packer | None = None
 
     @property
     def config(self) -> Any:
@@ -136,11 +148,18 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 class _Int8Rows:
-    """Where a load's int8 rows come from (a prepared file) or go to (a new one)."""
+    """Where a load's int8 rows come from (a prepared file) or go to (a new one).
 
-    def __init__(self, reader: PreparedReader | None, writer: PreparedWriter | None) -> None:
+    With ``deferred`` (a list), layers whose rows are mapped from the prepared file answer with
+    ``IntMatmulLinear`` at once and are noted there, to be packed for fbgemm afterwards
+    (``edgevl.engine.packing``); otherwise each is packed as it is loaded.
+    """
+
+    def __init__(self, reader: PreparedReader | None, writer: PreparedWriter | None,
+                 deferred: list[Deferred] | None = None) -> None:
         self.reader = reader
         self.writer = writer
+        self.deferred = deferred
 
     def has(self, key: str) -> bool:
         return self.reader is not None and f"{key}.q" in self.reader
@@ -156,6 +175,14 @@ class _Int8Rows:
             self.writer.add(f"{key}.scales", scales)
         return q, scales
 
+    def linear(self, path: str, linear: nn.Linear, key: str, rows: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
+        """The int8 module for the Linear at ``path`` with the rows of ``key``."""
+        if self.deferred is None or not self.has(key):
+            return int8_linear(linear, rows)
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.deferred.append(Deferred(path, *rows, bias))
+        return IntMatmulLinear(*rows, bias)
+
 
 def _int8_linears(module: nn.Module, prefix: str, source: _Int8Rows) -> None:
     """Every Linear below ``module`` whose weight is loaded, or prepared, made int8 (its bias loaded first)."""
@@ -167,7 +194,8 @@ def _int8_linears(module: nn.Module, prefix: str, source: _Int8Rows) -> None:
         key = f"{full}.weight"
         if (child.bias is not None and child.bias.is_meta) or (child.weight.is_meta and not source.has(key)):
             continue
-        setattr(module, name, int8_linear(child, source.rows(key, None if child.weight.is_meta else child.weight)))
+        rows = source.rows(key, None if child.weight.is_meta else child.weight)
+        setattr(module, name, source.linear(full, child, key, rows))
 
 
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision,
@@ -206,12 +234,14 @@ def _finish_int8(model: Any, source: _Int8Rows) -> None:
     lm.embed_tokens = Int8Embedding(*rows)
     if not tied:
         if isinstance(model.lm_head, nn.Linear):
-            model.lm_head = int8_linear(model.lm_head, source.rows("lm_head.weight", model.lm_head.weight))
+            head_rows = source.rows("lm_head.weight", model.lm_head.weight)
+            model.lm_head = source.linear("lm_head", model.lm_head, "lm_head.weight", head_rows)
         return
     model.lm_head = nn.Identity()  # drops the last reference to the float table
     with torch.device("meta"):
         head = nn.Linear(hidden, vocab, bias=False)
-    model.lm_head = int8_linear(head, rows)
+    # The head multiplies with the embedding's own int8 rows: one quantization, one prepared copy.
+    model.lm_head = source.linear("lm_head", head, key, rows)
 
 
 def _build(config: Any, path: Path, precision: Precision, source: _Int8Rows) -> Any:
@@ -250,7 +280,8 @@ def _prepared_source(prepared_dir: Path, path: Path) -> tuple[_Int8Rows, Path]:
     base = location(prepared_dir, path, "int8")
     reader = PreparedReader.open(base)
     if reader is not None:
-        return _Int8Rows(reader, None), base
+        # Mapped rows answer at once where fbgemm will take over; without fbgemm they are the kernel's for good.
+        return _Int8Rows(reader, None, [] if fbgemm_int8_available() else None), base
     try:
         return _Int8Rows(None, PreparedWriter(base)), base
     except OSError as exc:
@@ -258,34 +289,37 @@ def _prepared_source(prepared_dir: Path, path: Path) -> tuple[_Int8Rows, Path]:
         return _Int8Rows(None, None), base
 
 
-def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str]:
-    """The int8 model from its prepared rows (or preparing them); a damaged file is rebuilt, never used."""
+def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str, list[Deferred]]:
+    """The int8 model from its prepared rows (or preparing them); a damaged file is rebuilt, never used.
+
+    Also the layers whose packing for fbgemm is left to a ``Packer``.
+    """
     source, base = _prepared_source(prepared_dir, path)
     try:
         model = _build(config, path, "int8", source)
     except PreparedCorrupt as exc:
         log.warning("the prepared int8 weights %s are damaged (%s): they are made again from the model", base, exc)
         assert source.reader is not None
+        source.deferred = None  # what was mapped of the damaged file goes with the model it was built into
         source.reader.discard()
         source, _ = _prepared_source(prepared_dir, path)
         model = _build(config, path, "int8", source)
     except BaseException:
         if source.writer is not None:
             source.writer.abort()
-        if source.reader is not None:
-            source.reader.close()
         raise
     if source.reader is not None:
-        source.reader.close()
-        return model, "read"
-    return model, "written" if source.writer is not None and source.writer.commit() else "none"
+        return model, "read", source.deferred or []
+    return model, "written" if source.writer is not None and source.writer.commit() else "none", []
 
 
 def load_model(model_id: str, precision: Precision = "float32", threads: int = 0,
-               prepared_dir: Path | None = None) -> LoadedModel:
+               prepared_dir: Path | None = None, pack_gate: threading.Event | None = None) -> LoadedModel:
     """Load Qwen3-VL for the CPU in the given precision; ``threads`` 0 means one per usable core.
 
     ``prepared_dir`` (int8): where the quantized rows are kept between starts (see ``edgevl.engine.prepared``).
+    A start from them returns before fbgemm's packing is done (``LoadedModel.packer``, started here; with
+    ``pack_gate``, once that is set).
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -301,8 +335,13 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     if config.model_type != "qwen3_vl":
         raise ModelError(f"{model_id} is a {config.model_type} model; edgevl runs Qwen3-VL", "model_unsupported")
     prepared = "none"
+    packer: Packer | None = None
     if precision == "int8" and prepared_dir is not None:
-        model, prepared = _build_int8(config, path, prepared_dir)
+        model, prepared, deferred = _build_int8(config, path, prepared_dir)
+        if deferred:
+            packer = Packer(model, deferred, pack_gate)
+            del deferred
+            packer.start()
     else:
         model = _build(config, path, precision, _Int8Rows(None, None))
     model.eval()
@@ -342,4 +381,5 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
         vision_end_id=int(config.vision_end_token_id),
         load_seconds=seconds,
         prepared=prepared,
+        packer=packer,
     )

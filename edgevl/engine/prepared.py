@@ -6,10 +6,15 @@ and their scales to ``<state_dir>/prepared/``; later starts read them one
 matrix at a time and hand them to the kernels as they are.  The file's name is a key of the
 model's files (names, sizes, modification times), the precision, torch's
 version and this format's, so a replaced model or an upgraded torch never meets
-an old file.  Every tensor carries a CRC-32 that is checked as it is read: a
+an old file.  Every tensor carries a CRC-32 that is checked as it is taken: a
 damaged file is deleted and rebuilt from the model, never trusted.  The index
 is written last, after the data is on disk, so a start killed while writing
 leaves no file that looks complete.
+
+Tensors are mapped from the file, not read into memory: a later start answers
+from the mapped rows within seconds (``edgevl.engine.packing``), and each
+matrix's mapping goes when the kernels' packed copy replaces it, so the pages
+are never counted twice for long.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgevl.engine.model_files import model_version
@@ -32,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 _ALIGN = 64  # every tensor starts at a multiple of this: any dtype's view is aligned
-_DTYPES = {"int8": torch.int8, "float64": torch.float64}
+_DTYPES = {"int8": np.int8, "float64": np.float64}
 
 
 class PreparedCorrupt(Exception):
@@ -54,14 +60,12 @@ def _data(base: Path) -> Path:
 
 
 class PreparedReader:
-    """The rows of a complete prepared file, mapped; each checked when taken."""
+    """The tensors of a complete prepared file, each mapped and checked when taken."""
 
     def __init__(self, base: Path, entries: dict[str, Any]) -> None:
         self.base = base
         self.entries = entries
-        # Read, not mapped: a mapping's pages would count in the worker's resident size next to the kernels'
-        # packed copies; a read tensor is freed once packed, as a freshly quantized one is.
-        self.file = _data(base).open("rb", buffering=0)
+        self.path = _data(base)
 
     @classmethod
     def open(cls, base: Path) -> PreparedReader | None:
@@ -69,6 +73,8 @@ class PreparedReader:
         try:
             index = json.loads(_index(base).read_text())
             if index.get("format") != FORMAT or not isinstance(index.get("tensors"), dict):
+                return None
+            if not _data(base).is_file():
                 return None
             return cls(base, index["tensors"])
         except (OSError, ValueError):
@@ -78,29 +84,19 @@ class PreparedReader:
         return name in self.entries
 
     def take(self, name: str) -> torch.Tensor:
+        """The tensor, mapped copy-on-write: its pages are the page cache's, shared until written (never, by
+        the kernels), and given back when the last reference to the tensor goes."""
         entry = self.entries[name]
-        dtype = _DTYPES[entry["dtype"]]
-        count = 1
-        for dim in entry["shape"]:
-            count *= dim
-        tensor = torch.empty(count, dtype=dtype)
-        view = tensor.numpy().data.cast("B")
-        self.file.seek(int(entry["offset"]))
-        read = 0
-        while read < len(view):
-            got = self.file.readinto(view[read:])
-            if not got:
-                raise PreparedCorrupt(f"{name} is cut short")
-            read += got
-        if zlib.crc32(view) != entry["crc32"]:
+        try:
+            array = np.memmap(self.path, dtype=_DTYPES[entry["dtype"]], mode="c", offset=int(entry["offset"]),
+                              shape=tuple(entry["shape"]))
+        except (OSError, ValueError) as exc:  # the file is shorter than its index says
+            raise PreparedCorrupt(f"{name} is cut short") from exc
+        if zlib.crc32(array.data) != entry["crc32"]:
             raise PreparedCorrupt(f"{name} does not match its checksum")
-        return tensor.reshape(entry["shape"])
-
-    def close(self) -> None:
-        self.file.close()
+        return torch.from_numpy(array)
 
     def discard(self) -> None:
-        self.close()
         for path in (_index(self.base), _data(self.base)):
             with contextlib.suppress(OSError):
                 path.unlink()

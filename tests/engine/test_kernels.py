@@ -85,3 +85,19 @@ def test_a_tied_float32_head_is_chunked_and_stays_the_embedding(fp32_model) -> N
     model = fp32_model.model
     assert isinstance(model.lm_head, kernels.ChunkedLinear)
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+@pytest.mark.skipif(not fbgemm_int8_available(), reason="slices are of fbgemm's int8 Linear")
+@pytest.mark.parametrize("rows", [1, 6, 300])
+def test_a_head_packed_in_slices_computes_what_one_packed_matrix_computes(rows: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    q, scales = quantize_rows(torch.randn(1000, 128) * 0.05)
+    whole = kernels.fbgemm_linear(q, scales, None)
+    monkeypatch.setattr(kernels.RowSlices, "ROWS", 256)
+    sliced = kernels.fbgemm_linear(q, scales, None)
+    assert isinstance(sliced, kernels.RowSlices)
+    assert len(sliced.slices) == 4
+    x = torch.randn(rows, 128) * 3
+    with torch.inference_mode():
+        assert torch.equal(sliced(x), whole(x)), "bit for bit: each output channel is computed alike"

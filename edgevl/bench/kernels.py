@@ -1,0 +1,126 @@
+"""The rates the bench's floors and its Kernels table rest on: matrix products, memory reads, attention.
+
+Every product is one 2048x6144 projection (a Qwen3-VL-2B MLP matrix) at one row (a decode step) and at 256
+rows (prefill).  Eight different matrices take turns, so that a one-row product reads its weights from
+memory, as a decode step does, not from the cache.
+
+int4 is measured here, not offered as a precision: torch's CPU kernel for group-wise 4-bit weights
+(``_weight_int4pack_mm_for_cpu``, bfloat16 activations; its float32 path is some thirty times slower) is the
+one this torch build has, and the one Inductor's and torchao's CPU int4 layouts call.  The Kernels table
+sets its one-row rate against fbgemm int8's: a precision whose weights are half the bytes is worth having
+only if its kernel reads them at something near the memory's bandwidth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgevl.engine.kernels import PackedLinear, fbgemm_int8_available, int8_linear
+
+MATRICES = 8  # 8 x 50 MB in float32, more than any cache of these hosts
+IN, OUT = 2048, 6144
+INT4_GROUP = 128  # the largest group the int4 goal admits: the least work per weight, int4's best case
+
+
+def int4_rows(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (out x in, float) as torch's CPU int4 kernel takes it: asymmetric 4-bit per group of
+    ``group`` inputs, packed; and the per-group scales and zero points (bfloat16).
+
+    The kernel computes ``x @ ((q - 8) * scale + zero).T``; with ``zero = low + 8 * scale`` that is the
+    group's ``q * scale + low``, ``q`` in 0..15.
+    """
+    out, inputs = weight.shape
+    grouped = weight.float().reshape(out, inputs // group, group)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    q = ((grouped - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out, inputs)
+    zero = low + 8 * scale
+    scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+
+
+class Int4Linear:
+    """A bias-free Linear on int4 weights (``int4_rows``), as the bench times it."""
+
+    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP) -> None:
+        self.group = group
+        self.packed, self.scales_zeros = int4_rows(weight, group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group,
+                                                          self.scales_zeros)
+        return out
+
+
+def kernel_rates(threads: int) -> dict[str, float]:
+    """GFLOP/s of each kernel at one row and 256 rows, and the rates the floors use."""
+    torch.set_num_threads(threads)
+    linears = [torch.nn.Linear(IN, OUT, bias=False) for _ in range(MATRICES)]
+    kernels: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
+        "float32": list(linears),
+        "packed": [PackedLinear(linear) for linear in linears],
+        "int8_int_mm": [int8_linear(linear, fbgemm=False) for linear in linears],
+        "int4": [Int4Linear(linear.weight.detach()) for linear in linears],
+    }
+    if fbgemm_int8_available():
+        kernels["int8"] = [int8_linear(linear, fbgemm=True) for linear in linears]
+    rates: dict[str, float] = {}
+    for rows in (1, 256):
+        x = torch.randn(rows, IN)
+        for name, fns in kernels.items():
+            seconds = _seconds_per_call(fns, x, 3 if rows == 1 else 1)
+            rates[f"{name}_m{rows}"] = round(2 * rows * IN * OUT / seconds / 1e9, 1)
+    rates["read_gbs"] = read_bandwidth()
+    rates["attention_gflops"] = attention_rate()
+    return rates
+
+
+def _seconds_per_call(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, reps: int) -> float:
+    with torch.inference_mode():
+        for fn in fns:
+            fn(x)
+        started = time.perf_counter()
+        for _ in range(reps):
+            for fn in fns:
+                fn(x)
+        return (time.perf_counter() - started) / (reps * len(fns))
+
+
+def weight_bytes(kernel: str) -> float:
+    """Bytes of one projection's weights as ``kernel`` reads them (scales included)."""
+    if kernel == "int4":  # two weights a byte, a bfloat16 scale and zero point per group
+        return IN * OUT / 2 + (IN // INT4_GROUP) * OUT * 2 * 2.0
+    return IN * OUT + OUT * 4.0  # int8: a byte a weight, a float32 scale per output
+
+
+def read_rate(rates: dict[str, float], kernel: str) -> float:
+    """GB/s at which ``kernel`` reads its weights at one row (its one-row GFLOP/s turned into bytes)."""
+    seconds = 2 * IN * OUT / (rates[f"{kernel}_m1"] * 1e9)
+    return round(weight_bytes(kernel) / seconds / 1e9, 1)
+
+
+def attention_rate() -> float:
+    """GFLOP/s of float32 attention (SDPA) over 2,048 tokens of 16 heads of 64: a vision tower's layer."""
+    q, k, v = (torch.randn(1, 16, 2048, 64) for _ in range(3))
+    with torch.inference_mode():
+        F.scaled_dot_product_attention(q, k, v)
+        t = time.perf_counter()
+        for _ in range(3):
+            F.scaled_dot_product_attention(q, k, v)
+        seconds = (time.perf_counter() - t) / 3
+    return round(4 * 2048**2 * 64 * 16 / seconds / 1e9, 1)
+
+
+def read_bandwidth() -> float:
+    """GB/s at which these threads read memory: a sum over 1 GiB, the best of three."""
+    data = torch.ones(1 << 28)  # written once: resident, not just reserved
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - t)
+    return round(data.numel() * 4 / best / 1e9, 1)

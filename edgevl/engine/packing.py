@@ -1,0 +1,99 @@
+"""int8 layers packed for fbgemm in the background while the model already answers.
+
+fbgemm's int8 Linear wants its weights in a layout of its own, and packing the
+2B model's 2.1 GB of int8 rows is most of an int8 start (``edgevl bench``
+measures it: ready, and full speed).  A start from prepared weights therefore
+answers at once with ``IntMatmulLinear`` (``torch._int_mm``) on the rows
+mapped from the prepared file, while one thread packs the layers for fbgemm and
+swaps each in as it is ready: the language model's first, as a decode step
+reads every one of them, then the output head, then the vision tower (which
+prefills, where ``_int_mm`` is nearly as fast).  One thread leaves the other
+core to the answers.
+
+A swap is one attribute assignment, so a forward pass already inside a layer
+finishes with the module it started with.  Until the last swap, a layer's
+answers are the ``_int_mm`` kernel's, which quantizes activations per row where
+fbgemm quantizes them per call: the same for a decode step's single row, within
+int8 rounding of each other for several (tests/engine/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgevl.engine.kernels import fbgemm_linear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deferred:
+    """A layer answering with ``_int_mm`` until its fbgemm copy is packed."""
+
+    path: str  # the module's name in the model, e.g. model.language_model.layers.0.mlp.up_proj
+    q: torch.Tensor
+    scales: torch.Tensor  # float64, as fbgemm takes them
+    bias: torch.Tensor | None
+
+
+def _order(item: Deferred) -> int:
+    if item.path.startswith("model.language_model."):
+        return 0
+    return 1 if item.path == "lm_head" else 2
+
+
+class Packer:
+    """Packs the deferred layers of ``model`` in one background thread; ``done`` is set when it ends.
+
+    ``gate``: packing waits until it is set (tests answer with the layers still unpacked).
+    """
+
+    def __init__(self, model: Any, deferred: list[Deferred], gate: threading.Event | None = None) -> None:
+        self.model = model
+        self.total = len(deferred)
+        self.packed = 0
+        self.seconds = 0.0
+        self.failed: str | None = None
+        self.done = threading.Event()
+        self._deferred = sorted(deferred, key=_order)
+        self._gate = gate
+        self._thread = threading.Thread(target=self._run, name="edgevl-pack", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether packing has ended (all packed, or stopped by an error) within ``timeout``."""
+        return self.done.wait(timeout)
+
+    def _run(self) -> None:
+        if self._gate is not None:
+            self._gate.wait()
+        started = time.monotonic()
+        try:
+            with torch.inference_mode():
+                while self._deferred:
+                    self._swap(self._deferred.pop(0))
+                    self.packed += 1
+        except Exception as exc:  # MemoryError included: every layer not yet swapped keeps answering
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("packing the int8 layers stopped after %d of %d; the rest answer with _int_mm",
+                          self.packed, self.total)
+            self._deferred.clear()
+        finally:
+            self.seconds = time.monotonic() - started
+            if self.failed is None:
+                log.info("int8 layers packed for fbgemm in %.1f s", self.seconds)
+            self.done.set()
+
+    def _swap(self, item: Deferred) -> None:
+        parent, _, name = item.path.rpartition(".")
+        owner = self.model.get_submodule(parent) if parent else self.model
+        # The mapped rows go with the unpacked module, its last holder once this item is dropped.
+        setattr(owner, name, fbgemm_linear(item.q, item.scales, item.bias))

@@ -1,0 +1,72 @@
+"""The bench's kernel measurements: the int4 kernel it times computes the product it stands for, and the
+rates it reports turn into the bytes each kernel reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from edgevl.bench.kernels import IN, OUT, Int4Linear, int4_rows, read_rate, weight_bytes
+from edgevl.engine.kernels import fbgemm_int8_available
+
+
+def test_the_int4_kernel_computes_the_product_of_the_weights_rounded_to_four_bits() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(192, 256) * 0.05
+    group = 64
+    # The same rounding spelled out: each group of 64 inputs to 16 levels between its least and greatest.
+    grouped = weight.reshape(192, 256 // group, group)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    rounded = (((grouped - low) / step).round() * step + low).reshape(192, 256)
+    assert (rounded - weight).abs().max() <= step.max() / 2 + 1e-6
+    x = torch.randn(5, 256)
+    got = Int4Linear(weight, group)(x).float()
+    expected = x.to(torch.bfloat16).float() @ rounded.T
+    # bfloat16 activations and scales: within bfloat16's rounding of the exact product.
+    assert torch.allclose(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+    assert not torch.allclose(got, x @ weight.T, rtol=1e-3, atol=1e-4), "four bits are not the float weights"
+    packed, scales_zeros = int4_rows(weight, group)
+    assert packed.numel() * packed.element_size() == 192 * 256 // 2, "two weights a byte"
+    assert scales_zeros.shape == (256 // group, 192, 2)
+
+
+def test_a_one_row_rate_is_turned_into_the_bytes_the_kernel_reads() -> None:
+    # 2 * 2048 * 6144 flops at 100 GFLOP/s: 0.25 ms; int8 reads 12.6 MB in it, int4 half that and its groups'.
+    rates = {"int8_m1": 100.0, "int4_m1": 100.0}
+    seconds = 2 * IN * OUT / 100e9
+    assert read_rate(rates, "int8") == round((IN * OUT + OUT * 4) / seconds / 1e9, 1)
+    assert weight_bytes("int4") == IN * OUT / 2 + (IN // 128) * OUT * 4
+    assert read_rate(rates, "int4") == round((IN * OUT / 2 + (IN // 128) * OUT * 4) / seconds / 1e9, 1)
+    assert read_rate(rates, "int4") < read_rate(rates, "int8") / 1.8, "half the bytes, and its groups' scales"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fbgemm_int8_available(), reason="packing behind the answers is for fbgemm's int8 Linear")
+def test_the_bench_times_a_later_int8_start_to_ready_first_answer_and_full_speed(tmp_path: Path,
+                                                                                test_model_dir: Path) -> None:
+    checkpoint = tmp_path / "model"
+    shutil.copytree(test_model_dir, checkpoint)
+
+    def start() -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "edgevl.bench.child", str(checkpoint), "int8", "1", "ready"],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+        return result
+
+    first, later = start(), start()
+    assert first["prepared"] == "written"
+    assert first["full_speed_seconds"] == first["ready_seconds"]
+    assert later["prepared"] == "read"
+    assert later["packing_failed"] is None
+    ready, answered, full = (later[k] for k in ("ready_seconds", "first_answer_seconds", "full_speed_seconds"))
+    assert 0 < ready <= answered <= full
+    assert later["ready_peak_rss_bytes"] > 50e6

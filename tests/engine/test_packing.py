@@ -1,0 +1,112 @@
+"""A later int8 start answers at once from its mapped prepared rows, packs its layers for fbgemm behind the
+answers, and ends with exactly the model a start that packed them first would have."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgevl.engine import packing
+from edgevl.engine.engine import Engine
+from edgevl.engine.kernels import IntMatmulLinear, RowSlices, fbgemm_int8_available
+from edgevl.engine.loading import LoadedModel, load_model
+from edgevl.questions import Question
+from tests.harness.images import noise_image
+
+pytestmark = pytest.mark.skipif(not fbgemm_int8_available(), reason="packing is for fbgemm's int8 Linear")
+
+QUESTIONS = [
+    Question(id="d", ask="Is there a defect?", type="yes_no"),
+    Question(id="c", ask="Which type?", type="choice", options=("A", "B", "C")),
+    Question(id="t", ask="Read the label.", max_tokens=6),
+]
+
+
+def _answer(lm: LoadedModel) -> tuple[object, object]:
+    answered = Engine(lm).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
+    return answered.tokens, answered.scores
+
+
+def _mapped_ranges(path: Path) -> int:
+    return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, test_model_dir: Path) -> Path:
+    directory = tmp_path / "prepared"
+    first = load_model(str(test_model_dir), "int8", 1, directory)
+    assert first.prepared == "written"
+    assert first.packer is None, "the first start packs as it quantizes"
+    return directory
+
+
+def test_a_later_start_answers_before_packing_and_ends_as_a_start_that_packed_first(
+        prepared: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = _answer(load_model(str(test_model_dir), "int8", 1))  # packed as it loads, nothing mapped
+    monkeypatch.setattr(RowSlices, "ROWS", 128)  # the test model's 566-row head is packed in slices too
+    gate = threading.Event()
+    lm = load_model(str(test_model_dir), "int8", 1, prepared, pack_gate=gate)
+    assert lm.prepared == "read"
+    assert lm.packer is not None
+    unpacked = [m for m in lm.model.modules() if isinstance(m, IntMatmulLinear)]
+    assert len(unpacked) == lm.packer.total > 0
+    assert isinstance(lm.model.lm_head, IntMatmulLinear)
+    data = next(prepared.glob("*.bin"))
+    assert _mapped_ranges(data) > lm.packer.total, "each matrix's rows and scales are mapped, not read"
+
+    _, early_scores = _answer(lm)  # every layer still on _int_mm
+    _, late_scores = reference
+    assert isinstance(early_scores, dict)
+    assert isinstance(late_scores, dict)
+    for qid, score in late_scores.items():
+        # Within int8 rounding of fbgemm's answers: the kernels quantize the activations alike.
+        assert early_scores[qid] == pytest.approx(score, rel=0.1, abs=0.1), qid
+
+    del unpacked
+    gate.set()
+    assert lm.packer.wait(60)
+    assert lm.packer.failed is None
+    assert lm.packer.packed == lm.packer.total
+    assert not any(isinstance(m, IntMatmulLinear) for m in lm.model.modules())
+    assert isinstance(lm.model.lm_head, RowSlices)
+    assert len(lm.model.lm_head.slices) == 5
+    assert _answer(lm) == reference, "packed behind the answers, sliced head included: the same model"
+    # What stays mapped is the embedding table's rows alone; every packed matrix's mapping is gone.
+    assert _mapped_ranges(data) == 1
+
+
+def test_a_packing_that_fails_leaves_the_rest_answering_unpacked(prepared: Path, test_model_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = packing.fbgemm_linear
+    calls = []
+
+    def fails_third(*args: torch.Tensor) -> torch.nn.Module:
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("no room for the packed copy")
+        return real(*args)
+
+    monkeypatch.setattr(packing, "fbgemm_linear", fails_third)
+    lm = load_model(str(test_model_dir), "int8", 1, prepared)
+    assert lm.packer is not None
+    assert lm.packer.wait(60)
+    assert lm.packer.packed == 2
+    assert lm.packer.failed == "MemoryError: no room for the packed copy"
+    assert sum(isinstance(m, IntMatmulLinear) for m in lm.model.modules()) == lm.packer.total - 2
+    answered = Engine(lm).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
+    assert set(answered.answers) == {"d", "c", "t"}
+    assert answered.answers["c"]["value"] in ("A", "B", "C")
+
+
+def test_language_model_layers_are_packed_first_then_the_head_then_the_vision_tower() -> None:
+    paths = ["model.visual.blocks.0.attn.qkv", "lm_head", "model.language_model.layers.1.mlp.up_proj",
+             "model.visual.merger.linear_fc1", "model.language_model.layers.0.self_attn.q_proj"]
+    deferred = [packing.Deferred(p, torch.zeros(1, 1, dtype=torch.int8), torch.ones(1, dtype=torch.float64), None)
+                for p in paths]
+    packer = packing.Packer(torch.nn.Module(), deferred)
+    assert [d.path for d in packer._deferred] == [
+        "model.language_model.layers.1.mlp.up_proj", "model.language_model.layers.0.self_attn.q_proj", "lm_head",
+        "model.visual.blocks.0.attn.qkv", "model.visual.merger.linear_fc1"]
