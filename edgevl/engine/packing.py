@@ -77,10 +77,9 @@ class Packer:
             self._gate.wait()
         started = time.monotonic()
         try:
-            with torch.inference_mode():
-                while self._deferred:
-                    self._swap(self._deferred.pop(0))
-                    self.packed += 1
+            while self._deferred:
+                self._swap(self._deferred.pop(0))
+                self.packed += 1
         except Exception as exc:  # MemoryError included: every layer not yet swapped keeps answering
             self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("packing the int8 layers stopped after %d of %d; the rest answer with _int_mm",
