@@ -19,6 +19,7 @@ int8 rounding of each other for several (tests/engine/test_kernels.py).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -63,10 +64,22 @@ class Packer:
         self.done = threading.Event()
         self._deferred = sorted(deferred, key=_order)
         self._gate = gate
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgevl-pack", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        # A process that exits while fbgemm packs in this thread is aborted by the C++ runtime ("terminate
+        # called without an active exception"): every exit first stops the packing between two layers.
+        atexit.register(self.stop)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the layer being packed; the layers not yet packed keep answering with ``_int_mm``."""
+        self._stopping.set()
+        if self._gate is not None:
+            self._gate.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Whether packing has ended (all packed, or stopped by an error) within ``timeout``."""
@@ -77,18 +90,19 @@ class Packer:
             self._gate.wait()
         started = time.monotonic()
         try:
-            while self._deferred:
+            while self._deferred and not self._stopping.is_set():
                 self._swap(self._deferred.pop(0))
                 self.packed += 1
         except Exception as exc:  # MemoryError included: every layer not yet swapped keeps answering
             self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("packing the int8 layers stopped after %d of %d; the rest answer with _int_mm",
                           self.packed, self.total)
-            self._deferred.clear()
         finally:
             self.seconds = time.monotonic() - started
-            if self.failed is None:
+            if self.failed is None and not self._deferred:
                 log.info("int8 layers packed for fbgemm in %.1f s", self.seconds)
+            self._deferred.clear()
+            atexit.unregister(self.stop)  # nothing left to stop; and the model is not kept alive by it
             self.done.set()
 
     def _swap(self, item: Deferred) -> None:

@@ -14,7 +14,9 @@ leaves no file that looks complete.
 Tensors are mapped from the file, not read into memory: a later start answers
 from the mapped rows within seconds (``edgevl.engine.packing``), and each
 matrix's mapping goes when the kernels' packed copy replaces it, so the pages
-are never counted twice for long.
+are never counted twice for long.  A prepared file is only ever replaced
+(renamed over) or deleted, never rewritten in place, so what a running worker
+has mapped stays valid.
 """
 
 from __future__ import annotations
@@ -87,11 +89,21 @@ class PreparedReader:
         """The tensor, mapped copy-on-write: its pages are the page cache's, shared until written (never, by
         the kernels), and given back when the last reference to the tensor goes."""
         entry = self.entries[name]
+        dtype, offset, shape = np.dtype(_DTYPES[entry["dtype"]]), int(entry["offset"]), tuple(entry["shape"])
+        array: np.ndarray[Any, Any]
         try:
-            array = np.memmap(self.path, dtype=_DTYPES[entry["dtype"]], mode="c", offset=int(entry["offset"]),
-                              shape=tuple(entry["shape"]))
-        except (OSError, ValueError) as exc:  # the file is shorter than its index says
+            array = np.memmap(self.path, dtype=dtype, mode="c", offset=offset, shape=shape)
+        except ValueError as exc:  # the file is shorter than its index says
             raise PreparedCorrupt(f"{name} is cut short") from exc
+        except OSError:  # a file system that cannot map files: the tensor is read instead
+            count = int(np.prod(shape))
+            try:
+                array = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
+            except OSError as exc:
+                raise PreparedCorrupt(f"{name} cannot be read: {exc}") from exc
+            if array.size != count:
+                raise PreparedCorrupt(f"{name} is cut short") from None
+            array = array.reshape(shape)
         if zlib.crc32(array.data) != entry["crc32"]:
             raise PreparedCorrupt(f"{name} does not match its checksum")
         return torch.from_numpy(array)

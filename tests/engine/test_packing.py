@@ -3,6 +3,8 @@ answers, and ends with exactly the model a start that packed them first would ha
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -110,3 +112,35 @@ def test_language_model_layers_are_packed_first_then_the_head_then_the_vision_to
     assert [d.path for d in packer._deferred] == [
         "model.language_model.layers.1.mlp.up_proj", "model.language_model.layers.0.self_attn.q_proj", "lm_head",
         "model.visual.blocks.0.attn.qkv", "model.visual.merger.linear_fc1"]
+
+
+def test_a_process_that_exits_while_packing_exits_cleanly(prepared: Path, test_model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    # The C++ runtime aborts a process that exits while fbgemm packs in another thread; the worker ends
+    # its process in the middle of packing whenever it is stopped soon after a start.
+    script = tmp_path / "exit_while_packing.py"
+    script.write_text(
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from edgevl.engine.loading import load_model\n"
+        "gate = threading.Event()\n"
+        f"lm = load_model({str(test_model_dir)!r}, 'int8', 1, Path({str(prepared)!r}), pack_gate=gate)\n"
+        "assert lm.packer is not None and lm.prepared == 'read'\n"
+        "gate.set()\n"
+        "print('exiting', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "exiting\n"
+    assert "terminate called" not in proc.stderr
+
+
+def test_stopping_the_packing_leaves_the_rest_answering_unpacked(prepared: Path, test_model_dir: Path) -> None:
+    gate = threading.Event()
+    lm = load_model(str(test_model_dir), "int8", 1, prepared, pack_gate=gate)
+    assert lm.packer is not None
+    lm.packer.stop()  # before its first layer: the gate is opened for it
+    assert lm.packer.done.is_set()
+    assert lm.packer.packed == 0
+    assert lm.packer.failed is None
+    assert sum(isinstance(m, IntMatmulLinear) for m in lm.model.modules()) == lm.packer.total
+    assert set(Engine(lm).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96).answers) == {"d", "c", "t"}

@@ -3,12 +3,14 @@ model changes or the file is damaged, and never a reason for a start to fail."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from edgevl.engine import prepared as prepared_module
 from edgevl.engine.engine import Engine
 from edgevl.engine.loading import load_model
 from edgevl.questions import Question
@@ -97,3 +99,18 @@ def test_only_int8_is_prepared(tmp_path: Path, test_model_dir: Path, precision: 
     lm = load_model(str(test_model_dir), precision, 1, tmp_path / "prepared")  # type: ignore[arg-type]
     assert lm.prepared == "none"
     assert not (tmp_path / "prepared").exists()
+
+
+def test_a_file_system_that_cannot_map_files_has_the_prepared_weights_read(tmp_path: Path, test_model_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    prepared_dir = tmp_path / "prepared"
+    state, plain = _answers(test_model_dir, prepared_dir)
+    assert state == "written"
+
+    def no_mapping(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(prepared_module.np, "memmap", no_mapping)
+    assert _answers(test_model_dir, prepared_dir) == ("read", plain)
+    data = next(prepared_dir.glob("*.bin"))
+    assert not any(str(data) in line for line in Path("/proc/self/maps").read_text().splitlines())
