@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from edgevl.engine.model_files import model_version
+from edgevl.engine.tuning import usable_cores
 from edgevl.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class PreparedReader:
         self.base = base
         self.entries = entries
         self.path = _data(base)
+        self._checked: dict[str, np.ndarray[Any, Any]] | None = None  # mapped and checked, not yet taken
 
     @classmethod
     def open(cls, base: Path) -> PreparedReader | None:
@@ -87,7 +90,17 @@ class PreparedReader:
 
     def take(self, name: str) -> torch.Tensor:
         """The tensor, mapped copy-on-write: its pages are the page cache's, shared until written (never, by
-        the kernels), and given back when the last reference to the tensor goes."""
+        the kernels), and given back when the last reference to the tensor goes.
+
+        The first take maps and checks every tensor of the file, one thread per usable core: the checksums
+        (2 GB for the 2B model) are most of a later start's loading, and a load takes every tensor anyway.
+        """
+        if self._checked is None:
+            with ThreadPoolExecutor(usable_cores()) as pool:  # zlib lets go of the GIL for a long buffer
+                self._checked = dict(zip(self.entries, pool.map(self._checked_array, self.entries), strict=True))
+        return torch.from_numpy(self._checked.pop(name))
+
+    def _checked_array(self, name: str) -> np.ndarray[Any, Any]:
         entry = self.entries[name]
         dtype, offset, shape = np.dtype(_DTYPES[entry["dtype"]]), int(entry["offset"]), tuple(entry["shape"])
         array: np.ndarray[Any, Any]
@@ -106,7 +119,7 @@ class PreparedReader:
             array = array.reshape(shape)
         if zlib.crc32(array.data) != entry["crc32"]:
             raise PreparedCorrupt(f"{name} does not match its checksum")
-        return torch.from_numpy(array)
+        return array
 
     def discard(self) -> None:
         for path in (_index(self.base), _data(self.base)):
