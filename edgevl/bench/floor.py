@@ -72,12 +72,15 @@ def attention_flops(params: LinearParams, work: dict[str, int]) -> float:
 
 def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float | None:
     """The floor of ``work`` in ``precision``; None where the bench measured no kernel of that precision."""
-    kernel = {"float32": "packed", "int8": "int8" if "int8_m1" in rates else "int8_int_mm"}.get(precision)
-    if kernel is None:
+    # The prefill at the faster 256-row rate of the precision's kernels measured in this run: which of the
+    # two is faster differs between hosts, and a floor is never above what the host's best kernel would do.
+    kernels = {"float32": ("packed", "float32"), "int8": ("int8", "int8_int_mm")}.get(precision, ())
+    measured = [rates[f"{k}_m256"] for k in kernels if f"{k}_m256" in rates]
+    if not measured:
         return None
     prefill = 2 * (params.vision * work["patches"] + params.text * work["prefill_tokens"]
                    + params.head * work["logit_rows"])
     weight_bytes = (params.text + params.head) * (4 if precision == "float32" else 1)
     attention = attention_flops(params, work) / (rates["attention_gflops"] * 1e9)
-    return prefill / (rates[f"{kernel}_m256"] * 1e9) + attention + work["decode_steps"] * weight_bytes / (
+    return prefill / (max(measured) * 1e9) + attention + work["decode_steps"] * weight_bytes / (
         rates["read_gbs"] * 1e9)

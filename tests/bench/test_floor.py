@@ -37,6 +37,10 @@ def test_the_floor_is_products_at_their_rates_and_each_step_reading_the_weights(
     fallback = {"int8_int_mm_m1": 20.0, "int8_int_mm_m256": 600.0, "read_gbs": 30.0, "attention_gflops": 150.0}
     expected = products / 600e9 + attention + 23 * step_weights / 30e9
     assert floor_seconds(params, W4, fallback, "int8") == pytest.approx(expected)
+    # Where F.linear outruns the packed kernel at 256 rows (as on one Intel host), the floor takes its rate.
+    faster_stock = {**rates, "float32_m256": 250.0}
+    assert floor_seconds(params, W4, faster_stock, "float32") == pytest.approx(
+        products / 250e9 + attention + 23 * 4 * step_weights / 30e9)
     assert floor_seconds(params, W4, rates, "bfloat16") is None
 
 
