@@ -12,9 +12,10 @@ core to the answers.
 
 A swap is one attribute assignment, so a forward pass already inside a layer
 finishes with the module it started with.  Until the last swap, a layer's
-answers are the ``_int_mm`` kernel's, which quantizes activations per row where
-fbgemm quantizes them per call: the same for a decode step's single row, within
-int8 rounding of each other for several (tests/engine/test_kernels.py).
+answers are the ``_int_mm`` kernel's, which quantizes activations per row and
+symmetrically where fbgemm quantizes them per call with a zero point: the same
+int8 weights, answers within int8 rounding of each other
+(tests/engine/test_kernels.py, tests/engine/test_packing.py).
 """
 
 from __future__ import annotations
