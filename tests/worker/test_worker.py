@@ -148,6 +148,7 @@ def test_an_int8_worker_prepares_its_weights_once_and_its_replacement_reads_them
         (d.inbox / "a.jpg").write_bytes(_jpeg(2))
         (record,) = d.wait_records(1)
         assert record["model"]["precision"] == "int8"
+        d.wait_log("int8 layers packed for fbgemm")  # behind the answers, in the replacement worker
         assert sorted(p.name for p in (d.state / "prepared").iterdir()) == prepared
     finally:
         assert d.stop() == 0
