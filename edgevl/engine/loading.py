@@ -300,7 +300,6 @@ def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str, 
     except PreparedCorrupt as exc:
         log.warning("the prepared int8 weights %s are damaged (%s): they are made again from the model", base, exc)
         assert source.reader is not None
-        source.deferred = None  # what was mapped of the damaged file goes with the model it was built into
         source.reader.discard()
         source, _ = _prepared_source(prepared_dir, path)
         model = _build(config, path, "int8", source)
@@ -340,7 +339,6 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
         model, prepared, deferred = _build_int8(config, path, prepared_dir)
         if deferred:
             packer = Packer(model, deferred, pack_gate)
-            del deferred
             packer.start()
     else:
         model = _build(config, path, precision, _Int8Rows(None, None))

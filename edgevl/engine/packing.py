@@ -53,7 +53,9 @@ def _order(item: Deferred) -> int:
 class Packer:
     """Packs the deferred layers of ``model`` in one background thread; ``done`` is set when it ends.
 
-    ``gate``: packing waits until it is set (tests answer with the layers still unpacked).
+    The packer owns ``deferred`` (sorted in place, emptied as it packs): a layer's mapped rows are held by
+    no list once it is swapped.  ``gate``: packing waits until it is set (tests answer with the layers still
+    unpacked).
     """
 
     def __init__(self, model: Any, deferred: list[Deferred], gate: threading.Event | None = None) -> None:
@@ -63,7 +65,8 @@ class Packer:
         self.seconds = 0.0
         self.failed: str | None = None
         self.done = threading.Event()
-        self._deferred = sorted(deferred, key=_order)
+        deferred.sort(key=_order)
+        self._deferred = deferred
         self._gate = gate
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgevl-pack", daemon=True)
