@@ -4,11 +4,15 @@ model changes or the file is damaged, and never a reason for a start to fail."""
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgevl.engine import prepared as prepared_module
 from edgevl.engine.engine import Engine
@@ -114,3 +118,27 @@ def test_a_file_system_that_cannot_map_files_has_the_prepared_weights_read(tmp_p
     assert _answers(test_model_dir, prepared_dir) == ("read", plain)
     data = next(prepared_dir.glob("*.bin"))
     assert not any(str(data) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, max_examples=15)
+@given(where=st.floats(0, 1, exclude_max=True), flip=st.integers(1, 255), cut=st.booleans())
+def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_factory: pytest.TempPathFactory,
+                                                                     test_model_dir: Path, where: float, flip: int,
+                                                                     cut: bool) -> None:
+    prepared_dir = tmp_path_factory.mktemp("prepared")
+    _, plain = _answers(test_model_dir, prepared_dir)
+    data = next(prepared_dir.glob("*.bin"))
+    damaged = bytearray(data.read_bytes())
+    at = int(where * len(damaged))
+    if cut:
+        del damaged[at:]
+    else:
+        damaged[at] ^= flip
+    data.write_bytes(damaged)
+    tensors = json.loads(next(prepared_dir.glob("*.json")).read_text())["tensors"].values()
+    sizes = {"int8": 1, "float64": 8}
+    in_a_tensor = any(t["offset"] <= at < t["offset"] + sizes[t["dtype"]] * math.prod(t["shape"]) for t in tensors)
+    # A damaged tensor is never used: the start makes the file again.  A byte of the padding between
+    # tensors is in no tensor: the start reads the file as it is.
+    assert _answers(test_model_dir, prepared_dir) == ("written" if cut or in_a_tensor else "read", plain)
+    assert _answers(test_model_dir, prepared_dir) == ("read", plain)
