@@ -223,12 +223,12 @@ def test_a_poison_image_in_a_batch_costs_the_others_one_try_not_their_answers(tm
     try:
         d.wait_notify("READY=1")
         worker = d.freeze_worker()
-        _move_in(tmp_path, d.inbox / "warm.jpg", _jpeg(1))
+        _move_in(d.inbox / "warm.jpg", _jpeg(1))
         d.wait_worker("busy")
         # Moved in while the worker is busy: all four wait, and go to it together once it is free.
-        _move_in(tmp_path, d.inbox / "huge" / "big.jpg", _jpeg(7, (4000, 3000)))
+        _move_in(d.inbox / "huge" / "big.jpg", _jpeg(7, (4000, 3000)))
         for n in range(3):
-            _move_in(tmp_path, d.inbox / f"ok{n}.jpg", _jpeg(10 + n))
+            _move_in(d.inbox / f"ok{n}.jpg", _jpeg(10 + n))
         d.wait_notify("queued 5,")
         d.thaw_worker(worker)
         records = {Path(r["source"]["path"]).name: r for r in d.wait_records(5, timeout=180)}
@@ -246,9 +246,10 @@ def test_a_poison_image_in_a_batch_costs_the_others_one_try_not_their_answers(tm
         assert d.stop() == 0
 
 
-def _move_in(tmp_path: Path, target: Path, data: bytes) -> None:
-    """Written elsewhere and renamed into the folder: taken at once, without waiting for it to settle."""
-    staged = tmp_path / "staged" / target.name
-    staged.parent.mkdir(exist_ok=True)
+def _move_in(target: Path, data: bytes) -> None:
+    """Written as a temporary name in the folder (ignored) and renamed: the watcher sees the rename itself and
+    takes the file at once.  A file renamed in from an unwatched folder is reported as created and waits
+    ``settle_ms``, so files moved in together could be taken apart."""
+    staged = target.with_name(target.name + ".tmp")
     staged.write_bytes(data)
     os.replace(staged, target)
