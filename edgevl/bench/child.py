@@ -161,6 +161,7 @@ def main() -> int:
         print(json.dumps({"ready_seconds": round(ready, 1), "prepared": lm.prepared,
                           "first_answer_seconds": round(first_answer, 1),
                           "full_speed_seconds": round(process_age() if lm.packer is not None else ready, 1),
+                          "packed_behind": lm.packer is not None,
                           "packing_failed": lm.packer.failed if lm.packer is not None else None,
                           "ready_peak_rss_bytes": own_peak_bytes("VmHWM")}))
         return 0

@@ -246,12 +246,13 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "A later start of the worker process (int8: from its prepared weights), with the checkpoint and the",
         "prepared file in the page cache: ready (its first answer possible), W4's first frame answered, and",
-        "full speed. int8 answers at once with `torch._int_mm` on the int8 rows mapped from the prepared file",
-        "while one thread packs the layers for fbgemm (edgevl.engine.packing); full speed is when the last is",
-        "packed. Peak RSS is that process's high-water mark through its first answer and the packing.",
+        "full speed. On a CPU with VNNI, int8 answers at once with `torch._int_mm` on the int8 rows mapped from",
+        "the prepared file while one thread packs the layers for fbgemm (edgevl.engine.packing), and full speed",
+        "is when the last is packed; elsewhere it packs each layer as it maps it, and is at full speed when",
+        "ready. Peak RSS is that process's high-water mark through its first answer and the packing.",
         "",
-        "| precision | ready s | first W4 frame answered at s | full speed at s | peak RSS |",
-        "|---|---|---|---|---|",
+        "| precision | ready s | first W4 frame answered at s | full speed at s | packed behind answers | peak RSS |",
+        "|---|---|---|---|---|---|",
     ]
     memory = [
         "",
@@ -288,7 +289,8 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
                           f"{r['wdoc_attention_seconds']:.2f} | "
                           f"{r['wdoc_floor_seconds_per_page'] / r['wdoc_seconds_per_page']:.0%} |")
         restart.append(f"| {r['precision']} | {r['ready_seconds']:.1f} | {r['first_answer_seconds']:.1f} | "
-                       f"{r['full_speed_seconds']:.1f} | {r['ready_peak_rss_bytes'] / 1e9:.2f} GB |")
+                       f"{r['full_speed_seconds']:.1f} | {'yes' if r.get('packed_behind') else 'no'} | "
+                       f"{r['ready_peak_rss_bytes'] / 1e9:.2f} GB |")
         memory.append(f"| {r['precision']} | {r['estimated_bytes'] / 1e9:.2f} GB | "
                       f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_virtual_bytes'] / 1e9:.2f} GB |")
     lines += ["", "Text answer token-identical to `generate()` on the same frame (naive: same model; stock:",

@@ -64,6 +64,20 @@ def fbgemm_int8_available() -> bool:
     return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def int_mm_fast() -> bool:
+    """Whether ``torch._int_mm`` has a fast kernel on this CPU.
+
+    Its int8 products need VNNI or AMX: on an AVX2-only host they ran at 3.1 GFLOP/s for one row and 3.8 at
+    256 rows, against fbgemm's 32 and 220 (fbgemm has AVX2 int8 kernels of its own); on AVX-512 VNNI hosts
+    at 0.8x and 1.0x fbgemm's rates (``edgevl bench``, Kernels table).
+    """
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return any(bool(capabilities.get(name)) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 class IntMatmulLinear(nn.Module):
     """int8 weights per output channel times activations quantized per row at each call, multiplied by
     ``torch._int_mm`` (int8 x int8 to int32): the int8 kernel where fbgemm's dynamic Linear is gone.
@@ -105,6 +119,13 @@ def int8_linear(linear: nn.Linear, rows: tuple[torch.Tensor, torch.Tensor] | Non
     """
     bias = linear.bias.detach().float() if linear.bias is not None else None
     q, scales = rows if rows is not None else quantize_rows(linear.weight.detach())
+    return int8_kernel(q, scales, bias, fbgemm)
+
+
+def int8_kernel(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                fbgemm: bool | None = None) -> nn.Module:
+    """The int8 module for rows made by ``quantize_rows``: fbgemm's where this torch has it (``fbgemm=None``),
+    else ``torch._int_mm``."""
     if not (fbgemm_int8_available() if fbgemm is None else fbgemm):
         return IntMatmulLinear(q, scales, bias)
     return fbgemm_linear(q, scales, bias)
@@ -239,17 +260,34 @@ class Int8Embedding(nn.Module):
         return rows * nn.functional.embedding(ids, self.scales)
 
 
-def convert_linears(module: nn.Module, precision: str) -> int:
-    """Replace every loaded ``nn.Linear`` below ``module`` by the fast kernel of ``precision``; returns the count.
-
-    float32 uses oneDNN-packed weights, int8 fbgemm; bfloat16 keeps ``nn.Linear``.
-    """
-    convert: Callable[[nn.Linear], nn.Module]
+def _converter(precision: str) -> Callable[[nn.Linear], nn.Module] | None:
+    """float32 uses oneDNN-packed weights, int8 fbgemm; bfloat16 keeps ``nn.Linear``."""
     if precision == "int8":
-        convert = int8_linear
-    elif precision == "float32" and packing_available():
-        convert = PackedLinear
-    else:
+        return int8_linear
+    if precision == "float32" and packing_available():
+        return PackedLinear
+    return None
+
+
+def _loaded(linear: nn.Linear) -> bool:
+    return not linear.weight.is_meta and (linear.bias is None or not linear.bias.is_meta)
+
+
+def convert_linear(model: nn.Module, name: str, precision: str) -> None:
+    """Replace the module ``name`` of ``model``, if it is a loaded ``nn.Linear``, by the fast kernel of
+    ``precision``."""
+    parent, _, attr = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    child = getattr(owner, attr, None)
+    convert = _converter(precision)
+    if convert is not None and isinstance(child, nn.Linear) and _loaded(child):
+        setattr(owner, attr, convert(child))
+
+
+def convert_linears(module: nn.Module, precision: str) -> int:
+    """Replace every loaded ``nn.Linear`` below ``module`` by the fast kernel of ``precision``; returns the count."""
+    convert = _converter(precision)
+    if convert is None:
         return 0
     if isinstance(module, nn.Linear):
         raise TypeError("convert the parent of a Linear layer")
@@ -257,7 +295,7 @@ def convert_linears(module: nn.Module, precision: str) -> int:
     for name, child in list(module.named_children()):
         if not isinstance(child, nn.Linear):
             count += convert_linears(child, precision)
-        elif not child.weight.is_meta and (child.bias is None or not child.bias.is_meta):
+        elif _loaded(child):
             setattr(module, name, convert(child))
             count += 1
     return count

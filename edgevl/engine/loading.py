@@ -25,15 +25,8 @@ from torch import nn
 
 from edgevl.config import PRECISIONS, Precision
 from edgevl.engine.attention import use_grouped_attention
-from edgevl.engine.kernels import (
-    ChunkedLinear,
-    Int8Embedding,
-    IntMatmulLinear,
-    convert_linears,
-    fbgemm_int8_available,
-    int8_linear,
-    quantize_rows,
-)
+from edgevl.engine.int8_layers import Int8Rows, finish_int8, int8_linears
+from edgevl.engine.kernels import ChunkedLinear, convert_linears, fbgemm_int8_available, int_mm_fast
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.engine.packing import Deferred, Packer
 from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
@@ -147,59 +140,8 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-class _Int8Rows:
-    """Where a load's int8 rows come from (a prepared file) or go to (a new one).
-
-    With ``deferred`` (a list), layers whose rows are mapped from the prepared file answer with
-    ``IntMatmulLinear`` at once and are noted there, to be packed for fbgemm afterwards
-    (``edgevl.engine.packing``); otherwise each is packed as it is loaded.
-    """
-
-    def __init__(self, reader: PreparedReader | None, writer: PreparedWriter | None,
-                 deferred: list[Deferred] | None = None) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.deferred = deferred
-
-    def has(self, key: str) -> bool:
-        return self.reader is not None and f"{key}.q" in self.reader
-
-    def rows(self, key: str, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reader is not None and self.has(key):
-            return self.reader.take(f"{key}.q"), self.reader.take(f"{key}.scales")
-        if weight is None:
-            raise ModelError(f"the checkpoint lacks {key}", "model_unsupported")
-        q, scales = quantize_rows(weight.detach())
-        if self.writer is not None:
-            self.writer.add(f"{key}.q", q)
-            self.writer.add(f"{key}.scales", scales)
-        return q, scales
-
-    def linear(self, path: str, linear: nn.Linear, key: str, rows: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
-        """The int8 module for the Linear at ``path`` with the rows of ``key``."""
-        if self.deferred is None or not self.has(key):
-            return int8_linear(linear, rows)
-        bias = linear.bias.detach().float() if linear.bias is not None else None
-        self.deferred.append(Deferred(path, *rows, bias))
-        return IntMatmulLinear(*rows, bias)
-
-
-def _int8_linears(module: nn.Module, prefix: str, source: _Int8Rows) -> None:
-    """Every Linear below ``module`` whose weight is loaded, or prepared, made int8 (its bias loaded first)."""
-    for name, child in list(module.named_children()):
-        full = f"{prefix}.{name}" if prefix else name
-        if not isinstance(child, nn.Linear):
-            _int8_linears(child, full, source)
-            continue
-        key = f"{full}.weight"
-        if (child.bias is not None and child.bias.is_meta) or (child.weight.is_meta and not source.has(key)):
-            continue
-        rows = source.rows(key, None if child.weight.is_meta else child.weight)
-        setattr(module, name, source.linear(full, child, key, rows))
-
-
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision,
-                    source: _Int8Rows) -> set[str]:
+                    source: Int8Rows) -> set[str]:
     from safetensors import safe_open
 
     files = {info.name: info.file for info in read_tensor_infos(path)}
@@ -218,33 +160,13 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                 target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
                 _assign(model, key, _read(f, key, target))
         if precision == "int8":
-            _int8_linears(model.get_submodule(owner), owner, source)
+            int8_linears(model.get_submodule(owner), owner, source)
         else:
             convert_linears(model.get_submodule(owner), precision)
     return set(files)
 
 
-def _finish_int8(model: Any, source: _Int8Rows) -> None:
-    """int8 token embedding and output head; the float table is freed before the head is packed."""
-    lm = model.model.language_model
-    tied = model.lm_head.weight is lm.embed_tokens.weight
-    vocab, hidden = lm.embed_tokens.weight.shape
-    key = "model.language_model.embed_tokens.weight"
-    rows = source.rows(key, None if lm.embed_tokens.weight.is_meta else lm.embed_tokens.weight)
-    lm.embed_tokens = Int8Embedding(*rows)
-    if not tied:
-        if isinstance(model.lm_head, nn.Linear):
-            head_rows = source.rows("lm_head.weight", model.lm_head.weight)
-            model.lm_head = source.linear("lm_head", model.lm_head, "lm_head.weight", head_rows)
-        return
-    model.lm_head = nn.Identity()  # drops the last reference to the float table
-    with torch.device("meta"):
-        head = nn.Linear(hidden, vocab, bias=False)
-    # The head multiplies with the embedding's own int8 rows: one quantization, one prepared copy.
-    model.lm_head = source.linear("lm_head", head, key, rows)
-
-
-def _build(config: Any, path: Path, precision: Precision, source: _Int8Rows) -> Any:
+def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> Any:
     """The model with its weights streamed in and converted to ``precision``'s kernels."""
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -260,7 +182,7 @@ def _build(config: Any, path: Path, precision: Precision, source: _Int8Rows) -> 
             # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         if precision == "int8":
-            _finish_int8(model, source)
+            finish_int8(model, source)
         else:
             # Mergers and other loose Linear layers; a tied output head stays a dense
             # nn.Linear because packing it would duplicate the embedding matrix.
@@ -276,17 +198,20 @@ def _build(config: Any, path: Path, precision: Precision, source: _Int8Rows) -> 
     return model
 
 
-def _prepared_source(prepared_dir: Path, path: Path) -> tuple[_Int8Rows, Path]:
+def _prepared_source(prepared_dir: Path, path: Path) -> tuple[Int8Rows, Path]:
     base = location(prepared_dir, path, "int8")
     reader = PreparedReader.open(base)
     if reader is not None:
-        # Mapped rows answer at once where fbgemm will take over; without fbgemm they are the kernel's for good.
-        return _Int8Rows(reader, None, [] if fbgemm_int8_available() else None), base
+        # Mapped rows answer at once where fbgemm will take over, if _int_mm is fast here (otherwise each layer is
+        # packed as it is mapped: an answer at _int_mm's rate would come after the packing anyway); without
+        # fbgemm they are the kernel's for good.
+        defer = fbgemm_int8_available() and int_mm_fast()
+        return Int8Rows(reader, None, [] if defer else None), base
     try:
-        return _Int8Rows(None, PreparedWriter(base)), base
+        return Int8Rows(None, PreparedWriter(base)), base
     except OSError as exc:
         log.warning("cannot prepare the int8 weights in %s: %s", prepared_dir, exc.strerror or exc)
-        return _Int8Rows(None, None), base
+        return Int8Rows(None, None), base
 
 
 def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str, list[Deferred]]:
@@ -341,7 +266,7 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
             packer = Packer(model, deferred, pack_gate)
             packer.start()
     else:
-        model = _build(config, path, precision, _Int8Rows(None, None))
+        model = _build(config, path, precision, Int8Rows(None, None))
     model.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class Deferred:
     """A layer answering with ``_int_mm`` until its fbgemm copy is packed."""
 
-    path: str  # the module's name in the model, e.g. model.language_model.layers.0.mlp.up_proj
+    path: str  # the module's name in the model, e.g. model.language_model.layers.0.mlp.down_proj
     q: torch.Tensor
     scales: torch.Tensor  # float64, as fbgemm takes them
     bias: torch.Tensor | None

@@ -40,7 +40,7 @@ from edgevl.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: a decoder layer's projections of one input are one tensor (edgevl.engine.fusion)
 _ALIGN = 64  # every tensor starts at a multiple of this: any dtype's view is aligned
 _DTYPES = {"int8": np.int8, "float64": np.float64}
 

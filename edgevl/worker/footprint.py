@@ -75,9 +75,11 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
 
     patches = max_pixels // patch**2
     vision_act = patches * int(vision.get("intermediate_size", 4 * hidden)) * act_bytes * 3
-    # Prefill of the image tokens: the MLP's intermediate activations, and the
-    # attention mask with its float form.
-    text_act = image_tokens * int(text["intermediate_size"]) * act_bytes * 3 + 5 * tokens * tokens
+    # Prefill of the image tokens: the MLP's intermediate activations (int8: the gate and up projections are
+    # one output, held until both halves are used; edgevl.engine.fusion), and the attention mask with its
+    # float form.
+    intermediates = 4 if precision == "int8" else 3
+    text_act = image_tokens * int(text["intermediate_size"]) * act_bytes * intermediates + 5 * tokens * tokens
     logits = max_batch * int(text["vocab_size"]) * 4
     activations = vision_act + text_act + logits
     if precision == "int8":

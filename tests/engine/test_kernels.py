@@ -59,7 +59,8 @@ def test_int8_answers_where_torch_has_no_fbgemm_linear(test_model_dir: Path, fp3
     monkeypatch.setattr(kernels, "fbgemm_int8_available", lambda: False)
     lm = load_model(str(test_model_dir), "int8")
     layers = lm.model.model.language_model.layers
-    assert isinstance(layers[0].mlp.up_proj, IntMatmulLinear)
+    assert isinstance(layers[0].mlp.gate_up_proj.linear, IntMatmulLinear)
+    assert isinstance(layers[0].self_attn.o_proj, IntMatmulLinear)
     assert isinstance(lm.model.lm_head, IntMatmulLinear)
     questions = [Question(id="d", ask="Is there a defect?", type="yes_no"),
                  Question(id="t", ask="Read the label.", max_tokens=4)]
