@@ -116,3 +116,31 @@ def test_loading_never_holds_two_copies(medium_checkpoint: Path, precision: str,
     grown = measured["peak"] - measured["base"]
     assert grown < max_fraction * weights, f"{precision}: peak grew {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB"
     assert grown > min_fraction * weights, f"{precision}: the measurement saw only {grown / 1e6:.0f} MB"
+
+
+def test_float32_layers_loaded_in_parallel_each_hold_their_own_weights(test_model_dir: Path, tmp_path: Path) -> None:
+    # Layers are read one per core into per-thread scratch buffers and reordered from there: every packed
+    # weight must be its own, even with each layer's tensors spread over two shards.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(test_model_dir / "model.safetensors"))
+    for item in test_model_dir.iterdir():
+        if item.name != "model.safetensors":
+            (tmp_path / item.name).write_bytes(item.read_bytes())
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[0::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({key: tensors[key] for key in keys}, str(tmp_path / file), metadata={"format": "pt"})
+    weight_map = {key: file for file, keys in shards.items() for key in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    lm = load_model(str(tmp_path), "float32")
+    packed = {name: m for name, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
+    linears = [key for key, t in tensors.items() if key.endswith(".weight") and t.dim() == 2
+               and "embed" not in key]
+    assert sorted(f"{name}.weight" for name in packed) == sorted(linears)
+    for name, module in packed.items():
+        assert torch.equal(module.packed.to_dense(), tensors[f"{name}.weight"].float()), name
+        bias = tensors.get(f"{name}.bias")
+        assert (module.bias is None) == (bias is None), name
+        assert bias is None or torch.equal(module.bias, bias.float()), name
