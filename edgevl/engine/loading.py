@@ -53,8 +53,8 @@ _LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks|deepstack_merger_list)\.\d+)\."
 # the target dtype never both hold the whole tensor (the 2B embedding is 1.2 GB
 # in float32).
 _CHUNK_BYTES = 64 << 20
-# Pieces a weight is read in when it goes straight into a float32 scratch buffer: below the mmap threshold
-# below, so that each piece reuses the heap's memory instead of faulting in fresh pages.
+# Pieces a weight is read in when it goes straight into a float32 scratch buffer: smaller than the mmap
+# threshold set while loading (``_LOAD_MMAP_THRESHOLD``), so each piece reuses the heap's warm memory.
 _PIECE_BYTES = 512 << 10
 # While loading, allocations above 1 MiB get their own mapping and go back to
 # the system when freed; otherwise glibc keeps the freed load-time buffers and
@@ -239,8 +239,14 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     # float32: reading a layer and reordering it for oneDNN keeps about one core busy (the reorder, most of
     # it, ran at 1 GB/s with one thread or two), so the layers are loaded one per core.
     with ThreadPoolExecutor(usable_cores()) as pool:
-        for _ in pool.map(load, sorted(groups)):
-            pass
+        futures = [pool.submit(load, owner) for owner in sorted(groups)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:  # a checkpoint that does not fit stops the load, not after every layer
+                future.cancel()
+            raise
     return set(files)
 
 

@@ -144,3 +144,19 @@ def test_float32_layers_loaded_in_parallel_each_hold_their_own_weights(test_mode
         bias = tensors.get(f"{name}.bias")
         assert (module.bias is None) == (bias is None), name
         assert bias is None or torch.equal(module.bias, bias.float()), name
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_a_weight_of_the_wrong_shape_is_named(test_model_dir: Path, tmp_path: Path, precision: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(test_model_dir / "model.safetensors"))
+    for item in test_model_dir.iterdir():
+        if item.name != "model.safetensors":
+            (tmp_path / item.name).write_bytes(item.read_bytes())
+    key = "model.language_model.layers.1.mlp.down_proj.weight"
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"checkpoint tensor {key} has shape") as caught:
+        load_model(str(tmp_path), precision)  # type: ignore[arg-type]
+    assert caught.value.code == "model_unsupported"
