@@ -67,9 +67,9 @@ def fbgemm_int8_available() -> bool:
 def int_mm_fast() -> bool:
     """Whether ``torch._int_mm`` has a fast kernel on this CPU.
 
-    Its int8 products need VNNI or AMX: on an AVX2-only host they ran at 3.1 GFLOP/s for one row and 3.8 at
-    256 rows, against fbgemm's 32 and 220 (fbgemm has AVX2 int8 kernels of its own); on AVX-512 VNNI hosts
-    at 0.8x and 1.0x fbgemm's rates (``edgevl bench``, Kernels table).
+    Its int8 products need VNNI or AMX: on an AVX2-only host they ran at 3.1 GFLOP/s for one row and 3.6 at
+    256 rows, against fbgemm's 29 and 211 (fbgemm has AVX2 int8 kernels of its own); on an AVX-512 VNNI host
+    at 0.8x and 0.9x fbgemm's rates (``edgevl bench``, Kernels table).
     """
     try:
         capabilities = torch.cpu.get_capabilities()
