@@ -27,23 +27,24 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
     "mlp": ("gate_up_proj", ("gate_proj", "up_proj")),
 }
-_MEMBER = re.compile(r"^(model\.language_model\.layers\.\d+\.(self_attn|mlp))\.(\w+)\.weight$")
-
-
-def fused_key(key: str) -> str | None:
-    """The weight key of the fused layer that computes the checkpoint weight ``key``, if it is one of them."""
-    match = _MEMBER.match(key)
-    if match is None:
-        return None
-    fused, members = GROUPS[match.group(2)]
-    return f"{match.group(1)}.{fused}.weight" if match.group(3) in members else None
+_OWNER = re.compile(r"^model\.language_model\.layers\.\d+\.(self_attn|mlp)$")
 
 
 def group_of(path: str) -> tuple[str, tuple[str, ...]] | None:
     """The fused layer's name and its members for the module at ``path`` (an attention or an MLP of the
     language model), or None."""
-    match = re.match(r"^model\.language_model\.layers\.\d+\.(self_attn|mlp)$", path)
+    match = _OWNER.match(path)
     return GROUPS[match.group(1)] if match else None
+
+
+def fused_key(key: str) -> str | None:
+    """The weight key of the fused layer that computes the checkpoint weight ``key``, if it is one of them."""
+    module, _, attr = key.rpartition(".")
+    owner, _, member = module.rpartition(".")
+    group = group_of(owner)
+    if attr != "weight" or group is None or member not in group[1]:
+        return None
+    return f"{owner}.{group[0]}.weight"
 
 
 class FusedLinear(nn.Module):
@@ -56,7 +57,6 @@ class FusedLinear(nn.Module):
         self.sizes = sizes
         self._input: torch.Tensor | None = None
         self._parts: tuple[torch.Tensor, ...] = ()
-        self._taken = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.linear(x)
@@ -68,10 +68,8 @@ class FusedLinear(nn.Module):
         if index == 0 or x is not self._input:
             self._parts = tuple(self(x).split(self.sizes, dim=-1))
             self._input = x
-            self._taken = 0
         share = self._parts[index]
-        self._taken += 1
-        if self._taken == len(self.sizes):  # every share handed out: nothing is held until the next call
+        if index == len(self.sizes) - 1:  # the layer calls the last one last: nothing is held until the next call
             self._input, self._parts = None, ()
         return share
 
