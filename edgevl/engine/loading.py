@@ -32,7 +32,6 @@ from edgevl.engine.attention import use_grouped_attention
 from edgevl.engine.int8_layers import Int8Rows, finish_int8, int8_linears
 from edgevl.engine.kernels import (
     ChunkedLinear,
-    PackedLinear,
     convert_linear,
     convert_linears,
     fbgemm_int8_available,
@@ -182,17 +181,15 @@ class _Scratch(threading.local):
         return out
 
 
-def _packed_at_once(model: nn.Module, key: str) -> nn.Linear | None:
-    """The Linear whose weight ``key`` is, if it can be reordered as soon as it is read (its bias, if any, is
-    already loaded)."""
+def _packed_at_once(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is the weight of a Linear that can be reordered as soon as it is read (its bias, if any,
+    is already loaded)."""
     module_name, _, attr = key.rpartition(".")
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
-        return None
-    if attr != "weight" or not isinstance(module, nn.Linear):
-        return None
-    return module if module.bias is None or not module.bias.is_meta else None
+        return False
+    return attr == "weight" and isinstance(module, nn.Linear) and (module.bias is None or not module.bias.is_meta)
 
 
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision,
@@ -216,12 +213,10 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                 for key in (key for key in keys if files[key] == file):
                     if source.has(key):
                         continue  # its int8 rows are prepared: the file's weights are not read at all
-                    linear = _packed_at_once(model, key) if packs else None
-                    if linear is not None:
+                    if packs and _packed_at_once(model, key):
                         _assign(model, key, scratch.read(f, key))
-                        parent, _, name = key.rpartition(".")[0].rpartition(".")
                         # Reordered into memory of its own: the scratch is free for the next weight.
-                        setattr(model.get_submodule(parent), name, PackedLinear(linear))
+                        convert_linear(model, key.rpartition(".")[0], precision)
                         continue
                     # int8 quantizes the token embedding from the file's rows (see Int8Embedding).
                     target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
