@@ -118,15 +118,22 @@ def test_loading_never_holds_two_copies(medium_checkpoint: Path, precision: str,
     assert grown > min_fraction * weights, f"{precision}: the measurement saw only {grown / 1e6:.0f} MB"
 
 
+def _copy_but_weights(model_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Copies the model's files except its weights to ``out``; returns the weights, for the test to write there."""
+    from safetensors.torch import load_file
+
+    for item in model_dir.iterdir():
+        if item.name != "model.safetensors":
+            (out / item.name).write_bytes(item.read_bytes())
+    return load_file(str(model_dir / "model.safetensors"))
+
+
 def test_float32_layers_loaded_in_parallel_each_hold_their_own_weights(test_model_dir: Path, tmp_path: Path) -> None:
     # Layers are read one per core into per-thread scratch buffers and reordered from there: every packed
     # weight must be its own, even with each layer's tensors spread over two shards.
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    tensors = load_file(str(test_model_dir / "model.safetensors"))
-    for item in test_model_dir.iterdir():
-        if item.name != "model.safetensors":
-            (tmp_path / item.name).write_bytes(item.read_bytes())
+    tensors = _copy_but_weights(test_model_dir, tmp_path)
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[0::2], "model-00002-of-00002.safetensors": names[1::2]}
     for file, keys in shards.items():
@@ -148,12 +155,9 @@ def test_float32_layers_loaded_in_parallel_each_hold_their_own_weights(test_mode
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_a_weight_of_the_wrong_shape_is_named(test_model_dir: Path, tmp_path: Path, precision: str) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    tensors = load_file(str(test_model_dir / "model.safetensors"))
-    for item in test_model_dir.iterdir():
-        if item.name != "model.safetensors":
-            (tmp_path / item.name).write_bytes(item.read_bytes())
+    tensors = _copy_but_weights(test_model_dir, tmp_path)
     key = "model.language_model.layers.1.mlp.down_proj.weight"
     tensors[key] = tensors[key][:, :-1].contiguous()
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
