@@ -90,13 +90,16 @@ def _fuse(module: nn.Module, prefix: str, source: Int8Rows) -> None:
     fusion.install(module, name, members, kernel, tuple(w.shape[0] for w in weights), weights[0].shape[1])
 
 
-def int8_linears(module: nn.Module, prefix: str, source: Int8Rows) -> None:
-    """Every Linear below ``module`` whose weight is loaded, or prepared, made int8 (its bias loaded first)."""
+def int8_linears(module: nn.Module, prefix: str, source: Int8Rows, others: frozenset[str] = frozenset()) -> None:
+    """Every Linear below ``module`` whose weight is loaded, or prepared, made int8 (its bias loaded first);
+    not below the modules at ``others``, which another loading thread may be making."""
     _fuse(module, prefix, source)
     for name, child in list(module.named_children()):
         full = f"{prefix}.{name}" if prefix else name
+        if full in others:
+            continue
         if not isinstance(child, nn.Linear):
-            int8_linears(child, full, source)
+            int8_linears(child, full, source, others)
             continue
         key = f"{full}.weight"
         if (child.bias is not None and child.bias.is_meta) or (child.weight.is_meta and not source.has(key)):

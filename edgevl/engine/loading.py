@@ -203,6 +203,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     for key in files:
         match = _LAYER_RE.match(key)
         groups[match.group(1) if match else key.rpartition(".")[0].rpartition(".")[0]].append(key)
+    owners = frozenset(groups)
     packs = precision == "float32" and packing_available()
     scratch = _Scratch()
 
@@ -221,18 +222,21 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                     # int8 quantizes the token embedding from the file's rows (see Int8Embedding).
                     target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
                     _assign(model, key, _read(f, key, target))
-        if precision == "int8":
-            int8_linears(model.get_submodule(owner), owner, source)
+        if precision == "int8":  # its own modules: each group's owner is another thread's
+            int8_linears(model.get_submodule(owner), owner, source, owners - {owner})
         else:  # only the group's own layers: another thread may be filling the rest of the model
             for name in dict.fromkeys(key.rpartition(".")[0] for key in keys):
                 convert_linear(model, name, precision)
 
-    if precision != "float32":  # int8 writes its prepared file in this order
+    # float32: reading a layer and reordering it for oneDNN keeps about one core busy (the reorder, most of
+    # it, ran at 1 GB/s with one thread or two), so the layers are loaded one per core.  So does int8 from
+    # prepared rows where each layer is packed for fbgemm as it is mapped (one thread packed 12 matrices of
+    # 6144x2048 in 1.4-1.5 s on a 2-core host, two in 0.75-0.85 s).  A first int8 start writes its prepared
+    # file in this order, one layer after the other; bfloat16 only reads.
+    if not (precision == "float32" or (precision == "int8" and source.reader is not None)):
         for owner in sorted(groups):
             load(owner)
         return set(files)
-    # float32: reading a layer and reordering it for oneDNN keeps about one core busy (the reorder, most of
-    # it, ran at 1 GB/s with one thread or two), so the layers are loaded one per core.
     with ThreadPoolExecutor(usable_cores()) as pool:
         futures = [pool.submit(load, owner) for owner in sorted(groups)]
         try:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,6 +72,8 @@ class PreparedReader:
         self.entries = entries
         self.path = _data(base)
         self._checked: dict[str, np.ndarray[Any, Any]] | None = None  # mapped and checked, not yet taken
+        self._lock = threading.Lock()
+        self._damage: PreparedCorrupt | None = None
 
     @classmethod
     def open(cls, base: Path) -> PreparedReader | None:
@@ -95,10 +98,18 @@ class PreparedReader:
         The first take maps and checks every tensor of the file, one thread per usable core: the checksums
         (2 GB for the 2B model) are most of a later start's loading, and a load takes every tensor anyway.
         """
-        if self._checked is None:
-            with ThreadPoolExecutor(usable_cores()) as pool:  # zlib lets go of the GIL for a long buffer
-                self._checked = dict(zip(self.entries, pool.map(self._checked_array, self.entries), strict=True))
-        return torch.from_numpy(self._checked.pop(name))
+        with self._lock:  # layers are loaded one per core
+            if self._damage is not None:  # checked once: the other loading threads fail at once too
+                raise self._damage
+            if self._checked is None:
+                try:
+                    with ThreadPoolExecutor(usable_cores()) as pool:  # zlib lets go of the GIL for a long buffer
+                        self._checked = dict(zip(self.entries, pool.map(self._checked_array, self.entries),
+                                                 strict=True))
+                except PreparedCorrupt as exc:
+                    self._damage = exc
+                    raise
+            return torch.from_numpy(self._checked.pop(name))
 
     def _checked_array(self, name: str) -> np.ndarray[Any, Any]:
         entry = self.entries[name]
