@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from edgevl.folders.matching import rule_for
@@ -70,8 +70,11 @@ class _Handler(FileSystemEventHandler):
                 self.watcher.recheck_soon()  # a watched folder itself may be gone
             return
         if event.event_type == "moved":
-            # inotify reports the writer's rename itself; a polling observer only
-            # guesses moves from reused inode numbers, so there only settling counts.
+            if not event.dest_path:
+                return  # renamed to outside the watched tree: gone, like a deleted file
+            # inotify reports the writer's rename itself, also from a folder outside the
+            # watched tree (an empty source); a polling observer only guesses moves from
+            # reused inode numbers, so there only settling counts.
             renamed = self.watcher.poll_interval == 0
             self.watcher.note(Path(os.fsdecode(event.dest_path)), renamed=renamed)
         elif event.event_type in ("created", "modified", "closed"):
@@ -106,7 +109,10 @@ class FolderWatcher:
         self.stop()
 
     def start(self) -> None:
-        self._observer = PollingObserver(timeout=self.poll_interval) if self.poll_interval > 0 else Observer()
+        # Full events: a file renamed in from outside the watched tree is reported as moved, not as created, so it
+        # is taken at once, as complete as one renamed inside (a writer's temporary folder on the same share).
+        self._observer = (PollingObserver(timeout=self.poll_interval) if self.poll_interval > 0
+                          else InotifyObserver(generate_full_events=True))
         self._observer.daemon = True
         self._observer.start()
         self._watched.clear()

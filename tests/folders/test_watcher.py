@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def _wait_ready(w: FolderWatcher, count: int, timeout: float = 10) -> list[Path]
     raise AssertionError(f"only {[p for p, _ in w.ready()]} ready after {timeout} s")
 
 
+def _until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("poll", [0.0, 0.2])
 def test_slow_writes_renames_and_ignored_names(tmp_path: Path, poll: float) -> None:
     inbox = tmp_path / "inbox"
@@ -51,6 +59,22 @@ def test_slow_writes_renames_and_ignored_names(tmp_path: Path, poll: float) -> N
             (inbox / name).write_bytes(b"i")
         ready = _wait_ready(w, 3)
         assert sorted(p.name for p in ready) == ["moved.jpg", "slow.jpg", "upper.PNG"]
+
+
+def test_a_file_renamed_in_from_outside_the_watched_tree_is_taken_at_once(tmp_path: Path) -> None:
+    # A station writes into its own temporary folder on the share and renames the finished frame into the
+    # watched one: complete on arrival, so it waits for no settling.
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    with FolderWatcher((_rule(inbox),), settle_ms=60_000, poll_interval=0, rescan_interval=60) as w:
+        (staging / "frame.jpg").write_bytes(b"x" * 100)
+        os.rename(staging / "frame.jpg", inbox / "frame.jpg")
+        assert _wait_ready(w, 1, timeout=5) == [inbox / "frame.jpg"]
+        (inbox / "written.jpg").write_bytes(b"y")  # one written in place still settles
+        _until(lambda: w.waiting() == 2)
+        os.rename(inbox / "frame.jpg", staging / "frame.jpg")  # and one renamed out is gone
+        _until(lambda: not w.ready() and w.waiting() == 1)
 
 
 def test_rescan_catches_files_the_events_missed_and_recursive_rules(tmp_path: Path) -> None:
