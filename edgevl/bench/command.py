@@ -23,6 +23,7 @@ from edgevl.bench.floor import attention_flops, floor_seconds, linear_params
 from edgevl.bench.kernels import INT4_GROUP, kernel_rates, read_rate
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
+from edgevl.engine.kernels import packing_pays
 from edgevl.errors import ModelError
 from edgevl.worker import footprint
 
@@ -168,6 +169,7 @@ def _machine() -> str:
 
 def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads: int,
                grammar: dict[str, float]) -> str:
+    packs = packing_pays()  # which float32 kernel the engine runs here
     lines = [
         "# Performance",
         "",
@@ -322,8 +324,10 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "| kernel | 1 row (decode) | 256 rows (prefill) |",
         "|---|---|---|",
-        f"| float32 `F.linear` (stock) | {kernels['float32_m1']} | {kernels['float32_m256']} |",
-        f"| float32 oneDNN packed weights (engine) | {kernels['packed_m1']} | {kernels['packed_m256']} |",
+        f"| float32 `F.linear` (stock{'' if packs else '; the engine on this host'}) | {kernels['float32_m1']} | "
+        f"{kernels['float32_m256']} |",
+        f"| float32 oneDNN packed weights (the engine {'on this host' if packs else 'on AVX-512 but not Intel'}) "
+        f"| {kernels['packed_m1']} | {kernels['packed_m256']} |",
         f"| int8 fbgemm dynamic (per-channel weights) | {kernels.get('int8_m1', '–')} | "
         f"{kernels.get('int8_m256', '–')} |",
         f"| int8 `torch._int_mm`, activations per row (the fallback where torch has no fbgemm Linear) | "

@@ -239,6 +239,35 @@ def packing_available() -> bool:
     return available and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def packing_pays() -> bool:
+    """Whether float32 Linear layers run on oneDNN-packed weights (``PackedLinear``) rather than torch's BLAS.
+
+    torch's BLAS runs its AVX-512 code on Intel CPUs only.  Measured on 2-core hosts (``edgevl bench``,
+    Kernels table, 2048x6144): on an AMD EPYC with AVX-512, oneDNN's packed kernel was much faster than
+    ``F.linear``; on Intel Xeons with AVX-512, ``F.linear`` was as fast at one row and 0-17% faster at 256
+    rows; on an AMD EPYC with AVX2 only, 9% faster at one row and 32% at 256.  Reordering costs a float32
+    start 3.5-6 s (8.5 GB of fresh memory faulted in once more), so it is done only where it pays.
+    """
+    if not packing_available():
+        return False
+    try:
+        avx512 = bool(torch.cpu.get_capabilities().get("avx512_f"))
+    except (AttributeError, RuntimeError):
+        return False
+    return avx512 and _cpu_vendor() != "GenuineIntel"
+
+
 class Int8Embedding(nn.Module):
     """Token embedding stored as int8 rows with one scale per row, looked up in float32.
 
@@ -261,10 +290,10 @@ class Int8Embedding(nn.Module):
 
 
 def _converter(precision: str) -> Callable[[nn.Linear], nn.Module] | None:
-    """float32 uses oneDNN-packed weights, int8 fbgemm; bfloat16 keeps ``nn.Linear``."""
+    """float32 uses oneDNN-packed weights where that pays, int8 fbgemm; otherwise ``nn.Linear`` stays."""
     if precision == "int8":
         return int8_linear
-    if precision == "float32" and packing_available():
+    if precision == "float32" and packing_pays():
         return PackedLinear
     return None
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgevl.config import PRECISIONS, Precision
+from edgevl.engine import kernels
 from edgevl.engine.attention import use_grouped_attention
 from edgevl.engine.int8_layers import Int8Rows, finish_int8, int8_linears
 from edgevl.engine.kernels import (
@@ -36,7 +37,6 @@ from edgevl.engine.kernels import (
     convert_linears,
     fbgemm_int8_available,
     int_mm_fast,
-    packing_available,
 )
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.engine.packing import Deferred, Packer
@@ -204,7 +204,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
         match = _LAYER_RE.match(key)
         groups[match.group(1) if match else key.rpartition(".")[0].rpartition(".")[0]].append(key)
     owners = frozenset(groups)
-    packs = precision == "float32" and packing_available()
+    packs = precision == "float32" and kernels.packing_pays()
     scratch = _Scratch()
 
     def load(owner: str) -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from edgevl.engine import kernels
 from edgevl.engine.engine import Engine
 from edgevl.engine.kernels import Int8Embedding, PackedLinear
 from edgevl.engine.loading import load_model
@@ -26,12 +28,34 @@ QUESTIONS = [
 ]
 
 
-def test_float32_uses_packed_kernels(fp32_model) -> None:  # type: ignore[no-untyped-def]
-    layer = fp32_model.model.model.language_model.layers[0]
-    assert isinstance(layer.mlp.gate_proj, PackedLinear)
-    assert isinstance(fp32_model.model.model.visual.blocks[0].attn.qkv, PackedLinear)
-    # the tied output head shares the embedding matrix instead of a packed copy
-    assert fp32_model.model.lm_head.weight is fp32_model.model.model.language_model.embed_tokens.weight
+def test_float32_packs_its_weights_for_onednn_only_where_that_pays(test_model_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = []
+    for pays, kind in ((True, PackedLinear), (False, nn.Linear)):
+        monkeypatch.setattr(kernels, "packing_pays", lambda pays=pays: pays)
+        lm = load_model(str(test_model_dir), "float32")
+        assert type(lm.model.model.language_model.layers[0].mlp.gate_proj) is kind
+        assert type(lm.model.model.visual.blocks[0].attn.qkv) is kind
+        # the tied output head shares the embedding matrix instead of a packed copy
+        assert lm.model.lm_head.weight is lm.model.model.language_model.embed_tokens.weight
+        answers.append(Engine(lm).answer(noise_image(96, 96, seed=6), QUESTIONS, 96 * 96))
+    packed, dense = answers
+    # The same float32 products and sums, in an order of each kernel's own: equal up to the last bits.
+    assert packed.tokens == dense.tokens
+    assert packed.scores.keys() == dense.scores.keys()
+    for key in packed.scores:
+        assert packed.scores[key] == pytest.approx(dense.scores[key], abs=1e-4), key
+
+
+def test_packing_pays_where_the_blas_lacks_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's BLAS takes its AVX-512 code on Intel CPUs only; oneDNN's packed kernel on any.
+    for vendor, avx512, pays in (("AuthenticAMD", True, True), ("AuthenticAMD", False, False),
+                                 ("GenuineIntel", True, False), ("GenuineIntel", False, False)):
+        monkeypatch.setattr(kernels, "_cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda avx512=avx512: {"avx512_f": avx512})
+        assert kernels.packing_pays() is (pays and kernels.packing_available()), (vendor, avx512)
+    monkeypatch.undo()
+    assert kernels._cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls")
 
 
 @pytest.mark.parametrize("precision", ["int8", "bfloat16"])
@@ -128,10 +152,13 @@ def _copy_but_weights(model_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-def test_float32_layers_loaded_in_parallel_each_hold_their_own_weights(test_model_dir: Path, tmp_path: Path) -> None:
+def test_float32_layers_loaded_in_parallel_each_hold_their_own_weights(test_model_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # Layers are read one per core into per-thread scratch buffers and reordered from there: every packed
     # weight must be its own, even with each layer's tensors spread over two shards.
     from safetensors.torch import save_file
+
+    monkeypatch.setattr(kernels, "packing_pays", lambda: True)  # the scratch serves the reorder alone
 
     tensors = _copy_but_weights(test_model_dir, tmp_path)
     names = sorted(tensors)
