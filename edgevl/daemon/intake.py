@@ -8,6 +8,7 @@ with work for the worker or a record, whatever goes wrong.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import time
 from collections.abc import Callable, Iterator
@@ -41,23 +42,36 @@ class Intake:
         self.rule = rule
 
     def batch(self, most: int) -> list[Work] | None:
-        """Up to ``most`` jobs for the worker to answer together; None when nothing waited.  A job the worker
-        already died on goes alone: a poison input then costs the jobs that came with it one try, never two.
+        """Up to ``most`` frames' worth of jobs for the worker to answer together; None when nothing waited.
+
+        A job the worker already died on goes alone: a poison input then costs the jobs that came with it one try,
+        never two.  The worker's memory was fitted to ``most`` frames at the model's ``max_pixels``: a job whose
+        rule encodes larger pictures counts as as many frames as its pixels hold (its cache grows with them), so
+        a burst of large pictures never outgrows the cap the frames were fitted to; the first job always goes.
         An empty list: what waited was finished at once (a record it already had, or an error)."""
         works: list[Work] = []
+        used = 0
         handled = False
         for job in self._waiting():
             handled = True
             alone = bool(job.worker_failures())
-            if works and alone:
-                continue  # its turn comes next, alone
+            size = self.frames_of(self.rule(job.rule))
+            if works and (alone or used + size > most):
+                continue  # its turn comes next (alone, or first of its batch)
             work = self.work(job)
             if work is None:
                 continue
             works.append(work)
-            if len(works) >= most or alone:
+            used += size
+            if used >= most or alone:
                 break
         return works if handled else None
+
+    def frames_of(self, rule: Rule | None) -> int:
+        """How many frames at the model's ``max_pixels`` a picture of ``rule`` weighs in a batch."""
+        model = self.config.model.max_pixels
+        pixels = rule.max_pixels if rule is not None and rule.max_pixels else model
+        return max(1, math.ceil(pixels / model))
 
     def _waiting(self) -> Iterator[SpoolJob]:
         """Spooled jobs first (retries and those a restart left), oldest first; then new files, taken as asked."""
