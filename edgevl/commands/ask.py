@@ -19,6 +19,7 @@ from edgevl.errors import ConfigError
 from edgevl.questions import Question
 from edgevl.records import Job, Record, Source, is_error, to_json, with_questions
 from edgevl.rules import Rule, load_rules
+from edgevl.worker.footprint import frames_of
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ def run_ask(images: list[Path], questions: list[str], rules: Path | None, rule_n
     lm = load_model(model, precision, threads)
     engine = Engine(lm, max_batch=max_batch, max_pixels=DEFAULT_MAX_PIXELS)
     device = default_device_id()
-    asked = Asked.of(rule, max_pixels)
     frames = max_frames or default_max_frames()
+    # A document's pages share the passes as the daemon's would: as many as fit the frames at their pixels.
+    asked = Asked.of(rule, max_pixels, frames // frames_of(max_pixels or rule.max_pixels, DEFAULT_MAX_PIXELS))
     failed = 0
     for first in range(0, len(images), frames):
         chunk = images[first: first + frames]

@@ -8,7 +8,6 @@ with work for the worker or a record, whatever goes wrong.
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from edgevl.spool.claim import claim
 from edgevl.spool.hand import Hand
 from edgevl.spool.job import SpoolJob
 from edgevl.spool.store import Spool
+from edgevl.worker.footprint import frames_of
 from edgevl.worker.protocol import Work
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ class Intake:
 
     def frames_of(self, rule: Rule | None) -> int:
         """How many frames at the model's ``max_pixels`` a picture of ``rule`` weighs in a batch."""
-        model = self.config.model.max_pixels
-        pixels = rule.max_pixels if rule is not None and rule.max_pixels else model
-        return max(1, math.ceil(pixels / model))
+        return frames_of(rule.max_pixels if rule is not None else None, self.config.model.max_pixels)
 
     def _waiting(self) -> Iterator[SpoolJob]:
         """Spooled jobs first (retries and those a restart left), oldest first; then new files, taken as asked."""

@@ -31,11 +31,13 @@ class Asked:
     max_pixels: int | None = None
     pages: PageSelection = "all"
     max_pages: int = 50
+    pages_together: int = 1  # a document's pages answered together (the stream mode)
 
     @classmethod
-    def of(cls, rule: Rule, max_pixels: int | None = None) -> Asked:
+    def of(cls, rule: Rule, max_pixels: int | None = None, pages_together: int = 1) -> Asked:
         """What ``rule`` asks; ``max_pixels`` overrides the rule's (edgevl ask --max-pixels)."""
-        return cls(rule.questions, rule.crop, max_pixels or rule.max_pixels, rule.pages, rule.max_pages)
+        return cls(rule.questions, rule.crop, max_pixels or rule.max_pixels, rule.pages, rule.max_pages,
+                   max(1, pages_together))
 
 
 def answer_inputs(engine: Engine, inputs: Sequence[tuple[Job, bytes, Asked]]) -> list[Record]:
@@ -107,38 +109,46 @@ def _image_record(job: Job, model: ModelInfo, decoded: DecodedImage, decode_ms: 
 
 
 def answer_document(engine: Engine, job: Job, data: bytes, asked: Asked) -> Record:
-    """A document's one record: every selected page rendered and answered in turn, each page's answers (or its
-    error) under ``pages``.  A page that fails costs that page; a document none of whose pages could be answered
-    is an error record."""
+    """A document's one record: every selected page rendered and answered, ``asked.pages_together`` pages at a
+    time in one stream (each page exactly as alone), each page's answers (or its error) under ``pages``.  A
+    page that fails costs that page; a document none of whose pages could be answered is an error record."""
     model = ModelInfo(id=engine.lm.model_id, precision=engine.lm.precision)
     started = time.perf_counter()
     timings = {"decode": 0.0, "encode": 0.0, "answer": 0.0}
-    pages: list[PageResult] = []
+    results: dict[int, PageResult] = {}
     meta: ImageInfo = {"sha256": hashlib.sha256(data).hexdigest(), "width": 0, "height": 0, "format": "PDF"}
     try:
         with open_document(data) as document:
             meta["format"] = document.format
             numbers = select_pages(asked.pages, document.page_count, asked.max_pages)
-            for number in numbers:
-                page_started = time.perf_counter()
-                try:
-                    picture = document.render(number, asked.max_pixels or engine.max_pixels)
-                    if document.format == "TIFF":  # a crop is in pixels, which a PDF page has none of
-                        picture = crop_image(picture, asked.crop)
-                    rendered = time.perf_counter()
-                    answered = engine.answer(picture, asked.questions, asked.max_pixels)
-                except EdgevlError as exc:
-                    log.warning("job %s page %d failed: %s (%s)", job.job_id, number, exc.message, exc.code)
-                    pages.append({"page": number, "error": ErrorInfo(code=exc.code, message=exc.message)})
-                    continue
-                timings["decode"] += (rendered - page_started) * 1000
-                timings["encode"] += answered.encode_ms
-                timings["answer"] += answered.answer_ms
-                if not meta["width"]:
-                    meta["width"], meta["height"] = picture.width, picture.height
-                pages.append({"page": number, "image": {"width": picture.width, "height": picture.height},
-                              "answers": answered.answers})
+            for start in range(0, len(numbers), asked.pages_together):
+                rendering = time.perf_counter()
+                pictures: list[tuple[int, Image.Image]] = []
+                for number in numbers[start: start + asked.pages_together]:
+                    try:
+                        picture = document.render(number, asked.max_pixels or engine.max_pixels)
+                        if document.format == "TIFF":  # a crop is in pixels, which a PDF page has none of
+                            picture = crop_image(picture, asked.crop)
+                    except EdgevlError as exc:
+                        results[number] = _page_error(job, number, exc)
+                        continue
+                    pictures.append((number, picture))
+                    if not meta["width"]:
+                        meta["width"], meta["height"] = picture.width, picture.height
+                answering = time.perf_counter()
+                timings["decode"] += (answering - rendering) * 1000
+                answered = _answer_pages(engine, [picture for _, picture in pictures], asked)
+                timings["answer"] += (time.perf_counter() - answering) * 1000
+                for (number, picture), result in zip(pictures, answered, strict=True):
+                    if isinstance(result, EdgevlError):
+                        results[number] = _page_error(job, number, result)
+                        continue
+                    timings["encode"] += result.encode_ms
+                    timings["answer"] -= result.encode_ms  # the pass's time beyond encoding the pages
+                    results[number] = {"page": number, "image": {"width": picture.width, "height": picture.height},
+                                       "answers": result.answers}
             page_count = document.page_count
+            pages = [results[number] for number in numbers]
     except EdgevlError as exc:
         log.warning("job %s failed: %s (%s)", job.job_id, exc.message, exc.code)
         return job.error(exc.code, exc.message, meta, model)
@@ -152,3 +162,20 @@ def answer_document(engine: Engine, job: Job, data: bytes, asked: Asked) -> Reco
     record["document"] = {"format": meta["format"], "page_count": page_count, "pages": numbers}
     record["pages"] = pages
     return record
+
+
+def _answer_pages(engine: Engine, pictures: list[Image.Image], asked: Asked) -> list[Answered | EdgevlError]:
+    """The pages answered together; should that fail as a whole (memory), each alone, so that whatever made it
+    fail costs only the page that brought it."""
+    frames = [Frame(picture, asked.questions, asked.max_pixels) for picture in pictures]
+    if len(frames) > 1:
+        try:
+            return engine.answer_frames(frames)
+        except Exception:  # MemoryError included: alone, each needs less
+            log.exception("%d pages answered together failed; answering each alone", len(frames))
+    return [result for frame in frames for result in engine.answer_frames([frame])]
+
+
+def _page_error(job: Job, number: int, exc: EdgevlError) -> PageResult:
+    log.warning("job %s page %d failed: %s (%s)", job.job_id, number, exc.message, exc.code)
+    return {"page": number, "error": ErrorInfo(code=exc.code, message=exc.message)}

@@ -145,13 +145,15 @@ def _answer(engine: Engine, works: tuple[Work, ...]) -> list[Record]:
 
     if len(works) > 1:
         try:
-            return answer_inputs(engine, [(w.job, w.data, Asked.of(w.rule)) for w in works])
+            return answer_inputs(engine, [(w.job, w.data, Asked.of(w.rule, pages_together=w.pages_together))
+                                          for w in works])
         except Exception:  # MemoryError included: alone, each needs less
             log.exception("a batch of %d jobs failed together; answering each alone", len(works))
     records: list[Record] = []
     for work in works:
         try:
-            records.extend(answer_inputs(engine, [(work.job, work.data, Asked.of(work.rule))]))
+            asked = Asked.of(work.rule, pages_together=work.pages_together)
+            records.extend(answer_inputs(engine, [(work.job, work.data, asked)]))
         except MemoryError:
             records.append(work.job.error("memory_limit", "the model ran out of memory on this image"))
         except Exception as exc:  # a bug must cost one image, not the worker

@@ -7,6 +7,7 @@ estimate next to the measured peak of the same model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,12 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
         # The token embedding is read as bfloat16 before it is quantized.
         activations += int(text["vocab_size"]) * hidden * 2
     return Footprint(weights, kv_cache, activations, RUNTIME_BYTES)
+
+
+def frames_of(pixels: int | None, model_pixels: int) -> int:
+    """How many frames at the model's ``max_pixels`` one picture of ``pixels`` (a rule's; None: the model's)
+    weighs in the stream mode: its image tokens, and so its cache, grow with its pixels."""
+    return max(1, math.ceil((pixels or model_pixels) / model_pixels))
 
 
 def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,

@@ -48,6 +48,7 @@ class Work:
     job: Job
     data: bytes
     rule: Rule
+    pages_together: int = 1  # a document's pages answered together (the stream mode), as its memory allows
 
 
 @dataclass(frozen=True)

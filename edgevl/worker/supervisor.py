@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgevl.config import DEFAULT_MAX_PIXELS, Config
@@ -268,8 +268,13 @@ class WorkerSupervisor:
             raise RuntimeError("the model worker is not ready")
         if not 1 <= len(works) <= self.max_frames:
             raise ValueError(f"a batch holds 1 to {self.max_frames} jobs, not {len(works)}")
-        pixels = max(work.rule.max_pixels or self.config.model.max_pixels for work in works)
+        model_pixels = self.config.model.max_pixels
+        pixels = max(work.rule.max_pixels or model_pixels for work in works)
         w.stall_timeout = self.config.model.stall_timeout or 120.0 * max(1.0, pixels / DEFAULT_MAX_PIXELS)
+        # A document is answered after the batch's images: its pages may fill every frame the memory holds.
+        works = [replace(work, pages_together=max(1, self.max_frames // footprint.frames_of(work.rule.max_pixels,
+                                                                                             model_pixels)))
+                 for work in works]
         w.jobs = list(works)
         w.job_started = w.last_progress = time.monotonic()
         try:

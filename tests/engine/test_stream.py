@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from edgevl.engine.engine import Answered, Engine, Frame
+from edgevl.engine.pipeline import Asked, answer_document
 from edgevl.errors import EdgevlError
 from edgevl.questions import Question
+from edgevl.records import Job, Source, is_error
 from tests.engine.test_exactness import _reference_tokens
+from tests.harness.documents import pages, pdf_of, tiff_of
 from tests.harness.images import noise_image
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "count": {"type": "integer"}},
@@ -77,3 +80,64 @@ def test_a_frame_that_cannot_be_encoded_costs_only_itself(fp32_model) -> None:  
     for frame, result in ((FRAMES[0], results[0]), (FRAMES[2], results[2])):
         assert isinstance(result, Answered)
         _same(result, engine.answer(frame.image, frame.questions, frame.max_pixels))
+
+
+def _document_pages(engine: Engine, data: bytes, together: int) -> list[dict[str, object]]:
+    job = Job(rule="scan", source=Source(kind="cli", path="/scans/doc.pdf"), device_id="dev")
+    record = answer_document(engine, job, data, Asked(SCAN, max_pixels=32 * 32 * 16, pages_together=together))
+    assert not is_error(record), record
+    return list(record["pages"])
+
+
+def _same_pages(together: list[dict[str, object]], alone: list[dict[str, object]]) -> None:
+    assert [p["page"] for p in together] == [p["page"] for p in alone]
+    for mine, theirs in zip(together, alone, strict=True):
+        assert ("error" in mine) == ("error" in theirs), mine["page"]
+        if "error" in mine:
+            assert mine["error"] == theirs["error"]
+            continue
+        for qid, answer in theirs["answers"].items():  # type: ignore[attr-defined]
+            got = mine["answers"][qid]  # type: ignore[index]
+            assert got.get("value") == answer.get("value"), (mine["page"], qid)
+            assert got.get("probability") == pytest.approx(answer.get("probability"), abs=1e-4), (mine["page"], qid)
+
+
+def test_a_documents_pages_answered_together_are_each_as_alone(fp32_model,  # type: ignore[no-untyped-def]
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(fp32_model, max_batch=8)
+    # Five scanned pages, the third a sliver the image processor refuses: it costs only its own page.
+    data = tiff_of([*pages(2, seed=20), noise_image(1, 400, seed=9), *pages(2, seed=22)])
+    alone = _document_pages(engine, data, 1)
+    assert [p.get("error", {}).get("code") for p in alone] == [None, None, "engine_failed", None, None]  # type: ignore[attr-defined]
+    sizes: list[int] = []
+    answer_frames = engine.answer_frames
+
+    def counted(frames: list[Frame], *args: object) -> list[Answered | EdgevlError]:
+        sizes.append(len(frames))
+        return answer_frames(frames, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "answer_frames", counted)
+    _same_pages(_document_pages(engine, data, 3), alone)
+    assert sizes == [3, 2]  # pages 1-3 shared their passes, then pages 4-5
+
+    # Should the pages fail together (memory), each is answered alone: the same record.
+    sizes.clear()
+
+    def short_of_memory(frames: list[Frame], *args: object) -> list[Answered | EdgevlError]:
+        sizes.append(len(frames))
+        if len(frames) > 1:
+            raise MemoryError
+        return answer_frames(frames, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "answer_frames", short_of_memory)
+    _same_pages(_document_pages(engine, data, 5), alone)
+    assert sizes == [5, 1, 1, 1, 1, 1]
+
+
+def test_a_page_that_cannot_be_rendered_costs_only_itself_in_a_stream(fp32_model) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(fp32_model, max_batch=8)
+    # A PDF page far too narrow to render, between two pages answered together.
+    data = pdf_of([noise_image(200, 280, seed=30), noise_image(1, 400, seed=9), noise_image(200, 280, seed=31)])
+    together = _document_pages(engine, data, 3)
+    assert [p.get("error", {}).get("code") for p in together] == [None, "page_too_large", None]  # type: ignore[attr-defined]
+    _same_pages(together, _document_pages(engine, data, 1))

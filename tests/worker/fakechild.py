@@ -5,6 +5,7 @@ Run as the supervisor runs its worker (``python -m tests.worker.fakechild [--loa
 to do with it: ``answer``, ``crash``, ``exit:N``, ``hang`` (no progress, in Python), ``grow:MiB`` (touch that
 much memory, then hang), ``slow:S`` (progress every 0.1 s for S seconds, then answer), ``garbage`` (send
 something outside the protocol). A batch does what each of its jobs says, in turn, then answers them all.
+An answer's timings carry the pages of a document the job could answer together.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> int:
         for work in works:
             channel.send(Done(work.key, work.job.result(
                 {"sha256": "", "width": 1, "height": 1, "format": "PNG"}, {"id": "fake", "precision": "float32"},
-                {}, {"total": 1.0})))
+                {}, {"total": 1.0, "pages_together": float(work.pages_together)})))
 
 
 def _act(channel: Channel[FromWorker, ToWorker], what: str) -> None:

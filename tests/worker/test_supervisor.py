@@ -114,7 +114,14 @@ def test_a_batch_is_answered_job_by_job(supervise: Callable[..., WorkerSuperviso
     assert supervisor.current == "a and 2 more"
     events = _until(supervisor, lambda e: len(e) == 3)
     assert [(type(e), e.key) for e in events if isinstance(e, Finished)] == [(Finished, k) for k in "abc"]
+    # A document's pages may fill the frames the memory was fitted to, at their rule's pixels.
+    assert [e.record["timings_ms"]["pages_together"] for e in events if isinstance(e, Finished)] == [3, 3, 3]
     assert supervisor.ready
+    pages = RULE.model_copy(update={"max_pixels": 2 * 40_000})
+    supervisor.submit_batch([Work("d", Job(rule="cam", source=Source(kind="folder")), b"answer", pages)])
+    (event,) = _until(supervisor, lambda e: bool(e))
+    assert isinstance(event, Finished)
+    assert event.record["timings_ms"]["pages_together"] == 1  # two frames' worth each: one of the three at a time
     with pytest.raises(ValueError, match="1 to 3 jobs"):
         supervisor.submit_batch(_works(*[(k, b"answer") for k in "defg"]))
     assert supervisor.ready, "a refused batch leaves the worker free"
