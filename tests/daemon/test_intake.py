@@ -69,3 +69,15 @@ def test_a_picture_larger_than_a_whole_batch_still_goes_alone_first(intake: Inta
     assert works is not None
     assert [names[w.key] for w in works] == ["big.jpg"]
     assert intake.frames_of(None) == 1  # a job whose rule is gone gets its error record, not a batch's room
+
+
+@pytest.mark.parametrize("died_on", ["a.jpg", "b.jpg"])
+def test_a_job_the_worker_died_on_goes_alone(intake: Intake, tmp_path: Path, died_on: str) -> None:
+    # A poison input the weights could not foresee costs the jobs that came with it one try, never two.
+    names = _spool(intake, tmp_path / "inbox", [("a.jpg", "cam"), ("b.jpg", "cam"), ("c.jpg", "cam")])
+    (job,) = [job for job in intake.spool.pending() if names[job.key] == died_on]
+    job.add_worker_failure("worker_crashed")
+    works = intake.batch(4)
+    assert works is not None
+    # First, it goes alone; later, it waits for a batch of its own.
+    assert [names[w.key] for w in works] == (["a.jpg"] if died_on == "a.jpg" else ["a.jpg", "c.jpg"])
