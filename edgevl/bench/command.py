@@ -114,13 +114,16 @@ def _int4_verdict(kernels: dict[str, float]) -> list[str]:
     int8 = "int8" if "int8_m1" in kernels else "int8_int_mm"
     speed = kernels["int4_m1"] / kernels[f"{int8}_m1"]
     int4_read, int8_read = read_rate(kernels, "int4"), read_rate(kernels, int8)
-    bound = ("well below the memory's: the kernel is bound by its arithmetic (unpacking four-bit values), not by"
-             " reading" if int4_read < 0.7 * kernels["read_gbs"] else "near the memory's")
+    # The sum over 1 GiB is one way of reading; fbgemm's int8 kernel has read faster than it on some hosts, so
+    # int4 is set against the faster of the two.
+    reach = max(kernels["read_gbs"], int8_read)
+    bound = ("int4 reads well below that: its kernel is bound by its arithmetic (unpacking four-bit values), not by"
+             " reading" if int4_read < 0.7 * reach else "int4 reads near that")
     return [
         f"int4 against int8 (`{int8}`), same run: {speed:.2f}x the one-row rate, "
         f"{kernels['int4_m256'] / kernels[f'{int8}_m256']:.2f}x the 256-row rate.",
         f"At one row int4 reads its weights at {int4_read} GB/s and int8 at {int8_read} GB/s, against"
-        f" {kernels['read_gbs']} GB/s of memory read: {bound}.",
+        f" {kernels['read_gbs']} GB/s of memory read by a sum: {bound}.",
         f"A decode step's products on int4 weights would take {1 / speed:.2f}x the time of int8's (an int4 precision"
         " is worth having at 1/1.6 = 0.62x or less), and its prefill would run at the 256-row ratio.",
     ]
