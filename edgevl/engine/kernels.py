@@ -15,6 +15,7 @@ was far slower than either here), so an appliance keeps working across a torch u
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -239,6 +240,7 @@ def packing_available() -> bool:
     return available and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+@functools.cache
 def _cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:

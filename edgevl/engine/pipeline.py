@@ -133,8 +133,6 @@ def answer_document(engine: Engine, job: Job, data: bytes, asked: Asked) -> Reco
                         results[number] = _page_error(job, number, exc)
                         continue
                     pictures.append((number, picture))
-                    if not meta["width"]:
-                        meta["width"], meta["height"] = picture.width, picture.height
                 answering = time.perf_counter()
                 timings["decode"] += (answering - rendering) * 1000
                 answered = _answer_pages(engine, [picture for _, picture in pictures], asked)
@@ -145,6 +143,8 @@ def answer_document(engine: Engine, job: Job, data: bytes, asked: Asked) -> Reco
                         continue
                     timings["encode"] += result.encode_ms
                     timings["answer"] -= result.encode_ms  # the pass's time beyond encoding the pages
+                    if not meta["width"]:  # the first answered page's
+                        meta["width"], meta["height"] = picture.width, picture.height
                     results[number] = {"page": number, "image": {"width": picture.width, "height": picture.height},
                                        "answers": result.answers}
             page_count = document.page_count
