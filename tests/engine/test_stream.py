@@ -141,3 +141,16 @@ def test_a_page_that_cannot_be_rendered_costs_only_itself_in_a_stream(fp32_model
     together = _document_pages(engine, data, 3)
     assert [p.get("error", {}).get("code") for p in together] == [None, "page_too_large", None]  # type: ignore[attr-defined]
     _same_pages(together, _document_pages(engine, data, 1))
+
+
+@pytest.mark.parametrize("together", [1, 2])
+def test_a_documents_size_is_its_first_answered_pages(fp32_model, together: int) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(fp32_model, max_batch=8)
+    data = tiff_of([noise_image(1, 400, seed=9), noise_image(180, 240, seed=40)])  # the first page fails
+    job = Job(rule="scan", source=Source(kind="cli", path="/scans/doc.tif"), device_id="dev")
+    record = answer_document(engine, job, data, Asked(SCAN, max_pixels=32 * 32 * 16, pages_together=together))
+    assert not is_error(record)
+    answered = record["pages"][1]
+    assert "answers" in answered
+    assert (record["image"]["width"], record["image"]["height"]) == (answered["image"]["width"],
+                                                                     answered["image"]["height"])
