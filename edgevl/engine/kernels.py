@@ -258,8 +258,8 @@ def packing_pays() -> bool:
     torch's BLAS runs its AVX-512 code on Intel CPUs only.  Measured on 2-core hosts (``edgevl bench``,
     Kernels table, 2048x6144): on an AMD EPYC with AVX-512, oneDNN's packed kernel was much faster than
     ``F.linear``; on Intel Xeons with AVX-512, ``F.linear`` was as fast at one row and from 3% slower to 19%
-    faster at 256 rows; on an AMD EPYC with AVX2 only, 9% faster at one row and 32% at 256.  Reordering costs a float32
-    start 3.5-6 s (8.5 GB of fresh memory faulted in once more), so it is done only where it pays.
+    faster at 256 rows; on an AMD EPYC with AVX2 only, 9% faster at one row and 32% at 256.  Reordering costs
+    a float32 start 3.5-6 s (8.5 GB of fresh memory faulted in once more), so it is done only where it pays.
     """
     if not packing_available():
         return False

@@ -228,11 +228,11 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
             for name in dict.fromkeys(key.rpartition(".")[0] for key in keys):
                 convert_linear(model, name, precision)
 
-    # float32: reading a layer and reordering it for oneDNN keeps about one core busy (the reorder, most of
-    # it, ran at 1 GB/s with one thread or two), so the layers are loaded one per core.  So does int8 from
-    # prepared rows where each layer is packed for fbgemm as it is mapped (one thread packed 12 matrices of
-    # 6144x2048 in 1.4-1.5 s on a 2-core host, two in 0.75-0.85 s).  A first int8 start writes its prepared
-    # file in this order, one layer after the other; bfloat16 only reads.
+    # float32: converting a layer into fresh memory, and reordering it for oneDNN where that pays, keeps about
+    # one core busy (both ran at about 1 GB/s with one thread or two), so the layers are loaded one per core.
+    # So does int8 from prepared rows where each layer is packed for fbgemm as it is mapped (one thread packed
+    # 12 matrices of 6144x2048 in 1.4-1.5 s on a 2-core host, two in 0.75-0.85 s).  A first int8 start writes
+    # its prepared file in this order, one layer after the other; bfloat16 only reads.
     if not (precision == "float32" or (precision == "int8" and source.reader is not None)):
         for owner in sorted(groups):
             load(owner)
