@@ -3,9 +3,12 @@ fitted to, a rule's larger pictures counting as several."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgevl.config import load_config
 from edgevl.daemon.delivery import Delivery
@@ -28,6 +31,10 @@ RULES = {"cam": _rule("cam", None), "page": _rule("page", 100_000), "poster": _r
 
 @pytest.fixture
 def intake(tmp_path: Path) -> Intake:
+    return _intake(tmp_path)
+
+
+def _intake(tmp_path: Path) -> Intake:
     config_path = tmp_path / "edgevl.toml"
     config_path.write_text(f'state_dir = "{tmp_path}/state"\n[model]\nmax_pixels = {MODEL_PIXELS}\n')
     config = load_config(config_path)
@@ -81,3 +88,24 @@ def test_a_job_the_worker_died_on_goes_alone(intake: Intake, tmp_path: Path, die
     assert works is not None
     # First, it goes alone; later, it waits for a batch of its own.
     assert [names[w.key] for w in works] == (["a.jpg"] if died_on == "a.jpg" else ["a.jpg", "c.jpg"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(jobs=st.lists(st.tuples(st.sampled_from(sorted(RULES)), st.booleans()), min_size=1, max_size=8),
+       most=st.integers(1, 12))
+def test_any_waiting_jobs_make_a_batch_within_the_frames(jobs: list[tuple[str, bool]], most: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        intake = _intake(Path(tmp))
+        names = _spool(intake, Path(tmp) / "inbox", [(f"{i}.jpg", rule) for i, (rule, _) in enumerate(jobs)])
+        died = {f"{i}.jpg" for i, (_, dead) in enumerate(jobs) if dead}
+        for job in intake.spool.pending():
+            if names[job.key] in died:
+                job.add_worker_failure("worker_crashed")
+        works = intake.batch(most)
+        assert works, "waiting jobs always make a batch"
+        taken = [names[w.key] for w in works]
+        assert taken[0] == "0.jpg"  # the oldest always goes
+        assert taken == sorted(taken, key=lambda name: int(name.split(".")[0]))  # oldest first
+        weights = [intake.frames_of(w.rule) for w in works]
+        assert len(works) == 1 or sum(weights) <= most
+        assert len(works) == 1 or not died & set(taken)  # a job the worker died on goes alone
