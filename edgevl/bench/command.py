@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgevl.bench.floor import attention_flops, floor_seconds, linear_params
+from edgevl.bench.floor import attention_seconds, floor_seconds, linear_params
 from edgevl.bench.kernels import INT4_GROUP, kernel_rates, read_rate
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
@@ -75,7 +75,7 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
     for r in results:
         r["floor_seconds_per_image"] = _rounded(floor_seconds(params, r["w4_work"], kernels, r["precision"]))
         r["wdoc_floor_seconds_per_page"] = _rounded(floor_seconds(params, r["wdoc_work"], kernels, r["precision"]))
-        r["wdoc_attention_seconds"] = attention_flops(params, r["wdoc_work"]) / (kernels["attention_gflops"] * 1e9)
+        r["wdoc_attention_seconds"] = attention_seconds(params, r["wdoc_work"], kernels, r["precision"])
     by_precision = {r["precision"]: r for r in results}
     if "float32" in by_precision:
         base = by_precision["float32"]
@@ -341,7 +341,9 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         *_int4_verdict(kernels),
         "",
         f"Memory read by the same threads (a sum over 1 GiB): {kernels['read_gbs']} GB/s. Attention (float32",
-        f"SDPA, 2,048 tokens, 16 heads of 64, as in a vision layer): {kernels['attention_gflops']} GFLOP/s.",
+        f"SDPA, 2,048 tokens, 16 heads of 64, as in a vision layer): {kernels['attention_gflops']} GFLOP/s"
+        + (f"; in bfloat16, as an int8 vision tower attends on this host: {kernels['attention_bf16_gflops']} GFLOP/s."
+           if "attention_bf16_gflops" in kernels else "; an int8 vision tower attends in float32 on this host."),
         "",
         "## Answers held to a schema",
         "",

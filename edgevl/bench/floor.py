@@ -65,9 +65,26 @@ def work_of(engine: Any, image: Any, questions: Sequence[Any], max_pixels: int, 
 def attention_flops(params: LinearParams, work: dict[str, int]) -> float:
     """Scores and weighted sums of the prefill: every patch with every patch of its image in each vision layer;
     the prefix causally, and each question's tokens with the prefix, in each language-model layer."""
-    patches, prefix = work["patches"], work.get("prefix_tokens", 0)
-    suffix = work["prefill_tokens"] - prefix
-    return 4.0 * (params.vision_attention * patches**2 + params.text_attention * (prefix**2 / 2 + suffix * prefix))
+    return vision_attention_flops(params, work) + text_attention_flops(params, work)
+
+
+def vision_attention_flops(params: LinearParams, work: dict[str, int]) -> float:
+    return 4.0 * params.vision_attention * work["patches"] ** 2
+
+
+def text_attention_flops(params: LinearParams, work: dict[str, int]) -> float:
+    prefix = work.get("prefix_tokens", 0)
+    return 4.0 * params.text_attention * (prefix**2 / 2 + (work["prefill_tokens"] - prefix) * prefix)
+
+
+def attention_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float:
+    """The prefill's attention at the rates of the attention the engine runs: an int8 vision tower attends in
+    bfloat16 where the bench measured that rate (``kernels.bfloat16_attention_fast``), all else in float32."""
+    vision_rate = rates["attention_gflops"]
+    if precision == "int8" and "attention_bf16_gflops" in rates:
+        vision_rate = rates["attention_bf16_gflops"]
+    return (vision_attention_flops(params, work) / (vision_rate * 1e9)
+            + text_attention_flops(params, work) / (rates["attention_gflops"] * 1e9))
 
 
 def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float | None:
@@ -81,6 +98,6 @@ def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, f
     prefill = 2 * (params.vision * work["patches"] + params.text * work["prefill_tokens"]
                    + params.head * work["logit_rows"])
     weight_bytes = (params.text + params.head) * (4 if precision == "float32" else 1)
-    attention = attention_flops(params, work) / (rates["attention_gflops"] * 1e9)
+    attention = attention_seconds(params, work, rates, precision)
     return prefill / (max(measured) * 1e9) + attention + work["decode_steps"] * weight_bytes / (
         rates["read_gbs"] * 1e9)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from edgevl.engine.kernels import PackedLinear, fbgemm_int8_available, int8_linear
+from edgevl.engine.kernels import PackedLinear, bfloat16_attention_fast, fbgemm_int8_available, int8_linear
 
 MATRICES = 8  # 8 x 50 MB in float32, more than any cache of these hosts
 IN, OUT = 2048, 6144
@@ -76,6 +76,8 @@ def kernel_rates(threads: int) -> dict[str, float]:
             rates[f"{name}_m{rows}"] = round(2 * rows * IN * OUT / seconds / 1e9, 1)
     rates["read_gbs"] = read_bandwidth()
     rates["attention_gflops"] = attention_rate()
+    if bfloat16_attention_fast():  # the rate an int8 vision tower attends at here
+        rates["attention_bf16_gflops"] = attention_rate(torch.bfloat16)
     return rates
 
 
@@ -103,9 +105,9 @@ def read_rate(rates: dict[str, float], kernel: str) -> float:
     return round(weight_bytes(kernel) / seconds / 1e9, 1)
 
 
-def attention_rate() -> float:
-    """GFLOP/s of float32 attention (SDPA) over 2,048 tokens of 16 heads of 64: a vision tower's layer."""
-    q, k, v = (torch.randn(1, 16, 2048, 64) for _ in range(3))
+def attention_rate(dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of attention (SDPA) in ``dtype`` over 2,048 tokens of 16 heads of 64: a vision tower's layer."""
+    q, k, v = (torch.randn(1, 16, 2048, 64, dtype=dtype) for _ in range(3))
     with torch.inference_mode():
         F.scaled_dot_product_attention(q, k, v)
         t = time.perf_counter()

@@ -270,6 +270,22 @@ def packing_pays() -> bool:
     return avx512 and _cpu_vendor() != "GenuineIntel"
 
 
+def bfloat16_attention_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so that attention in bfloat16
+    beats float32.
+
+    Measured on a 2-core Intel Xeon with AMX (SDPA, 16 heads of 64, as in a vision layer): 3,952 tokens (an A4
+    page's patches) 313 ms in float32 against 120 ms in bfloat16; 720 tokens (a W4 frame's) 11.8 against 5.0
+    ms; with oneDNN held to AVX-512 BF16 (no AMX), 149 and 7.0 ms.  Without these instructions bfloat16 is
+    converted on every load and is no faster.
+    """
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return any(bool(capabilities.get(name)) for name in ("avx512_bf16", "amx_bf16"))
+
+
 class Int8Embedding(nn.Module):
     """Token embedding stored as int8 rows with one scale per row, looked up in float32.
 

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from edgevl.bench.floor import attention_flops, floor_seconds, linear_params
+from edgevl.bench.floor import (
+    attention_flops,
+    floor_seconds,
+    linear_params,
+    text_attention_flops,
+    vision_attention_flops,
+)
 from tests.worker.test_footprint import _shapes_only_checkpoint
 
 W4 = {"patches": 784, "prefill_tokens": 300, "prefix_tokens": 200, "logit_rows": 8, "decode_steps": 23}
@@ -50,3 +56,17 @@ def test_attention_is_every_patch_with_every_patch_and_the_prompt_causally(tmp_p
     vision = 4 * 24 * 1024 * 4096**2  # 1.65 TFLOP: a page's vision tower spends more on attention than on weights
     text = 4 * 28 * 16 * 128 * (1000**2 / 2 + 10 * 1000)
     assert attention_flops(params, page) == pytest.approx(vision + text)
+
+
+def test_an_int8_vision_tower_that_attends_in_bfloat16_is_floored_at_that_rate(tmp_path: Path) -> None:
+    params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
+    rates = {"packed_m1": 10.0, "packed_m256": 200.0, "int8_m1": 80.0, "int8_m256": 700.0, "read_gbs": 30.0,
+             "attention_gflops": 150.0}
+    bf16 = {**rates, "attention_bf16_gflops": 450.0}
+    vision, text = vision_attention_flops(params, W4), text_attention_flops(params, W4)
+    assert vision > 0
+    assert text > 0
+    # int8 saves the vision part's difference; the language model's attention and float32 stay at float32's rate.
+    saved = vision / 150e9 - vision / 450e9
+    assert floor_seconds(params, W4, bf16, "int8") == pytest.approx(floor_seconds(params, W4, rates, "int8") - saved)
+    assert floor_seconds(params, W4, bf16, "float32") == pytest.approx(floor_seconds(params, W4, rates, "float32"))
