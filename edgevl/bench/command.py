@@ -23,6 +23,7 @@ from edgevl.bench.floor import attention_seconds, floor_seconds, linear_params
 from edgevl.bench.kernels import INT4_GROUP, kernel_rates, read_rate
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
+from edgevl.engine import onednn_int8
 from edgevl.engine.kernels import packing_pays
 from edgevl.errors import ModelError
 from edgevl.worker import footprint
@@ -335,6 +336,9 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         f"{kernels.get('int8_m256', '–')} |",
         f"| int8 `torch._int_mm`, activations per row (the fallback where torch has no fbgemm Linear) | "
         f"{kernels['int8_int_mm_m1']} | {kernels['int8_int_mm_m256']} |",
+        f"| int8 oneDNN, activations per call (the vision tower "
+        f"{'on this host' if onednn_int8.pays() else 'where the CPU has AMX'}) | "
+        f"{kernels.get('int8_onednn_m1', '–')} | {kernels.get('int8_onednn_m256', '–')} |",
         f"| int4 `torch._weight_int4pack_mm_for_cpu`, groups of {INT4_GROUP}, bfloat16 activations (measured, not "
         f"offered) | {kernels['int4_m1']} | {kernels['int4_m256']} |",
         "",

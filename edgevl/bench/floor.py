@@ -89,9 +89,9 @@ def attention_seconds(params: LinearParams, work: dict[str, int], rates: dict[st
 
 def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float | None:
     """The floor of ``work`` in ``precision``; None where the bench measured no kernel of that precision."""
-    # The prefill at the faster 256-row rate of the precision's kernels measured in this run: which of the
-    # two is faster differs between hosts, and a floor is never above what the host's best kernel would do.
-    kernels = {"float32": ("packed", "float32"), "int8": ("int8", "int8_int_mm")}.get(precision, ())
+    # The prefill at the fastest 256-row rate of the precision's kernels measured in this run: which one is
+    # fastest differs between hosts, and a floor is never above what the host's best kernel would do.
+    kernels = {"float32": ("packed", "float32"), "int8": ("int8", "int8_int_mm", "int8_onednn")}.get(precision, ())
     measured = [rates[f"{k}_m256"] for k in kernels if f"{k}_m256" in rates]
     if not measured:
         return None

@@ -19,7 +19,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from edgevl.engine.kernels import PackedLinear, bfloat16_attention_fast, fbgemm_int8_available, int8_linear
+from edgevl.engine import onednn_int8
+from edgevl.engine.kernels import (
+    PackedLinear,
+    bfloat16_attention_fast,
+    fbgemm_int8_available,
+    int8_linear,
+    quantize_rows,
+)
 
 MATRICES = 8  # 8 x 50 MB in float32, more than any cache of these hosts
 IN, OUT = 2048, 6144
@@ -68,6 +75,9 @@ def kernel_rates(threads: int) -> dict[str, float]:
     }
     if fbgemm_int8_available():
         kernels["int8"] = [int8_linear(linear, fbgemm=True) for linear in linears]
+    if onednn_int8.available():
+        kernels["int8_onednn"] = [onednn_int8.OnednnInt8Linear(*quantize_rows(linear.weight.detach()), None)
+                                  for linear in linears]
     rates: dict[str, float] = {}
     for rows in (1, 256):
         x = torch.randn(rows, IN)

@@ -1,6 +1,7 @@
 """The int8 model's layers, made from the checkpoint's weights or from prepared rows.
 
-Each Linear becomes an int8 kernel over its rows quantized per output channel; a decoder layer's
+Each Linear becomes an int8 kernel over its rows quantized per output channel (fbgemm's; the vision tower's
+oneDNN's where the CPU has AMX, ``edgevl.engine.onednn_int8``); a decoder layer's
 projections of one input become one kernel (``edgevl.engine.fusion``), whose rows are prepared, and mapped
 at a later start, already end to end.  The token embedding keeps the int8 rows that a tied output head
 multiplies with.
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgevl.engine import fusion
+from edgevl.engine import fusion, onednn_int8
 from edgevl.engine.kernels import Int8Embedding, IntMatmulLinear, int8_kernel, quantize_rows
 from edgevl.engine.packing import Deferred
 from edgevl.engine.prepared import PreparedReader, PreparedWriter
@@ -63,6 +64,8 @@ class Int8Rows:
     def kernel(self, path: str, key: str, rows: Rows, bias: torch.Tensor | None) -> nn.Module:
         """The int8 module for the layer at ``path`` with the rows of ``key``."""
         if self.deferred is None or not self.has(key):
+            if onednn_int8.for_layer(path):
+                return onednn_int8.OnednnInt8Linear(*rows, bias)
             return int8_kernel(*rows, bias)
         self.deferred.append(Deferred(path, *rows, bias))
         return IntMatmulLinear(*rows, bias)

@@ -7,7 +7,8 @@ answers at once with ``IntMatmulLinear`` (``torch._int_mm``) on the rows
 mapped from the prepared file, while one thread packs the layers for fbgemm and
 swaps each in as it is ready: the language model's first, as a decode step
 reads every one of them, then the output head, then the vision tower (which
-prefills, where ``_int_mm`` is nearly as fast).  One thread leaves the other
+prefills, where ``_int_mm`` is nearly as fast; oneDNN packs it where the CPU has AMX,
+``edgevl.engine.onednn_int8``).  One thread leaves the other
 core to the answers.
 
 A swap is one attribute assignment, so a forward pass already inside a layer
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from edgevl.engine import onednn_int8
 from edgevl.engine.kernels import fbgemm_linear
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Deferred:
-    """A layer answering with ``_int_mm`` until its fbgemm copy is packed."""
+    """A layer answering with ``_int_mm`` until its packed copy is made (fbgemm's; oneDNN's for the vision tower
+    on a CPU with AMX)."""
 
     path: str  # the module's name in the model, e.g. model.language_model.layers.0.mlp.down_proj
     q: torch.Tensor
@@ -113,4 +116,7 @@ class Packer:
         parent, _, name = item.path.rpartition(".")
         owner = self.model.get_submodule(parent) if parent else self.model
         # The mapped rows go with the unpacked module, its last holder once this item is dropped.
-        setattr(owner, name, fbgemm_linear(item.q, item.scales, item.bias))
+        if onednn_int8.for_layer(item.path):  # the vision tower on a CPU with AMX
+            setattr(owner, name, onednn_int8.OnednnInt8Linear(item.q, item.scales, item.bias))
+        else:
+            setattr(owner, name, fbgemm_linear(item.q, item.scales, item.bias))

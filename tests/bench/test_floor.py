@@ -48,6 +48,10 @@ def test_the_floor_is_products_at_their_rates_and_each_step_reading_the_weights(
     assert floor_seconds(params, W4, faster_stock, "float32") == pytest.approx(
         products / 250e9 + attention + 23 * 4 * step_weights / 30e9)
     assert floor_seconds(params, W4, rates, "bfloat16") is None
+    # oneDNN's int8 product (the vision tower's on AMX hosts), where faster at 256 rows, sets the int8 prefill.
+    onednn = {**rates, "int8_onednn_m256": 1400.0}
+    assert floor_seconds(params, W4, onednn, "int8") == pytest.approx(
+        products / 1400e9 + attention + 23 * step_weights / 30e9)
 
 
 def test_attention_is_every_patch_with_every_patch_and_the_prompt_causally(tmp_path: Path) -> None:
