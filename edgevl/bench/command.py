@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevl.bench.floor import attention_seconds, floor_seconds, linear_params
-from edgevl.bench.kernels import INT4_GROUP, kernel_rates, read_rate
+from edgevl.bench.kernels import INT4_GROUP, ROWS, best_read, kernel_rates, read_rate
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
 from edgevl.engine import onednn_int8
@@ -108,6 +108,10 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
         write_doc.write_text(render_doc(results, kernels, threads, grammar))
         print(f"wrote {write_doc}", file=sys.stderr)
     return 0
+
+
+def _kernel_row(kernels: dict[str, float], name: str, label: str) -> str:
+    return f"| {label} | " + " | ".join(str(kernels.get(f"{name}_m{rows}", "–")) for rows in ROWS) + " |"
 
 
 def _int4_verdict(kernels: dict[str, float]) -> list[str]:
@@ -233,14 +237,14 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "The time the workload's products alone would take at the rates of this run (edgevl.bench.floor,",
         "Kernels table): the vision tower's patches, the prefilled tokens and the prefill's logit rows at the",
-        "faster 256-row rate of the precision's two kernels (float32: oneDNN packed or `F.linear`; int8: fbgemm",
-        "or `_int_mm`; which is faster differs between hosts); the prefill's attention (every patch with every",
-        "patch of its image in each vision layer, the prompt in each language-model layer) at the attention",
-        "rate; each decode step as the time to read the weights it multiplies (the language model and the",
-        "output head: 6.9 GB in float32, 1.7 GB in int8) at the measured memory bandwidth. Norms, activations,",
-        "preprocessing and Python are not counted; the fraction is how much of the measured time the floor is",
-        "(above 100% only where the engine's products, at their own row counts, outrun the 256-row rate). The",
-        "attention column is the vision tower's and the prompt's share of the floor.",
+        "fastest 256- or 1,024-row rate of the precision's kernels (float32: oneDNN packed or `F.linear`; int8:",
+        "fbgemm, `_int_mm` or oneDNN; which is fastest differs between hosts); the prefill's attention (every",
+        "patch with every patch of its image in each vision layer, the prompt in each language-model layer) at",
+        "the attention rate (an int8 vision tower's at the bfloat16 rate where it attends so); each decode step",
+        "as the time to read the weights it multiplies (the language model and the output head: 6.9 GB in",
+        "float32, 1.7 GB in int8) at the fastest memory read measured. Norms, activations, preprocessing and",
+        "Python are not counted; the fraction is how much of the measured time the floor is. The attention",
+        "column is the vision tower's and the prompt's share of the floor.",
         "",
         "| precision | W4 s / image | W4 floor s | fraction of W4 at its floor | W-doc s / page | W-doc floor s |"
         " of which attention s | fraction of W-doc at its floor |",
@@ -326,25 +330,23 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "GFLOP/s of one 2048x6144 projection (a Qwen3-VL-2B MLP matrix), measured by the same command:",
         "",
-        "| kernel | 1 row (decode) | 256 rows (prefill) |",
-        "|---|---|---|",
-        f"| float32 `F.linear` (stock{'' if packs else '; the engine on this host'}) | {kernels['float32_m1']} | "
-        f"{kernels['float32_m256']} |",
-        f"| float32 oneDNN packed weights (the engine {'on this host' if packs else 'on AVX-512 but not Intel'}) "
-        f"| {kernels['packed_m1']} | {kernels['packed_m256']} |",
-        f"| int8 fbgemm dynamic (per-channel weights) | {kernels.get('int8_m1', '–')} | "
-        f"{kernels.get('int8_m256', '–')} |",
-        f"| int8 `torch._int_mm`, activations per row (the fallback where torch has no fbgemm Linear) | "
-        f"{kernels['int8_int_mm_m1']} | {kernels['int8_int_mm_m256']} |",
-        f"| int8 oneDNN, activations per call (the vision tower "
-        f"{'on this host' if onednn_int8.pays() else 'where the CPU has AMX'}) | "
-        f"{kernels.get('int8_onednn_m1', '–')} | {kernels.get('int8_onednn_m256', '–')} |",
-        f"| int4 `torch._weight_int4pack_mm_for_cpu`, groups of {INT4_GROUP}, bfloat16 activations (measured, not "
-        f"offered) | {kernels['int4_m1']} | {kernels['int4_m256']} |",
+        "| kernel | 1 row (decode) | 256 rows (a frame's prompt) | 1,024 rows (a frame's patches) |",
+        "|---|---|---|---|",
+        _kernel_row(kernels, "float32", f"float32 `F.linear` (stock{'' if packs else '; the engine on this host'})"),
+        _kernel_row(kernels, "packed", "float32 oneDNN packed weights (the engine "
+                    f"{'on this host' if packs else 'on AVX-512 but not Intel'})"),
+        _kernel_row(kernels, "int8", "int8 fbgemm dynamic (per-channel weights)"),
+        _kernel_row(kernels, "int8_int_mm", "int8 `torch._int_mm`, activations per row (the fallback where torch "
+                    "has no fbgemm Linear)"),
+        _kernel_row(kernels, "int8_onednn", "int8 oneDNN, activations per call (the vision tower "
+                    f"{'on this host' if onednn_int8.pays() else 'where the CPU has AMX'})"),
+        _kernel_row(kernels, "int4", f"int4 `torch._weight_int4pack_mm_for_cpu`, groups of {INT4_GROUP}, bfloat16 "
+                    "activations (measured, not offered)"),
         "",
         *_int4_verdict(kernels),
         "",
-        f"Memory read by the same threads (a sum over 1 GiB): {kernels['read_gbs']} GB/s. Attention (float32",
+        f"Memory read by the same threads (a sum over 1 GiB): {kernels['read_gbs']} GB/s; the fastest read measured,"
+        f" which the floors' decode steps take: {best_read(kernels)} GB/s. Attention (float32",
         f"SDPA, 2,048 tokens, 16 heads of 64, as in a vision layer): {kernels['attention_gflops']} GFLOP/s"
         + (f"; in bfloat16, as an int8 vision tower attends on this host: {kernels['attention_bf16_gflops']} GFLOP/s."
            if "attention_bf16_gflops" in kernels else "; an int8 vision tower attends in float32 on this host."),

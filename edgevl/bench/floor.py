@@ -1,9 +1,9 @@
 """A workload's floor: the time its matrix products would take at the rates ``edgevl bench`` measured in the
-same run: the prefill's weight products at the 256-row kernel rate (compute-bound), its attention (the vision
-tower's over all of an image's patches, the language model's over the prompt) at the measured attention rate,
-and every decode step at the time it takes to read the weights it multiplies at the measured memory
-bandwidth.  Norms, activations, the image's preprocessing and Python are not counted, so the floor is below
-anything reachable; the fraction reached says how much of the time is these products."""
+same run: the prefill's weight products at the kernels' best rate at 256 or 1,024 rows (compute-bound), its
+attention (the vision tower's over all of an image's patches, the language model's over the prompt) at the
+measured attention rate, and every decode step at the time it takes to read the weights it multiplies at the
+fastest memory read measured.  Norms, activations, the image's preprocessing and Python are not counted, so
+the floor is below anything reachable; the fraction reached says how much of the time is these products."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgevl.bench.kernels import best_read
 from edgevl.engine.model_files import read_config, read_tensor_infos
 
 
@@ -89,10 +90,11 @@ def attention_seconds(params: LinearParams, work: dict[str, int], rates: dict[st
 
 def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float | None:
     """The floor of ``work`` in ``precision``; None where the bench measured no kernel of that precision."""
-    # The prefill at the fastest 256-row rate of the precision's kernels measured in this run: which one is
-    # fastest differs between hosts, and a floor is never above what the host's best kernel would do.
+    # The prefill at the fastest rate (256 or 1,024 rows) of the precision's kernels measured in this run, and
+    # every decode step at the fastest read: which is fastest differs between hosts, and a floor is never above
+    # what the host's best kernel would do.
     kernels = {"float32": ("packed", "float32"), "int8": ("int8", "int8_int_mm", "int8_onednn")}.get(precision, ())
-    measured = [rates[f"{k}_m256"] for k in kernels if f"{k}_m256" in rates]
+    measured = [rates[f"{k}_m{rows}"] for k in kernels for rows in (256, 1024) if f"{k}_m{rows}" in rates]
     if not measured:
         return None
     prefill = 2 * (params.vision * work["patches"] + params.text * work["prefill_tokens"]
@@ -100,4 +102,4 @@ def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, f
     weight_bytes = (params.text + params.head) * (4 if precision == "float32" else 1)
     attention = attention_seconds(params, work, rates, precision)
     return prefill / (max(measured) * 1e9) + attention + work["decode_steps"] * weight_bytes / (
-        rates["read_gbs"] * 1e9)
+        best_read(rates) * 1e9)
