@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgevl.bench.floor import attention_seconds, floor_seconds, linear_params
+from edgevl.bench.floor import attention_seconds, decode_read, floor_seconds, linear_params
 from edgevl.bench.kernels import INT4_GROUP, ROWS, best_read, kernel_rates, read_rate
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
@@ -73,6 +73,7 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
     print("bench: kernel rates …", file=sys.stderr)
     kernels = kernel_rates(threads)
     params = linear_params(path)
+    kernels["decode_read_gbs"] = decode_read(params, results)
     for r in results:
         r["floor_seconds_per_image"] = _rounded(floor_seconds(params, r["w4_work"], kernels, r["precision"]))
         r["wdoc_floor_seconds_per_page"] = _rounded(floor_seconds(params, r["wdoc_work"], kernels, r["precision"]))
@@ -345,8 +346,10 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         *_int4_verdict(kernels),
         "",
-        f"Memory read by the same threads (a sum over 1 GiB): {kernels['read_gbs']} GB/s; the fastest read measured,"
-        f" which the floors' decode steps take: {best_read(kernels)} GB/s. Attention (float32",
+        f"Memory read by the same threads (a sum over 1 GiB): {kernels['read_gbs']} GB/s; by the engine's decode steps"
+        f" (their weights over their time, the faster precision): {kernels['decode_read_gbs']} GB/s; the fastest"
+        f" read measured (these, or a kernel's at one row), which the floors' decode steps take:"
+        f" {best_read(kernels)} GB/s. Attention (float32",
         f"SDPA, 2,048 tokens, 16 heads of 64, as in a vision layer): {kernels['attention_gflops']} GFLOP/s"
         + (f"; in bfloat16, as an int8 vision tower attends on this host: {kernels['attention_bf16_gflops']} GFLOP/s."
            if "attention_bf16_gflops" in kernels else "; an int8 vision tower attends in float32 on this host."),

@@ -88,6 +88,18 @@ def attention_seconds(params: LinearParams, work: dict[str, int], rates: dict[st
             + text_attention_flops(params, work) / (rates["attention_gflops"] * 1e9))
 
 
+def step_bytes(params: LinearParams, precision: str) -> int:
+    """The weights a decode step reads: the language model's and the output head's."""
+    return (params.text + params.head) * (4 if precision == "float32" else 1)
+
+
+def decode_read(params: LinearParams, results: Sequence[dict[str, Any]]) -> float:
+    """GB/s at which the engine's decode steps read their weights: the fastest of the precisions measured."""
+    rates = [step_bytes(params, r["precision"]) / r["decode_seconds_per_token"] / 1e9 for r in results
+             if r["precision"] in ("float32", "int8") and r.get("decode_seconds_per_token")]
+    return round(max(rates, default=0.0), 1)
+
+
 def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str) -> float | None:
     """The floor of ``work`` in ``precision``; None where the bench measured no kernel of that precision."""
     # The prefill at the fastest rate (256 or 1,024 rows) of the precision's kernels measured in this run, and
@@ -99,7 +111,6 @@ def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, f
         return None
     prefill = 2 * (params.vision * work["patches"] + params.text * work["prefill_tokens"]
                    + params.head * work["logit_rows"])
-    weight_bytes = (params.text + params.head) * (4 if precision == "float32" else 1)
     attention = attention_seconds(params, work, rates, precision)
-    return prefill / (max(measured) * 1e9) + attention + work["decode_steps"] * weight_bytes / (
+    return prefill / (max(measured) * 1e9) + attention + work["decode_steps"] * step_bytes(params, precision) / (
         best_read(rates) * 1e9)

@@ -8,6 +8,7 @@ import pytest
 
 from edgevl.bench.floor import (
     attention_flops,
+    decode_read,
     floor_seconds,
     linear_params,
     text_attention_flops,
@@ -54,6 +55,14 @@ def test_the_floor_is_products_at_their_rates_and_each_step_reading_the_weights(
     faster = {**rates, "float32_m1": 16.0, "float32_m256": 180.0, "float32_m1024": 260.0}
     assert floor_seconds(params, W4, faster, "float32") == pytest.approx(
         products / 260e9 + attention + 23 * 4 * step_weights / 32e9)
+    # The engine's own decode steps read faster still (a host busier while the rates were measured): their
+    # read sets the floor's steps, which are then never slower than the measured ones.
+    results = [{"precision": "float32", "decode_seconds_per_token": 4 * step_weights / 34e9},
+               {"precision": "int8", "decode_seconds_per_token": step_weights / 20e9}]
+    assert decode_read(params, results) == pytest.approx(34.0, abs=0.05)
+    steps = {**faster, "decode_read_gbs": decode_read(params, results)}
+    assert floor_seconds(params, W4, steps, "float32") == pytest.approx(
+        products / 260e9 + attention + 23 * 4 * step_weights / (decode_read(params, results) * 1e9))
     # oneDNN's int8 product (the vision tower's on AMX hosts), where faster at 256 rows, sets the int8 prefill.
     onednn = {**rates, "int8_onednn_m256": 1400.0}
     assert floor_seconds(params, W4, onednn, "int8") == pytest.approx(
