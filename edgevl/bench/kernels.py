@@ -84,8 +84,7 @@ def kernel_rates(threads: int) -> dict[str, float]:
     for rows in ROWS:
         x = torch.randn(rows, IN)
         for name, fns in kernels.items():
-            # Many rows are bound by arithmetic, not by reading the weights: a few matrices time them.
-            seconds = _seconds_per_call(fns, x, 3) if rows == 1 else _seconds_per_call(fns[:4], x, 1)
+            seconds = _seconds_per_call(fns, x, 3) if rows == 1 else _seconds_per_busy_call(fns[:4], x)
             rates[f"{name}_m{rows}"] = round(2 * rows * IN * OUT / seconds / 1e9, 1)
     rates["read_gbs"] = read_bandwidth()
     rates["attention_gflops"] = attention_rate()
@@ -103,6 +102,19 @@ def _seconds_per_call(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torc
             for fn in fns:
                 fn(x)
         return (time.perf_counter() - started) / (reps * len(fns))
+
+
+def _seconds_per_busy_call(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+                           least: float = 0.3) -> float:
+    """Many rows are bound by arithmetic, not by reading the weights: a few matrices in turn, for ``least``
+    seconds at least (a handful of calls of a few milliseconds each varied twofold on a shared host)."""
+    with torch.inference_mode():
+        fns[0](x)
+        calls, started = 0, time.perf_counter()
+        while calls < 2 * len(fns) or time.perf_counter() - started < least:
+            fns[calls % len(fns)](x)
+            calls += 1
+        return (time.perf_counter() - started) / calls
 
 
 def weight_bytes(kernel: str) -> float:
