@@ -348,7 +348,7 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         f"Memory read by the same threads (a sum over 1 GiB): {kernels['read_gbs']} GB/s; by the engine's decode steps"
         f" (their weights over their time, the faster precision): {kernels['decode_read_gbs']} GB/s; the fastest"
-        f" read measured (these, or a kernel's at one row), which the floors' decode steps take:"
+        f" read measured, which the floors' decode steps take:"
         f" {best_read(kernels)} GB/s. Attention (float32",
         f"SDPA, 2,048 tokens, 16 heads of 64, as in a vision layer): {kernels['attention_gflops']} GFLOP/s"
         + (f"; in bfloat16, as an int8 vision tower attends on this host: {kernels['attention_bf16_gflops']} GFLOP/s."

@@ -30,8 +30,7 @@ def test_the_2b_matrices_are_counted_once_each(tmp_path: Path) -> None:
 
 def test_the_floor_is_products_at_their_rates_and_each_step_reading_the_weights(tmp_path: Path) -> None:
     params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
-    # One-row rates whose reads (20 and 25 GB/s) are below the sum's 30 GB/s.
-    rates = {"packed_m1": 10.0, "packed_m256": 200.0, "int8_m1": 50.0, "int8_m256": 700.0, "read_gbs": 30.0,
+    rates = {"packed_m1": 10.0, "packed_m256": 200.0, "int8_m1": 80.0, "int8_m256": 700.0, "read_gbs": 30.0,
              "attention_gflops": 150.0}
     products = 2 * (params.vision * 784 + params.text * 300 + params.head * 8)
     attention = attention_flops(params, W4) / 150e9
@@ -50,11 +49,11 @@ def test_the_floor_is_products_at_their_rates_and_each_step_reading_the_weights(
     assert floor_seconds(params, W4, faster_stock, "float32") == pytest.approx(
         products / 250e9 + attention + 23 * 4 * step_weights / 30e9)
     assert floor_seconds(params, W4, rates, "bfloat16") is None
-    # Where a kernel reads its weights faster than the sum (torch's float32 product on one Intel host), and a
-    # kernel is faster at 1,024 rows than at 256, the floor takes those: it is never above what the host does.
+    # Where a kernel is faster at 1,024 rows than at 256, the floor takes that: it is never above what the host
+    # does.  One-row kernel rates are not memory reads (a large cache may hold the timed matrices).
     faster = {**rates, "float32_m1": 16.0, "float32_m256": 180.0, "float32_m1024": 260.0}
     assert floor_seconds(params, W4, faster, "float32") == pytest.approx(
-        products / 260e9 + attention + 23 * 4 * step_weights / 32e9)
+        products / 260e9 + attention + 23 * 4 * step_weights / 30e9)
     # The engine's own decode steps read faster still (a host busier while the rates were measured): their
     # read sets the floor's steps, which are then never slower than the measured ones.
     results = [{"precision": "float32", "decode_seconds_per_token": 4 * step_weights / 34e9},
