@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgevl.bench.floor import attention_seconds, decode_read, floor_seconds, linear_params
-from edgevl.bench.kernels import INT4_GROUP, ROWS, best_read, kernel_rates, read_rate
+from edgevl.bench.floor import attention_seconds, best_read, decode_read, floor_seconds, linear_params
+from edgevl.bench.kernels import INT4_GROUP, ROWS, kernel_rates, read_rate
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
 from edgevl.engine import onednn_int8

@@ -126,13 +126,6 @@ def weight_bytes(kernel: str) -> float:
     return IN * OUT + OUT * 4.0  # int8: a byte a weight, a float32 scale per output
 
 
-def best_read(rates: dict[str, float]) -> float:
-    """The fastest memory read measured in this run: the sum's, or the engine's own decode steps'
-    (``decode_read_gbs``, where the bench set it).  These hosts are shared: on one, float32 decode steps read
-    their 6.9 GB at 24 GB/s while the sum, minutes later, read at 20."""
-    return max(rates["read_gbs"], rates.get("decode_read_gbs", 0.0))
-
-
 def read_rate(rates: dict[str, float], kernel: str) -> float:
     """GB/s at which ``kernel`` reads its weights at one row (its one-row GFLOP/s turned into bytes)."""
     seconds = 2 * IN * OUT / (rates[f"{kernel}_m1"] * 1e9)
