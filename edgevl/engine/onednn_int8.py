@@ -6,11 +6,12 @@ kernel torch's own int8 graphs run) beat fbgemm's dynamic Linear on every vision
 Intel Xeon with AMX, 1,024 rows: 1024->3072 9.2 ms (fbgemm) against 4.7 ms, 1024->4096 16.5 against 9.4,
 4096->1024 14.2 against 10.1; the whole tower of the 2B model 0.93-1.07 s against 0.65-0.80 s for a W4
 frame, 8.1-9.5 against 7.3-7.7 s for an A4 page.  Without AMX (oneDNN held to AVX-512 VNNI) it was from 0.4x
-to 1.3x fbgemm's speed, and at one row (a decode step) half of it even with AMX: the language model stays
-on fbgemm everywhere.
+to 1.3x fbgemm's speed.  The language model stays on fbgemm everywhere: with AMX, oneDNN's one-row product
+alone was as fast as fbgemm's, but the whole model's decode step took 0.116 s against 0.097 s on it, and a
+second copy of the weights for the prefill alone would cost 1.4 GB.
 
 Activations are quantized per call over the whole input, asymmetric in 256 levels, as fbgemm does but
-without its reduced range: the tower's outputs are no further from float32's (tests/engine/test_kernels.py).
+without its reduced range: the tower's outputs are no further from float32's (tests/engine/test_onednn_int8.py).
 Plain tensor arithmetic quantizes them, not torch's quantized tensors, which torch has deprecated.
 """
 
