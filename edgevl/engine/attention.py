@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from edgevl.engine import spans
+
 NAME = "edgevl_sdpa"
 VISION_NAME = "edgevl_bfloat16_sdpa"
 
@@ -31,6 +33,9 @@ VISION_NAME = "edgevl_bfloat16_sdpa"
 def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    plan = spans.of(kwargs)
+    if plan is not None and attention_mask is not None:
+        return _by_frame(module, query, key, value, attention_mask, plan, dropout, scaling, spans.without(kwargs))
     groups = int(getattr(module, "num_key_value_groups", 1))
     if attention_mask is None or query.shape[2] == 1 or groups == 1 or kwargs.get("position_bias") is not None:
         out: tuple[torch.Tensor, None] = sdpa_attention_forward(module, query, key, value, attention_mask,
@@ -40,6 +45,19 @@ def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                             scale=scaling, enable_gqa=True)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _by_frame(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: torch.Tensor, plan: spans.FrameSpans, dropout: float, scaling: float | None,
+              kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    """Each frame's rows attend over the frame's span alone; the output as one pass's, (batch, rows, heads,
+    dim)."""
+    out = query.new_empty((query.shape[0], query.shape[2], query.shape[1], query.shape[3]))
+    for rows, start, end in plan.groups:
+        part, _ = grouped_sdpa_attention(module, query[:, :, rows], key[:, :, start:end], value[:, :, start:end],
+                                         mask[:, :, rows, start:end], dropout=dropout, scaling=scaling, **kwargs)
+        out[:, rows] = part
+    return out, None
 
 
 def use_grouped_attention(model: Any) -> None:

@@ -14,9 +14,11 @@ decode together, and a finished branch's place is taken by a waiting one.
 
 Several frames share the decoding the same way (the stream mode): each frame's
 prefix and questions are prefilled alone, exactly as a lone frame's, then the
-frames' caches are laid end to end; a branch sees only its own frame's slots, so
-the frames' answers share every decode step (each reads the weights once for
-all frames) and each computes what it would compute alone.  Prefilling alone
+frames' caches are laid end to end, each followed by room for its own answers'
+tokens; a branch sees only its own frame's slots, so the frames' answers share
+every decode step (each reads the weights once for all frames), each frame's
+rows attend over its own span alone, and each computes what it would compute
+alone.  Prefilling alone
 keeps each suffix token's attention to its own frame's few hundred slots.
 """
 
@@ -30,8 +32,9 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from edgevl.engine import spans
 from edgevl.engine.grammar import Constraint
-from edgevl.engine.kvcache import new_cache
+from edgevl.engine.kvcache import join, new_cache
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.prompts import EncodedImage
 
@@ -76,6 +79,16 @@ class _Token:
     prefix: tuple[int, int]  # its frame's prefix: the slots [start, end) it attends to
 
 
+@dataclass
+class _Room:
+    """A frame's place in a joined cache: its span starts at ``start``; its answers' tokens fill
+    ``[next, end)``."""
+
+    start: int
+    next: int
+    end: int
+
+
 class PackedSequence:
     """The single-row KV cache: the frames' prefixes first, then branches appended in any order."""
 
@@ -84,55 +97,84 @@ class PackedSequence:
         self.lm = lm
         self.cache = cache
         self.prefixes = [(0, prefix_length)]  # each frame's slots [start, end)
-        self.length = prefix_length
+        self.length = prefix_length  # slots written (a lone frame's) or held (a joined sequence's)
         self.on_step = on_step
+        self.rooms: dict[tuple[int, int], _Room] = {}  # a joined sequence's: each frame's room, by its prefix
+        self._claimed = 0
 
     @classmethod
-    def join(cls, parts: list[PackedSequence]) -> tuple[PackedSequence, list[int]]:
-        """The frames' sequences end to end in one cache, and the slot offset of each: every slot keeps exactly
-        the keys and values it had alone (the parts are spent: drop them, their caches are copies now)."""
+    def join(cls, parts: list[PackedSequence], rooms: list[int]) -> tuple[PackedSequence, list[int]]:
+        """The frames' sequences end to end in one cache, each followed by ``rooms[i]`` slots for its answers'
+        tokens, and the slot offset of each: every slot keeps exactly the keys and values it had alone (the
+        parts are spent: drop them, their caches are copies now)."""
         if len(parts) == 1:
             return parts[0], [0]
         first = parts[0]
-        cache = new_cache(first.lm.model.config.text_config)
-        for layer in range(len(first.cache.layers)):
-            keys = torch.cat([p.cache.layers[layer].keys for p in parts], dim=-2)
-            values = torch.cat([p.cache.layers[layer].values for p in parts], dim=-2)
-            cache.update(keys, values, layer)
+        cache = join([p.cache for p in parts], [p.length for p in parts], rooms, first.lm.model.config.text_config)
         joined = cls(first.lm, cache, 0, first.on_step)
         joined.prefixes = []
         offsets = []
-        for part in parts:
-            offsets.append(joined.length)
-            joined.prefixes += [(start + joined.length, end + joined.length) for start, end in part.prefixes]
-            joined.length += part.length
+        for part, room in zip(parts, rooms, strict=True):
+            base = joined.length
+            offsets.append(base)
+            shifted = [(start + base, end + base) for start, end in part.prefixes]
+            joined.prefixes += shifted
+            for prefix in shifted:
+                joined.rooms[prefix] = _Room(prefix[0], base + part.length, base + part.length + room)
+            joined.length += part.length + room
         return joined, offsets
 
+    def claim(self, prefix: tuple[int, int]) -> int:
+        """The slot of the next token of the frame whose prefix is ``prefix``, in the coming pass: a lone
+        frame's sequence grows at its end; in a joined one, each frame's answers fill the room after it."""
+        room = self.rooms.get(prefix)
+        if room is None:
+            self._claimed += 1
+            return self.length + self._claimed - 1
+        if room.next >= room.end:
+            raise RuntimeError("a frame's answers outgrew the room the joined cache holds for them")
+        room.next += 1
+        return room.next - 1
+
     def forward(self, tokens: list[_Token]) -> torch.Tensor:
-        """Append ``tokens`` to the cache; returns their final hidden states (len(tokens), hidden)."""
+        """Write ``tokens`` to the cache, each at its own slot (the last of its context); returns their final
+        hidden states (len(tokens), hidden)."""
         count = len(tokens)
-        start = self.length
-        total = start + count
+        slots = [tok.context[-1] for tok in tokens]
+        self._claimed = 0
+        appended = slots == list(range(self.length, self.length + count))
+        total = self.length + count if appended else self.length
         mask = torch.zeros((1, 1, count, total), dtype=torch.bool)
         positions = torch.empty((3, 1, count), dtype=torch.long)
         for i, tok in enumerate(tokens):
             mask[0, 0, i, tok.prefix[0]: tok.prefix[1]] = True
             mask[0, 0, i, tok.context] = True
             positions[:, 0, i] = tok.position
-        # Row 0 of the position ids is the cache slot; rows 1-3 the rotary positions.
-        slots = torch.arange(start, total).view(1, 1, -1)
+        where = torch.tensor(slots)
+        plan = {} if appended else {spans.KWARG: self._spans(tokens, where)}
         text_model = self.lm.model.model.language_model
         out = text_model(
             inputs_embeds=text_model.embed_tokens(torch.tensor([[t.token for t in tokens]])),
-            position_ids=torch.cat([slots, positions], dim=0),
+            # Row 0 of the position ids is the cache slot; rows 1-3 the rotary positions.
+            position_ids=torch.cat([where.view(1, 1, -1), positions], dim=0),
             attention_mask=mask,
             cache=self.cache,
             use_cache=True,
+            **plan,
         )
         self.length = total
         self.on_step()
         hidden: torch.Tensor = out.last_hidden_state[0]
         return hidden
+
+    def _spans(self, tokens: list[_Token], slots: torch.Tensor) -> spans.FrameSpans:
+        """A joined sequence's pass: its tokens grouped by frame, each group over its frame's span so far."""
+        rows: dict[tuple[int, int], list[int]] = {}
+        for i, tok in enumerate(tokens):
+            rows.setdefault(tok.prefix, []).append(i)
+        groups = tuple((torch.tensor(own), self.rooms[prefix].start, self.rooms[prefix].next)
+                       for prefix, own in rows.items())
+        return spans.FrameSpans(slots, groups)
 
     def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.lm.model.lm_head(hidden)
@@ -199,6 +241,13 @@ def decode_branches(seq: PackedSequence, branches: list[Branch], max_batch: int)
     stats = DecodeStats()
     _generate(seq, [b for b in branches if b.kind == "generate" and not _done(b)], max_batch, stats)
     return stats
+
+
+def room_for(branches: list[Branch]) -> int:
+    """The most tokens a frame's prefilled branches will write while they decode: each generating one feeds
+    back every token it takes but the last."""
+    return sum(branch.max_new - len(branch.generated) for branch in branches
+               if branch.kind == "generate" and not _done(branch))
 
 
 def shift(branch: Branch, offset: int) -> None:
@@ -285,8 +334,8 @@ def _generate(seq: PackedSequence, waiting: list[Branch], max_batch: int, stats:
             active.append(waiting.pop(0))
         started = time.perf_counter()
         tokens = []
-        for offset, branch in enumerate(active):
-            branch.slots.append(seq.length + offset)  # the slot of its latest token
+        for branch in active:
+            branch.slots.append(seq.claim(branch.prefix))  # the slot of its latest token
             tokens.append(_Token(branch.generated[-1], _text_position(branch.positions, len(branch.generated)),
                                  branch.slots, branch.prefix))
         hidden = seq.forward(tokens)

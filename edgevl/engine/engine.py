@@ -28,6 +28,7 @@ from edgevl.engine.decoding import (
     decode_branches,
     encode_prefix,
     prefill_branches,
+    room_for,
     shift,
 )
 from edgevl.engine.grammar import Grammars
@@ -129,7 +130,7 @@ class Engine:
             parts.append(part)
         if encoded:
             started = time.perf_counter()
-            seq, offsets = PackedSequence.join(parts)
+            seq, offsets = PackedSequence.join(parts, [room_for(e.branches) for e in encoded])
             parts.clear()  # the joined cache holds the only copy now
             for e, offset in zip(encoded, offsets, strict=True):
                 for branch in e.branches:

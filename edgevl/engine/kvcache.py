@@ -6,6 +6,10 @@ kernel must also fault in page by page.  With several frames' prefixes in one ca
 is most of the cost of a decode step beside the weights.  Here a pass copies only its own tokens; the layer's
 keys and values are views of the first ``length`` slots, which attention reads as they are (the same values,
 bit for bit, as a contiguous copy).
+
+Several frames' caches joined for the stream mode (``join``) are laid end to end, each followed by zeroed room
+for its answers' tokens; a decode pass then writes each token at the slot its frame's room gives it
+(``edgevl.engine.spans``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from edgevl.engine import spans
 
 # Slots reserved beyond what a pass needs, at least: a frame's questions and answers fit without a regrowth.
 MIN_ROOM = 256
@@ -29,6 +35,9 @@ class GrowingLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyp
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = spans.of(kwargs)
+        if plan is not None:
+            return self._scatter(key_states, value_states, plan.slots)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         count = key_states.shape[-2]
@@ -42,6 +51,23 @@ class GrowingLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyp
         self.keys = keys[..., :end, :]
         self.values = values[..., :end, :]
         return self.keys, self.values
+
+    def _scatter(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                 slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each token at its own slot of a joined cache, which already holds every slot it will use."""
+        keys, values = self._keys, self._values
+        if keys is None or values is None or int(slots.max()) >= self.length:
+            raise RuntimeError("a pass writes beyond the joined cache")
+        keys.index_copy_(-2, slots, key_states)
+        values.index_copy_(-2, slots, value_states)
+        return self.keys, self.values
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``keys`` and ``values`` (whole) as the layer's slots."""
+        self.lazy_initialization(keys, values)
+        self._keys, self._values = keys, values
+        self.keys, self.values = keys, values
+        self.length = keys.shape[-2]
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor,
               needed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,3 +99,22 @@ def new_cache(text_config: Any) -> DynamicCache:
     cache = DynamicCache(config=text_config)
     cache.layers = [GrowingLayer() for _ in range(len(cache.layers))]
     return cache
+
+
+def join(caches: list[DynamicCache], lengths: list[int], rooms: list[int], text_config: Any) -> DynamicCache:
+    """The first ``lengths[i]`` slots of each cache end to end, each followed by ``rooms[i]`` zeroed slots.
+
+    Zeroed, not left as they come: a slot no token has been written to yet is never attended (masked, or
+    outside every span), but a masked garbage key could still be NaN, and NaN survives a mask in the sum.
+    """
+    joined = new_cache(text_config)
+    for index, layer in enumerate(joined.layers):
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for cache, length, room in zip(caches, lengths, rooms, strict=True):
+            own = cache.layers[index]
+            for held, into in ((own.keys, keys), (own.values, values)):
+                into.append(held[..., :length, :])
+                into.append(held.new_zeros((*held.shape[:-2], room, held.shape[-1])))
+        layer.hold(torch.cat(keys, dim=-2), torch.cat(values, dim=-2))
+    return joined

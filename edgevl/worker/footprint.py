@@ -71,9 +71,9 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     prefix_tokens = frames * (image_tokens + 32)
     tokens = prefix_tokens + max(max_batch, frames * ROWS_PER_FRAME) * TOKENS_PER_ROW
     per_token = layers * 2 * kv_heads * head_dim * act_bytes
-    # Several frames' prefixes are laid end to end in one cache: their own caches live until that is done, and
-    # the joined one is made with a quarter more room (edgevl.engine.kvcache), in memory freed heap pages may
-    # already hold (int8, eight W4 frames: 5.05 GB measured against 5.00 estimated before this was counted).
+    # Several frames' prefixes are laid end to end in one cache (edgevl.engine.kvcache.join): their own caches,
+    # each with a quarter more room to grow, live until that is done (int8, eight W4 frames: 5.05 GB measured
+    # against 5.00 estimated before this was counted).
     kv_cache = per_token * (tokens + (prefix_tokens * 5 // 4 if frames > 1 else 0))
 
     patches = max_pixels // patch**2
