@@ -32,13 +32,19 @@ class Footprint:
     kv_cache: int
     activations: int
     runtime: int
+    # What loading holds beside the weights for a while (int8: the token embedding read as bfloat16 before it
+    # is quantized), freed before the first answer: the peak is the larger of this and the answers' cache and
+    # activations, never their sum (int8, 2B shapes: 2.86 GB loaded, 3.28 GB at the loading peak, 3.01 GB
+    # after a frame).
+    loading: int = 0
 
     @property
     def total(self) -> int:
-        return int((self.weights + self.kv_cache + self.activations + self.runtime) * HEADROOM)
+        serving = self.kv_cache + self.activations
+        return int((self.weights + self.runtime + max(self.loading, serving)) * HEADROOM)
 
 
-def _weight_bytes(info: TensorInfo, precision: Precision) -> int:
+def _weight_bytes(info: TensorInfo, precision: Precision, tied: bool = False) -> int:
     if precision == "float32":
         return info.numel * 4
     if precision == "bfloat16":
@@ -46,7 +52,9 @@ def _weight_bytes(info: TensorInfo, precision: Precision) -> int:
     # int8: matrices are stored as int8 rows with one float scale per row;
     # norms, biases and convolution kernels stay float32.
     if len(info.shape) == 2 and info.name.endswith(".weight"):
-        return info.numel + info.shape[0] * 4
+        rows = info.numel + info.shape[0] * 4
+        # A tied output head multiplies the embedding's int8 rows from fbgemm's own packed copy of them.
+        return 2 * rows if tied and info.name.endswith("embed_tokens.weight") else rows
     return info.numel * 4
 
 
@@ -56,7 +64,9 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     text: dict[str, Any] = config.get("text_config", config)
     vision: dict[str, Any] = config.get("vision_config", {})
     infos = read_tensor_infos(path)
-    weights = sum(_weight_bytes(info, precision) for info in infos)
+    names = {info.name for info in infos}
+    tied = not any(name.endswith("lm_head.weight") for name in names)
+    weights = sum(_weight_bytes(info, precision, tied) for info in infos)
 
     hidden = int(text["hidden_size"])
     heads = int(text["num_attention_heads"])
@@ -72,8 +82,8 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     tokens = prefix_tokens + max(max_batch, frames * ROWS_PER_FRAME) * TOKENS_PER_ROW
     per_token = layers * 2 * kv_heads * head_dim * act_bytes
     # Several frames' prefixes are laid end to end in one cache (edgevl.engine.kvcache.join): their own caches,
-    # each with a quarter more room to grow, live until that is done (int8, eight W4 frames: 5.05 GB measured
-    # against 5.00 estimated before this was counted).
+    # each with room to grow, are released layer by layer as the joined one is made, a quarter more counted for
+    # them.
     kv_cache = per_token * (tokens + (prefix_tokens * 5 // 4 if frames > 1 else 0))
 
     patches = max_pixels // patch**2
@@ -85,10 +95,9 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     text_act = image_tokens * int(text["intermediate_size"]) * act_bytes * intermediates + 5 * tokens * tokens
     logits = max_batch * int(text["vocab_size"]) * 4
     activations = vision_act + text_act + logits
-    if precision == "int8":
-        # The token embedding is read as bfloat16 before it is quantized.
-        activations += int(text["vocab_size"]) * hidden * 2
-    return Footprint(weights, kv_cache, activations, RUNTIME_BYTES)
+    # int8: the token embedding is read as bfloat16 before it is quantized.
+    loading = int(text["vocab_size"]) * hidden * 2 if precision == "int8" else 0
+    return Footprint(weights, kv_cache, activations, RUNTIME_BYTES, loading)
 
 
 def frames_of(pixels: int | None, model_pixels: int) -> int:

@@ -36,17 +36,21 @@ def _cache(length: int, seed: int) -> Any:
     return cache
 
 
-def test_join_lays_the_caches_end_to_end_each_followed_by_zeroed_room() -> None:
+def test_join_lays_the_caches_end_to_end_each_followed_by_zeroed_room_and_spends_them() -> None:
     first, second = _cache(5, 1), _cache(3, 2)
+    held = [[(c.layers[i].keys.clone(), c.layers[i].values.clone()) for i in range(2)] for c in (first, second)]
     joined = join([first, second], [5, 3], [2, 4], _text_config())
     for index in range(2):
-        keys = joined.layers[index].keys
+        keys, values = joined.layers[index].keys, joined.layers[index].values
         assert keys.shape[-2] == 5 + 2 + 3 + 4
-        assert torch.equal(keys[..., 0:5, :], first.layers[index].keys)
-        assert torch.equal(keys[..., 7:10, :], second.layers[index].keys)
+        assert torch.equal(keys[..., 0:5, :], held[0][index][0])
+        assert torch.equal(keys[..., 7:10, :], held[1][index][0])
+        assert torch.equal(values[..., 7:10, :], held[1][index][1])
         assert not keys[..., 5:7, :].any()
         assert not keys[..., 10:14, :].any()
-        assert torch.equal(joined.layers[index].values[..., 7:10, :], second.layers[index].values)
+        # Each part's layer is released once copied: the join never holds the frames' caches twice.
+        assert not first.layers[index].is_initialized
+        assert not second.layers[index].is_initialized
 
 
 def test_a_pass_writes_each_token_at_its_slot_and_never_beyond_the_joined_cache() -> None:

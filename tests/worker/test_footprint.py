@@ -46,10 +46,17 @@ def test_estimate_of_the_2b_shapes_covers_the_measured_peaks(tmp_path: Path) -> 
     assert 2.0e9 < params < 2.3e9  # Qwen3-VL-2B
     fp32 = footprint.estimate(path, "float32", 8, 448 * 448)
     int8 = footprint.estimate(path, "int8", 8, 448 * 448)
-    # docs/performance.md (edgevl bench, same shapes): peak RSS 9.13 GB in float32, 3.28 GB in int8.
-    assert 9.13e9 <= fp32.total <= 10 * GIB, "covers the peak, and fits the default memory_limit"
-    assert 3.28e9 <= int8.total <= 4.5 * GIB
+    # docs/performance.md (edgevl bench, same shapes): peak RSS 9.13 GB in float32, 3.28 GB in int8; the
+    # estimate covers each, within 15%.
+    assert 9.13e9 <= fp32.total <= min(9.13e9 * 1.15, 10 * GIB), "and fits the default memory_limit"
+    assert 3.28e9 <= int8.total <= 3.28e9 * 1.15
     assert fp32.weights == params * 4
+    # int8 holds the tied output head twice (the embedding's rows and fbgemm's packed copy); the bfloat16
+    # embedding read while loading is gone before the first answer, so it is not added to the answers' memory.
+    embedding = 151936 * 2048
+    assert int8.weights > params + embedding
+    assert int8.loading == embedding * 2
+    assert int8.total < int((int8.weights + int8.runtime + int8.loading + int8.kv_cache + int8.activations) * 1.05)
     bigger = footprint.estimate(path, "float32", 8, 1920 * 1080)
     assert bigger.activations > fp32.activations
     assert bigger.kv_cache > fp32.kv_cache
@@ -74,8 +81,9 @@ def test_the_stream_mode_takes_as_many_frames_as_the_cap_holds(tmp_path: Path) -
     assert footprint.fit_frames(path, "float32", 8, 448 * 448, one.total - 1, 8) == (1, one)
     # A document's pixel budget leaves room for fewer frames under the same cap.
     assert footprint.fit_frames(path, "float32", 8, 1024 * 1024, eight.total, 8)[0] < 8
-    # docs/performance.md (edgevl bench, W4x8): eight int8 frames peaked at 5.05 GB, float32 at 10.92 GB.
-    assert footprint.estimate(path, "int8", 8, 448 * 448, frames=8).total >= 5.05e9
+    # Measured (2B shapes, W4x8): eight int8 frames peaked at 4.36 GB (ad hoc, AMD EPYC), float32 at 10.92 GB
+    # (docs/performance.md before their caches were released layer by layer as they are joined).
+    assert 4.36e9 <= footprint.estimate(path, "int8", 8, 448 * 448, frames=8).total <= 4.36e9 * 1.15
     assert eight.total >= 10.92e9
 
 
