@@ -9,8 +9,8 @@ query row, the vision tower) is transformers' own.
 
 The vision tower attends every patch of an image to every other in each of its layers: at an A4 page's
 3,952 patches that was 8.3 s of the int8 tower's 14.7 s (torch profiler, 2-core host), at float32's
-SDPA rate.  Where the CPU multiplies bfloat16 natively (``kernels.bfloat16_attention_fast``), an int8
-model's vision tower attends in bfloat16: 1.7-2.6x faster.  Its queries, keys and values come from int8
+SDPA rate.  Where the CPU multiplies bfloat16 in AMX tiles (``kernels.bfloat16_attention_fast``), an int8
+model's vision tower attends in bfloat16: 2.4-2.6x faster.  Its queries, keys and values come from int8
 products whose inputs were rounded to 256 levels per tensor, so bfloat16's 8-bit mantissa adds little
 to what int8 already rounds (tests/engine/test_attention.py sets the two against float32 attention).
 float32 keeps float32 attention: its answers are token-identical to transformers' ``generate()``.

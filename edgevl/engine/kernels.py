@@ -271,19 +271,20 @@ def packing_pays() -> bool:
 
 
 def bfloat16_attention_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so that attention in bfloat16
-    beats float32.
+    """Whether attention in bfloat16 beats float32 on this CPU: where it has AMX's bfloat16 tiles.
 
-    Measured on a 2-core Intel Xeon with AMX (SDPA, 16 heads of 64, as in a vision layer): 3,952 tokens (an A4
-    page's patches) 313 ms in float32 against 120 ms in bfloat16; 720 tokens (a W4 frame's) 11.8 against 5.0
-    ms; with oneDNN held to AVX-512 BF16 (no AMX), 149 and 7.0 ms.  Without these instructions bfloat16 is
-    converted on every load and is no faster.
+    Measured (SDPA, 16 heads of 64, as in a vision layer, 2 cores): on an Intel Xeon with AMX, 3,952 tokens (an A4
+    page's patches) 313 ms in float32 against 120 ms in bfloat16; 720 tokens (a W4 frame's) 11.8 against 5.0 ms.
+    On an AMD EPYC (Zen 4) with AVX-512 BF16 but no AMX, the same: 441-444 ms against 415-450 ms, and the int8
+    2B tower took as long either way (a page 17.3-19.4 s in float32, 17.9-18.1 s in bfloat16), so there it would
+    round for nothing.  (oneDNN held to AVX-512 BF16 on the AMX host ran 2x float32, but no CPU without AMX
+    has shown that.)
     """
     try:
         capabilities = torch.cpu.get_capabilities()
     except (AttributeError, RuntimeError):
         return False
-    return any(bool(capabilities.get(name)) for name in ("avx512_bf16", "amx_bf16"))
+    return bool(capabilities.get("amx_bf16"))
 
 
 class Int8Embedding(nn.Module):
