@@ -21,6 +21,7 @@ from typing import Any
 
 from edgevl.bench.floor import attention_seconds, best_read, decode_read, floor_seconds, linear_params
 from edgevl.bench.kernels import INT4_GROUP, ROWS, kernel_rates, read_rate
+from edgevl.bench.targets import target_lines
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
 from edgevl.engine import onednn_int8
@@ -106,7 +107,8 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
     print(f"  schema mask: median {grammar['median_us']:.0f} µs, p99 {grammar['p99_us']:.0f} µs per token"
           f" ({grammar['vocab']:.0f}-token vocabulary)", file=sys.stderr)
     if write_doc is not None:
-        write_doc.write_text(render_doc(results, kernels, threads, grammar))
+        targets = target_lines(results, kernels, params, packing_pays())
+        write_doc.write_text(render_doc(results, kernels, threads, grammar, targets))
         print(f"wrote {write_doc}", file=sys.stderr)
     return 0
 
@@ -177,7 +179,7 @@ def _machine() -> str:
 
 
 def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads: int,
-               grammar: dict[str, float]) -> str:
+               grammar: dict[str, float], targets: list[str]) -> str:
     packs = packing_pays()  # which float32 kernel the engine runs here
     lines = [
         "# Performance",
@@ -324,8 +326,17 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         *stream,
         *documents,
         *floors,
+
         *restart,
         *memory,
+        "",
+        "## Targets",
+        "",
+        "The project's targets for a 2-core host against this run. Where one is missed for want of a faster",
+        "kernel, the floor says so: the Floors table's, with each decode step at the one-row read of the kernel",
+        "the engine decodes on (edgevl.bench.targets).",
+        "",
+        *targets,
         "",
         "## Kernels",
         "",

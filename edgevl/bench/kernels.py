@@ -123,6 +123,8 @@ def weight_bytes(kernel: str) -> float:
     """Bytes of one projection's weights as ``kernel`` reads them (scales included)."""
     if kernel == "int4":  # two weights a byte, a bfloat16 scale and zero point per group
         return IN * OUT / 2 + (IN // INT4_GROUP) * OUT * 2 * 2.0
+    if kernel in ("float32", "packed"):
+        return IN * OUT * 4.0
     return IN * OUT + OUT * 4.0  # int8: a byte a weight, a float32 scale per output
 
 

@@ -36,6 +36,7 @@ def test_bench_reports_w4_wdoc_and_ready_and_writes_the_document(tmp_path: Path,
     # float32 frames answered together are token-identical to each alone: the bench checks it on W4's frames.
     assert "x | 5 of 5 frames |" in text
     for section in ("| float32 |", "## W4x8: a burst (the stream mode)", "## W-doc: a document page", "## Floors",
+                    "## Targets", "| W4x8 speedup | float32 |",
                     "## Memory", "## Kernels", "## Answers held to a schema", "| 151,646 |"):
         assert section in text, section
     assert (tmp_path / "qwen-sized-tokenizer.json").is_file()

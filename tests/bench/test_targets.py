@@ -1,0 +1,85 @@
+"""The targets table: each target met or missed by this run's figures, and a missed one's floor at the decode
+kernel's own one-row read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgevl.bench.floor import floor_seconds, linear_params, step_bytes
+from edgevl.bench.kernels import read_rate
+from edgevl.bench.targets import decode_kernel, kernel_floor, target_lines
+from tests.bench.test_floor import W4
+from tests.worker.test_footprint import _shapes_only_checkpoint
+
+WDOC = {"patches": 3952, "prefill_tokens": 1020, "prefix_tokens": 1000, "logit_rows": 1, "decode_steps": 127}
+# fbgemm's one row: 58 GFLOP/s, reading 29 GB/s; a sum reads 57 GB/s (as on a 2-core AMD EPYC).
+RATES = {"packed_m1": 14.0, "packed_m256": 212.0, "float32_m1": 8.7, "float32_m256": 150.0, "int8_m1": 58.1,
+         "int8_m256": 706.0, "int8_int_mm_m1": 46.0, "int8_int_mm_m256": 667.0, "read_gbs": 57.0,
+         "decode_read_gbs": 17.8, "attention_gflops": 150.0}
+
+
+def _result(precision: str, **figures: Any) -> dict[str, Any]:
+    base = {"precision": precision, "seconds_per_image": 5.33, "decode_seconds_per_token": 0.097,
+            "w4x8_speedup": 1.27, "w4x8_speedup_bound": 1.72, "wdoc_seconds_per_page": 37.5, "ready_seconds": 4.9,
+            "estimated_bytes": 3.67e9, "peak_rss_bytes": 3.27e9, "w4x8_estimated_bytes": 4.78e9,
+            "w4x8_peak_rss_bytes": 4.36e9, "w4_work": W4, "wdoc_work": WDOC}
+    return {**base, **figures}
+
+
+def _rows(lines: list[str]) -> dict[tuple[str, str], list[str]]:
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {(c[0], c[1]): c[2:] for c in cells}
+
+
+def test_the_decode_kernel_is_the_engines(tmp_path: Path) -> None:
+    assert decode_kernel(RATES, "int8", packs=False) == "int8"
+    assert decode_kernel({"int8_int_mm_m1": 46.0}, "int8", packs=False) == "int8_int_mm"
+    assert decode_kernel(RATES, "float32", packs=True) == "packed"
+    assert decode_kernel(RATES, "float32", packs=False) == "float32"
+    assert decode_kernel(RATES, "bfloat16", packs=False) is None
+    assert read_rate(RATES, "int8") == pytest.approx(29.1, abs=0.1)
+    assert read_rate(RATES, "packed") == pytest.approx(28.0, abs=0.1)  # 4 bytes a weight
+
+
+def test_a_kernel_floor_takes_each_decode_step_at_the_kernels_read(tmp_path: Path) -> None:
+    params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
+    memory = floor_seconds(params, W4, RATES, "int8")
+    assert memory is not None
+    kernel = kernel_floor(params, W4, RATES, "int8", packs=False)
+    steps = W4["decode_steps"] * step_bytes(params, "int8")
+    assert kernel == pytest.approx(memory - steps / 57e9 + steps / (read_rate(RATES, "int8") * 1e9))
+    assert kernel_floor(params, W4, RATES, "bfloat16", packs=False) is None
+
+
+def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> None:
+    params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
+    results = [_result("float32", seconds_per_image=16.8, decode_seconds_per_token=0.376, w4x8_speedup=1.82,
+                       w4x8_speedup_bound=2.06, wdoc_seconds_per_page=74.5, ready_seconds=8.5, estimated_bytes=9.81e9,
+                       peak_rss_bytes=9.17e9, w4x8_estimated_bytes=11.14e9, w4x8_peak_rss_bytes=10.82e9),
+               _result("int8")]
+    lines = target_lines(results, RATES, params, packs=True)
+    rows = _rows(lines)
+    w4 = rows[("W4 s / frame", "int8")]
+    assert w4[:3] == ["5.33", "≤ 3.5", "NO"]
+    floor = kernel_floor(params, W4, RATES, "int8", packs=True)
+    assert floor is not None
+    assert w4[3] == f"its floor with this host's kernels is {floor:.2f} s"
+    decode = rows[("decode s / token", "int8")]
+    assert decode[:3] == ["0.097", "≤ 0.065", "NO"]
+    assert "at the 29.1 GB/s `int8` reads one row at (57.0 GB/s by a sum)" in decode[3]
+    assert rows[("W4x8 speedup", "float32")][2:] == ["yes", ""]
+    assert rows[("W4x8 speedup", "int8")][2:] == [
+        "NO", "were every decode step free, a frame's prefill alone would allow 1.72x"]
+    (doc,) = [v for k, v in rows.items() if k[0].startswith("W-doc")]
+    assert doc[0].startswith("37.50 (")  # int8, the faster precision
+    assert rows[("ready s after a later start", "int8")][2] == "yes"
+    assert rows[("ready s after a later start", "float32")][2] == "yes"
+    assert rows[("memory estimate against the peak, one frame", "int8")][:3] == ["+12.2%", "covers it, within 15%",
+                                                                                 "yes"]
+    # An estimate under the peak is a miss however close: the cap would stop a worker the daemon let start.
+    under = target_lines([_result("int8", w4x8_estimated_bytes=4.0e9)], RATES, params, packs=True)
+    assert _rows(under)[("memory estimate against the peak, eight frames", "int8")] == [
+        "-8.3%", "covers it, within 15%", "NO", "under the peak"]
