@@ -36,6 +36,7 @@ from edgevl.engine import spans
 from edgevl.engine.grammar import Constraint
 from edgevl.engine.kvcache import join, new_cache
 from edgevl.engine.loading import LoadedModel
+from edgevl.engine.packing import answer_threads
 from edgevl.engine.prompts import EncodedImage
 
 BranchKind = Literal["next", "choice", "generate"]
@@ -139,6 +140,7 @@ class PackedSequence:
     def forward(self, tokens: list[_Token]) -> torch.Tensor:
         """Write ``tokens`` to the cache, each at its own slot (the last of its context); returns their final
         hidden states (len(tokens), hidden)."""
+        _use_cores(self.lm)
         count = len(tokens)
         slots = [tok.context[-1] for tok in tokens]
         self._claimed = 0
@@ -181,10 +183,18 @@ class PackedSequence:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _use_cores(lm: LoadedModel) -> None:
+    """Set this thread's pool to the cores the answers may use now (fewer while the int8 layers are packed)."""
+    wanted = answer_threads(lm.packer, lm.threads)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
 @torch.inference_mode()
 def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], positions: torch.Tensor,
                   on_step: Callable[[], None] = lambda: None) -> PackedSequence:
     """Run the vision encoder and prefill the prompt up to the end of the image."""
+    _use_cores(lm)
     model = lm.model
     ids = torch.tensor([prefix_ids])
     text_model = model.model.language_model

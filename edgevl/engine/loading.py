@@ -84,6 +84,7 @@ class LoadedModel:
     prepared: str = "none"
     # int8 from prepared weights: packs the layers for fbgemm while the model already answers.
     packer: Packer | None = None
+    threads: int = 1  # the answers' threads, all the cores the worker may use
 
     @property
     def config(self) -> Any:
@@ -336,7 +337,8 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}", "config_invalid")
     started = time.monotonic()
-    torch.set_num_threads(threads or usable_cores())
+    threads = threads or usable_cores()
+    torch.set_num_threads(threads)
     path = resolve_model_path(model_id)
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "qwen3_vl":
@@ -388,4 +390,5 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
         load_seconds=seconds,
         prepared=prepared,
         packer=packer,
+        threads=threads,
     )

@@ -9,7 +9,8 @@ swaps each in as it is ready: the language model's first, as a decode step
 reads every one of them, then the output head, then the vision tower (which
 prefills, where ``_int_mm`` is nearly as fast; oneDNN packs it where the CPU has AMX,
 ``edgevl.engine.onednn_int8``).  One thread leaves the other
-core to the answers.
+core to the answers, and the answers use one thread fewer until it is done
+(``answer_threads``).
 
 A swap is one attribute assignment, so a forward pass already inside a layer
 finishes with the module it started with.  Until the last swap, a layer's
@@ -120,3 +121,14 @@ class Packer:
             setattr(owner, name, onednn_int8.OnednnInt8Linear(item.q, item.scales, item.bias))
         else:
             setattr(owner, name, fbgemm_linear(item.q, item.scales, item.bias))
+
+
+def answer_threads(packer: Packer | None, threads: int) -> int:
+    """The threads a forward pass may use while ``packer`` (if any) runs: one core is the packer's.
+
+    The answers' thread pool waits at every parallel step for its slowest thread, and a thread sharing its core
+    with the packer is the slowest: on 2 cores (2B shapes, a later int8 start) the first frame took 15.9 s and
+    the packing 15.5 s with two answering threads, 8.7 s and 9.8 s with one.
+    """
+    packing = packer is not None and not packer.done.is_set()
+    return max(1, threads - 1) if packing else threads

@@ -167,3 +167,27 @@ def test_where_int_mm_is_slow_a_later_start_packs_as_it_maps(prepared: Path, tes
     assert lm.packer is None
     assert not any(isinstance(m, IntMatmulLinear) for m in lm.model.modules())
     assert _answer(lm) == reference
+
+
+def test_the_answers_leave_the_packer_a_core_until_it_is_done(prepared: Path, test_model_dir: Path) -> None:
+    """Two threads answering beside a packing thread on two cores would make every parallel step wait for the
+    one that shares its core: while packing runs, the passes use one thread fewer, then all again."""
+    gate = threading.Event()
+    lm = load_model(str(test_model_dir), "int8", 2, prepared, pack_gate=gate)
+    assert lm.packer is not None
+    assert lm.threads == 2
+    seen: list[int] = []
+    hooks = [module.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+             for module in (lm.model.model.visual, lm.model.model.language_model)]
+    _answer(lm)
+    assert seen
+    assert set(seen) == {1}
+    gate.set()
+    assert lm.packer.wait(60)
+    seen.clear()
+    _answer(lm)
+    assert set(seen) == {2}
+    for hook in hooks:
+        hook.remove()
+    assert packing.answer_threads(None, 1) == 1
+    assert packing.answer_threads(lm.packer, 1) == 1
