@@ -91,7 +91,8 @@ class _Room:
 
 
 class PackedSequence:
-    """The single-row KV cache: the frames' prefixes first, then branches appended in any order."""
+    """The single-row KV cache: a frame's prefix first, then branches appended in any order; joined (the
+    stream mode), each frame's cache followed by the room its answers' tokens fill."""
 
     def __init__(self, lm: LoadedModel, cache: DynamicCache, prefix_length: int,
                  on_step: Callable[[], None] = lambda: None) -> None:

@@ -64,8 +64,7 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     text: dict[str, Any] = config.get("text_config", config)
     vision: dict[str, Any] = config.get("vision_config", {})
     infos = read_tensor_infos(path)
-    names = {info.name for info in infos}
-    tied = not any(name.endswith("lm_head.weight") for name in names)
+    tied = not any(info.name.endswith("lm_head.weight") for info in infos)
     weights = sum(_weight_bytes(info, precision, tied) for info in infos)
 
     hidden = int(text["hidden_size"])
@@ -114,9 +113,11 @@ def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,
         advice += ' or use precision = "int8"'
     else:
         advice += " or lower model.max_pixels, model.max_batch and model.max_frames"
+    serving = needed.kv_cache + needed.activations
+    beside = (f"while loading {format_bytes(needed.loading)} more" if needed.loading > serving
+              else f"cache and activations {format_bytes(serving)}")
     return (f"{model_id} in {precision} needs ≈ {format_bytes(needed.total)} "
-            f"(weights {format_bytes(needed.weights)}, cache and activations "
-            f"{format_bytes(needed.kv_cache + needed.activations)}, runtime {format_bytes(needed.runtime)}); "
+            f"(weights {format_bytes(needed.weights)}, {beside}, runtime {format_bytes(needed.runtime)}); "
             f"model.memory_limit is {format_bytes(limit)}: {advice}")
 
 

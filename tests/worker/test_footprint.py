@@ -65,6 +65,8 @@ def test_estimate_of_the_2b_shapes_covers_the_measured_peaks(tmp_path: Path) -> 
     assert message.startswith("Qwen/Qwen3-VL-2B-Instruct in float32 needs ≈ 9.1 GiB (weights 7.9 GiB")
     assert message.endswith('model.memory_limit is 4.0 GiB: raise it or use precision = "int8"')
     message = footprint.refusal("Qwen/Qwen3-VL-2B-Instruct", "int8", int8, 2 * GIB, int8)
+    # Its parts add up to the total: the loading's own memory where that outweighs the answers'.
+    assert "(weights 2.3 GiB, while loading 594 MiB more, runtime 400 MiB)" in message
     assert message.endswith("raise it or lower model.max_pixels, model.max_batch and model.max_frames")
 
 
