@@ -28,15 +28,23 @@ def decode_kernel(rates: dict[str, float], precision: str, packs: bool) -> str |
     return next((name for name in names if f"{name}_m1" in rates), None)
 
 
-def kernel_floor(params: LinearParams, work: dict[str, int], rates: dict[str, float], precision: str,
+def kernel_read(params: LinearParams, rates: dict[str, float], result: dict[str, Any], kernel: str) -> float:
+    """GB/s a decode step reads at through ``kernel``: its one-row rate, or the engine's own decode steps' in
+    ``result`` where those read faster (they run on that very kernel, so a slower one-row figure was a disturbed
+    measurement)."""
+    own = step_bytes(params, result["precision"]) / float(result["decode_seconds_per_token"]) / 1e9
+    return round(max(read_rate(rates, kernel), own), 1)
+
+
+def kernel_floor(params: LinearParams, work: dict[str, int], rates: dict[str, float], result: dict[str, Any],
                  packs: bool) -> float | None:
-    """``floor_seconds`` with every decode step at the decode kernel's one-row read."""
-    kernel = decode_kernel(rates, precision, packs)
+    """``floor_seconds`` of ``result``'s precision with every decode step at its decode kernel's read."""
+    kernel = decode_kernel(rates, result["precision"], packs)
     if kernel is None:
         return None
     # floor_seconds takes the fastest read among those it is given: give it the kernel's alone.
-    return floor_seconds(params, work, {**rates, "read_gbs": read_rate(rates, kernel), "decode_read_gbs": 0.0},
-                         precision)
+    read = kernel_read(params, rates, result, kernel)
+    return floor_seconds(params, work, {**rates, "read_gbs": read, "decode_read_gbs": 0.0}, result["precision"])
 
 
 def _beside(seconds: float, reachable: bool) -> str:
@@ -57,7 +65,7 @@ def target_lines(results: list[dict[str, Any]], rates: dict[str, float], params:
     by = {r["precision"]: r for r in results}
 
     def floor_of(r: dict[str, Any], key: str) -> float | None:
-        return kernel_floor(params, r[key], rates, r["precision"], packs)
+        return kernel_floor(params, r[key], rates, r, packs)
 
     if "int8" in by:
         r = by["int8"]
@@ -68,7 +76,7 @@ def target_lines(results: list[dict[str, Any]], rates: dict[str, float], params:
                 r["seconds_per_image"] - floor, floor <= W4_INT8_SECONDS))))
         kernel = decode_kernel(rates, "int8", packs)
         if kernel is not None:
-            read = read_rate(rates, kernel)
+            read = kernel_read(params, rates, r, kernel)
             step = step_bytes(params, "int8") / (read * 1e9)
             rows.append(("decode s / token", "int8", f"{r['decode_seconds_per_token']:.3f}",
                          f"≤ {DECODE_INT8_SECONDS}", _verdict(

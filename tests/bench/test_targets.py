@@ -10,7 +10,7 @@ import pytest
 
 from edgevl.bench.floor import floor_seconds, linear_params, step_bytes
 from edgevl.bench.kernels import read_rate
-from edgevl.bench.targets import decode_kernel, kernel_floor, target_lines
+from edgevl.bench.targets import decode_kernel, kernel_floor, kernel_read, target_lines
 from tests.bench.test_floor import W4
 from tests.worker.test_footprint import _shapes_only_checkpoint
 
@@ -48,10 +48,20 @@ def test_a_kernel_floor_takes_each_decode_step_at_the_kernels_read(tmp_path: Pat
     params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
     memory = floor_seconds(params, W4, RATES, "int8")
     assert memory is not None
-    kernel = kernel_floor(params, W4, RATES, "int8", packs=False)
+    kernel = kernel_floor(params, W4, RATES, _result("int8"), packs=False)
     steps = W4["decode_steps"] * step_bytes(params, "int8")
     assert kernel == pytest.approx(memory - steps / 57e9 + steps / (read_rate(RATES, "int8") * 1e9))
-    assert kernel_floor(params, W4, RATES, "bfloat16", packs=False) is None
+    assert kernel_floor(params, W4, RATES, _result("bfloat16"), packs=False) is None
+    # A disturbed one-row measurement (fbgemm at 12 GFLOP/s) is not the kernel's read where the engine's own
+    # decode steps read faster through it: their read is taken, and the floor stays below what was measured.
+    disturbed = {**RATES, "int8_m1": 12.1}
+    steps = _result("int8", decode_seconds_per_token=0.075)
+    own = step_bytes(params, "int8") / 0.075 / 1e9
+    assert read_rate(disturbed, "int8") < own
+    assert kernel_read(params, disturbed, steps, "int8") == round(own, 1)
+    floor = kernel_floor(params, W4, disturbed, steps, packs=False)
+    assert floor is not None
+    assert floor < steps["seconds_per_image"]
 
 
 def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> None:
@@ -64,7 +74,7 @@ def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> 
     rows = _rows(lines)
     w4 = rows[("W4 s / frame", "int8")]
     assert w4[:3] == ["5.33", "≤ 3.5", "NO"]
-    floor = kernel_floor(params, W4, RATES, "int8", packs=True)
+    floor = kernel_floor(params, W4, RATES, _result("int8"), packs=True)
     assert floor is not None
     assert floor > 3.5
     assert w4[3] == f"its floor with this host's kernels is {floor:.2f} s, above the target: out of reach of these" \
@@ -81,7 +91,7 @@ def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> 
     # Where fbgemm reads one row faster (as on a quieter run), the floor is within reach, and the rest is named.
     quiet = {**RATES, "int8_m1": 94.2}
     rows = _rows(target_lines(results, quiet, params, packs=True))
-    floor = kernel_floor(params, W4, quiet, "int8", packs=True)
+    floor = kernel_floor(params, W4, quiet, _result("int8"), packs=True)
     assert floor is not None
     assert floor < 3.5
     assert rows[("W4 s / frame", "int8")][3] == (
