@@ -327,7 +327,6 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         *stream,
         *documents,
         *floors,
-
         *restart,
         *memory,
         "",

@@ -92,9 +92,14 @@ def step_bytes(params: LinearParams, precision: str) -> int:
     return (params.text + params.head) * (4 if precision == "float32" else 1)
 
 
+def steps_read(params: LinearParams, result: dict[str, Any]) -> float:
+    """GB/s at which the engine's decode steps in ``result`` read their weights (their weights over their time)."""
+    return step_bytes(params, result["precision"]) / float(result["decode_seconds_per_token"]) / 1e9
+
+
 def decode_read(params: LinearParams, results: Sequence[dict[str, Any]]) -> float:
     """GB/s at which the engine's decode steps read their weights: the fastest of the precisions measured."""
-    rates = [step_bytes(params, r["precision"]) / r["decode_seconds_per_token"] / 1e9 for r in results
+    rates = [steps_read(params, r) for r in results
              if r["precision"] in ("float32", "int8") and r.get("decode_seconds_per_token")]
     return round(max(rates, default=0.0), 1)
 

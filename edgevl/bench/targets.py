@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgevl.bench.floor import LinearParams, floor_seconds, step_bytes
+from edgevl.bench.floor import LinearParams, floor_seconds, step_bytes, steps_read
 from edgevl.bench.kernels import read_rate
 
 W4_INT8_SECONDS = 3.5
@@ -32,8 +32,7 @@ def kernel_read(params: LinearParams, rates: dict[str, float], result: dict[str,
     """GB/s a decode step reads at through ``kernel``: its one-row rate, or the engine's own decode steps' in
     ``result`` where those read faster (they run on that very kernel, so a slower one-row figure was a disturbed
     measurement)."""
-    own = step_bytes(params, result["precision"]) / float(result["decode_seconds_per_token"]) / 1e9
-    return round(max(read_rate(rates, kernel), own), 1)
+    return round(max(read_rate(rates, kernel), steps_read(params, result)), 1)
 
 
 def kernel_floor(params: LinearParams, work: dict[str, int], rates: dict[str, float], result: dict[str, Any],
