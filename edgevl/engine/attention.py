@@ -14,6 +14,9 @@ model's vision tower attends in bfloat16: 2.4-2.6x faster.  Its queries, keys an
 products whose inputs were rounded to 256 levels per tensor, so bfloat16's 8-bit mantissa adds little
 to what int8 already rounds (tests/engine/test_attention.py sets the two against float32 attention).
 float32 keeps float32 attention: its answers are token-identical to transformers' ``generate()``.
+
+An int8 model's cache holds bfloat16 (``kvcache.stored_dtype``): its language model's queries are rounded to
+bfloat16 to attend over it, and the output comes back in the queries' type.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ VISION_NAME = "edgevl_bfloat16_sdpa"
 def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if key.dtype != query.dtype:  # a cache holding bfloat16 (kvcache.stored_dtype): attends in it
+        rounded, _ = grouped_sdpa_attention(module, query.to(key.dtype), key, value, attention_mask, dropout,
+                                            scaling, **kwargs)
+        return rounded.to(query.dtype), None
     plan = spans.of(kwargs)
     if plan is not None and attention_mask is not None:
         return _by_frame(module, query, key, value, attention_mask, plan, dropout, scaling, spans.without(kwargs))

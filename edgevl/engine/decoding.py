@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from edgevl.engine import spans
 from edgevl.engine.grammar import Constraint
-from edgevl.engine.kvcache import join, new_cache
+from edgevl.engine.kvcache import join, new_cache, stored_dtype
 from edgevl.engine.loading import LoadedModel
 from edgevl.engine.packing import answer_threads
 from edgevl.engine.prompts import EncodedImage
@@ -210,7 +210,7 @@ def encode_prefix(lm: LoadedModel, image: EncodedImage, prefix_ids: list[int], p
     embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), image_embeds)
     length = len(prefix_ids)
     position_ids = torch.cat([torch.arange(length).view(1, 1, -1), positions.view(3, 1, -1)], dim=0)
-    cache = new_cache(model.config.text_config)
+    cache = new_cache(model.config.text_config, stored_dtype(lm.precision))
     text_model(
         inputs_embeds=embeds,
         position_ids=position_ids,

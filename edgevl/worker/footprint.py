@@ -24,6 +24,8 @@ TOKENS_PER_ROW = 160
 # Rows a frame brings to the stream mode's shared cache (its questions' prompts and answers), on average.
 ROWS_PER_FRAME = 2
 HEADROOM = 1.05
+# The slots a frame's cache holds beyond what it has written, at least: edgevl.engine.kvcache.MIN_ROOM.
+CACHE_ROOM = 256
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,12 @@ class Footprint:
     def total(self) -> int:
         serving = self.kv_cache + self.activations
         return int((self.weights + self.runtime + max(self.loading, serving)) * HEADROOM)
+
+
+def cache_bytes(precision: Precision) -> int:
+    """Bytes of one key or value element in an answer's cache: what ``edgevl.engine.kvcache.stored_dtype``
+    stores (int8: bfloat16), which this module cannot ask, the daemon importing no torch."""
+    return 4 if precision == "float32" else 2
 
 
 def _weight_bytes(info: TensorInfo, precision: Precision, tied: bool = False) -> int:
@@ -79,11 +87,13 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     image_tokens = max_pixels // (patch * merge) ** 2
     prefix_tokens = frames * (image_tokens + 32)
     tokens = prefix_tokens + max(max_batch, frames * ROWS_PER_FRAME) * TOKENS_PER_ROW
-    per_token = layers * 2 * kv_heads * head_dim * act_bytes
+    per_token = layers * 2 * kv_heads * head_dim * cache_bytes(precision)
     # Several frames' prefixes are laid end to end in one cache (edgevl.engine.kvcache.join): their own caches,
-    # each with room to grow, are released layer by layer as the joined one is made, a quarter more counted for
-    # them.
-    kv_cache = per_token * (tokens + (prefix_tokens * 5 // 4 if frames > 1 else 0))
+    # each with room to grow as a lone frame's (a quarter more, at least CACHE_ROOM slots), are all held until
+    # the joined one is made, and released layer by layer as it is.
+    own = image_tokens + 32
+    parts = frames * (own + max(own // 4, CACHE_ROOM)) if frames > 1 else 0
+    kv_cache = per_token * (tokens + parts)
 
     patches = max_pixels // patch**2
     vision_act = patches * int(vision.get("intermediate_size", 4 * hidden)) * act_bytes * 3

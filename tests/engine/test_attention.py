@@ -44,6 +44,21 @@ def test_grouped_attention_is_bitwise_transformers_sdpa(rows: int, keys: int, gr
     assert torch.equal(ours, theirs)
 
 
+def test_over_a_bfloat16_cache_the_queries_are_rounded_to_it_and_the_output_is_not() -> None:
+    torch.manual_seed(5)
+    query = torch.randn(1, 8, 3, 64)
+    key, value = torch.randn(1, 4, 200, 64), torch.randn(1, 4, 200, 64)
+    mask = torch.rand(1, 1, 3, 200) > 0.3
+    module = _Heads(2)
+    ours, _ = grouped_sdpa_attention(module, query, key.bfloat16(), value.bfloat16(), mask, scaling=0.125)
+    rounded, _ = grouped_sdpa_attention(module, query.bfloat16(), key.bfloat16(), value.bfloat16(), mask,
+                                        scaling=0.125)
+    exact, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.125)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, rounded.float())
+    assert 0 < float((ours - exact).norm() / exact.norm()) < 1e-2
+
+
 def test_the_language_model_attends_with_it_and_the_vision_tower_does_not(fp32_model) -> None:  # type: ignore[no-untyped-def]
     model = fp32_model.model
     assert model.model.language_model.config._attn_implementation == NAME
