@@ -65,8 +65,9 @@ class GrowingLayer(DynamicLayer):  # type: ignore[misc]  # transformers is untyp
         return self.keys, self.values
 
     def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold ``keys`` and ``values`` (whole) as the layer's slots."""
+        """Hold ``keys`` and ``values`` (whole) as the layer's slots, in their type."""
         self.lazy_initialization(keys, values)
+        self.stored = keys.dtype
         self._keys, self._values = keys, values
         self.keys, self.values = keys, values
         self.length = keys.shape[-2]
@@ -126,7 +127,7 @@ def join(caches: list[DynamicCache], lengths: list[int], rooms: list[int], text_
     Zeroed, not left as they come: a slot no token has been written to yet is never attended (masked, or
     outside every span), but a masked garbage key could still be NaN, and NaN survives a mask in the sum.
     """
-    joined = new_cache(text_config)  # holds what the parts hold
+    joined = new_cache(text_config)
     for index, layer in enumerate(joined.layers):
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []

@@ -92,15 +92,15 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     # each with room to grow as a lone frame's (a quarter more, at least CACHE_ROOM slots), are all held until
     # the joined one is made, and released layer by layer as it is: the larger of the two counts.
     own = image_tokens + 32
-    kv_cache = per_token * max(tokens, frames * (own + max(own // 4, CACHE_ROOM)) if frames > 1 else 0)
+    parts = frames * (own + max(own // 4, CACHE_ROOM)) if frames > 1 else 0
+    kv_cache = per_token * max(tokens, parts)
 
     patches = max_pixels // patch**2
     vision_act = patches * int(vision.get("intermediate_size", 4 * hidden)) * act_bytes * 3
     # Prefill of the image tokens: the MLP's intermediate activations (int8: the gate and up projections are
     # one output, held until both halves are used; edgevl.engine.fusion), and the attention mask with its
-    # float form.
-    # Each frame's prefill leaves that much again in the heap, between the caches the frames keep until they are
-    # joined (2B shapes, eight W4 frames: 12 MB a frame beside its cache in float32, 21 MB in int8).
+    # float form.  Each frame's prefill leaves that much again in the heap, between the caches the frames keep
+    # until they are joined (2B shapes, eight W4 frames: 12 MB a frame beside its cache in float32, 21 MB in int8).
     intermediates = 4 if precision == "int8" else 3
     text_act = frames * image_tokens * int(text["intermediate_size"]) * act_bytes * intermediates + 5 * tokens * tokens
     logits = max_batch * int(text["vocab_size"]) * 4

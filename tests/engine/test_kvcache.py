@@ -50,6 +50,7 @@ def test_a_joined_bfloat16_cache_keeps_its_type_and_writes_each_token_rounded() 
         caches.append(cache)
     joined = join(caches, [4, 4], [2, 2], _text_config())
     assert joined.layers[0].keys.dtype == torch.bfloat16
+    assert all(layer.stored == torch.bfloat16 for layer in joined.layers)  # a regrowth would keep the type
     assert not joined.layers[0].keys[..., 4:6, :].any()
     new_keys, new_values = torch.randn(1, KV_HEADS, 2, DIM), torch.randn(1, KV_HEADS, 2, DIM)
     plan = spans.FrameSpans(torch.tensor([4, 10]), ())
