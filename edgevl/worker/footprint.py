@@ -41,9 +41,13 @@ class Footprint:
     loading: int = 0
 
     @property
+    def serving(self) -> int:
+        """The answers' memory: their cache and activations."""
+        return self.kv_cache + self.activations
+
+    @property
     def total(self) -> int:
-        serving = self.kv_cache + self.activations
-        return int((self.weights + self.runtime + max(self.loading, serving)) * HEADROOM)
+        return int((self.weights + self.runtime + max(self.loading, self.serving)) * HEADROOM)
 
 
 def cache_bytes(precision: Precision) -> int:
@@ -85,13 +89,13 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     act_bytes = 2 if precision == "bfloat16" else 4
 
     image_tokens = max_pixels // (patch * merge) ** 2
-    prefix_tokens = frames * (image_tokens + 32)
+    own = image_tokens + 32  # a frame's prefix: its image and the prompt around it
+    prefix_tokens = frames * own
     tokens = prefix_tokens + max(max_batch, frames * ROWS_PER_FRAME) * TOKENS_PER_ROW
     per_token = layers * 2 * kv_heads * head_dim * cache_bytes(precision)
     # Several frames' prefixes are laid end to end in one cache (edgevl.engine.kvcache.join): their own caches,
     # each with room to grow as a lone frame's (a quarter more, at least CACHE_ROOM slots), are all held until
     # the joined one is made, and released layer by layer as it is: the larger of the two counts.
-    own = image_tokens + 32
     parts = frames * (own + max(own // 4, CACHE_ROOM)) if frames > 1 else 0
     kv_cache = per_token * max(tokens, parts)
 
@@ -124,9 +128,8 @@ def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,
         advice += ' or use precision = "int8"'
     else:
         advice += " or lower model.max_pixels, model.max_batch and model.max_frames"
-    serving = needed.kv_cache + needed.activations
-    beside = (f"while loading {format_bytes(needed.loading)} more" if needed.loading > serving
-              else f"cache and activations {format_bytes(serving)}")
+    beside = (f"while loading {format_bytes(needed.loading)} more" if needed.loading > needed.serving
+              else f"cache and activations {format_bytes(needed.serving)}")
     return (f"{model_id} in {precision} needs ≈ {format_bytes(needed.total)} "
             f"(weights {format_bytes(needed.weights)}, {beside}, runtime {format_bytes(needed.runtime)}); "
             f"model.memory_limit is {format_bytes(limit)}: {advice}")
