@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from edgevl.engine import spans
+from edgevl.engine import spans, textpass
 from edgevl.engine.grammar import Constraint
 from edgevl.engine.kvcache import join, new_cache, stored_dtype
 from edgevl.engine.loading import LoadedModel
@@ -156,19 +156,18 @@ class PackedSequence:
         where = torch.tensor(slots)
         plan = {} if appended else {spans.KWARG: self._spans(tokens, where)}
         text_model = self.lm.model.model.language_model
-        out = text_model(
-            inputs_embeds=text_model.embed_tokens(torch.tensor([[t.token for t in tokens]])),
+        hidden = textpass.run(
+            text_model,
+            text_model.embed_tokens(torch.tensor([[t.token for t in tokens]])),
             # Row 0 of the position ids is the cache slot; rows 1-3 the rotary positions.
-            position_ids=torch.cat([where.view(1, 1, -1), positions], dim=0),
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-            **plan,
+            torch.cat([where.view(1, 1, -1), positions], dim=0),
+            mask,
+            self.cache,
+            plan,
         )
         self.length = total
         self.on_step()
-        hidden: torch.Tensor = out.last_hidden_state[0]
-        return hidden
+        return hidden[0]
 
     def _spans(self, tokens: list[_Token], slots: torch.Tensor) -> spans.FrameSpans:
         """A joined sequence's pass: its tokens grouped by frame, each group over its frame's span so far."""
