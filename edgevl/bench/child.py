@@ -84,6 +84,17 @@ def process_age() -> float:
     return uptime - start
 
 
+def start_costs(imported: float) -> dict[str, float]:
+    """Where a start's seconds went, at ready: the interpreter and imports (``imported``, the process's age
+    when they were done), and the CPU time the kernel spent for the process (all its threads), most of it
+    faulting in fresh memory page by page, with the bytes it faulted in."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"ready_import_seconds": round(imported, 1), "ready_system_cpu_seconds": round(usage.ru_stime, 1),
+            "ready_faulted_bytes": usage.ru_minflt * resource.getpagesize()}
+
+
 def wdoc(engine: Any) -> dict[str, float]:
     """Workload W-doc: one page, in the warm process."""
     from edgevl.bench.floor import work_of
@@ -148,9 +159,11 @@ def main() -> int:
 
     # int8 keeps its prepared weights beside the checkpoint, as the daemon keeps them in its state_dir.
     prepared_dir = Path(checkpoint).parent / "prepared"
+    imported = process_age()
     lm = load_model(checkpoint, precision, threads, prepared_dir)  # type: ignore[arg-type]
     engine = Engine(lm)
     ready = process_age()
+    start = start_costs(imported)
     if len(sys.argv) > 4 and sys.argv[4] == "ready":
         # A later start: ready, its first W4 frame answered (int8: while its layers are still being packed),
         # and full speed (every layer packed).
@@ -163,6 +176,7 @@ def main() -> int:
                           "full_speed_seconds": round(process_age() if lm.packer is not None else ready, 1),
                           "packed_behind": lm.packer is not None,
                           "packing_failed": lm.packer.failed if lm.packer is not None else None,
+                          **start,
                           "ready_peak_rss_bytes": own_peak_bytes("VmHWM")}))
         return 0
     if lm.packer is not None:  # the workloads are timed at full speed

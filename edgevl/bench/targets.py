@@ -53,6 +53,16 @@ def _beside(seconds: float, reachable: bool) -> str:
     return f"; the other {seconds:.2f} s is work beside its products and attention (norms, activations, Python)"
 
 
+def _start(result: dict[str, Any]) -> str:
+    """Where a slow start's seconds went (``edgevl.bench.child.start_costs``)."""
+    if "ready_import_seconds" not in result:
+        return ""
+    return (f"the interpreter and imports took {result['ready_import_seconds']:.1f} s, loading the weights the"
+            f" other {result['ready_seconds'] - result['ready_import_seconds']:.1f} s, in which the kernel spent"
+            f" {result['ready_system_cpu_seconds']:.1f} s of CPU time (its threads together) faulting in"
+            f" {result['ready_faulted_bytes'] / 1e9:.1f} GB of fresh pages")
+
+
 def _verdict(met: bool, otherwise: str) -> tuple[str, str]:
     return ("yes", "") if met else ("NO", otherwise)
 
@@ -102,7 +112,7 @@ def target_lines(results: list[dict[str, Any]], rates: dict[str, float], params:
         limit = READY_SECONDS.get(r["precision"])
         if limit is not None:
             rows.append(("ready s after a later start", r["precision"], f"{r['ready_seconds']:.1f}", f"≤ {limit:g}",
-                         _verdict(r["ready_seconds"] <= limit, "")))
+                         _verdict(r["ready_seconds"] <= limit, _start(r))))
     for r in results:
         for label, estimate, peak in (("one frame", r["estimated_bytes"], r["peak_rss_bytes"]),
                                       ("eight frames", r["w4x8_estimated_bytes"], r["w4x8_peak_rss_bytes"])):

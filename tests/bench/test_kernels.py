@@ -75,3 +75,7 @@ def test_the_bench_times_a_later_int8_start_to_ready_first_answer_and_full_speed
     else:
         assert full == ready, "packed as it was mapped: at full speed when ready"
     assert later["ready_peak_rss_bytes"] > 50e6
+    # Where the start's seconds went: the imports came before ready, and loading faulted in fresh memory.
+    assert 0 < later["ready_import_seconds"] <= ready
+    assert later["ready_system_cpu_seconds"] >= 0
+    assert later["ready_faulted_bytes"] > 10e6

@@ -109,6 +109,13 @@ def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> 
     assert doc[3].endswith("s is work beside its products and attention (norms, activations, Python)")
     assert rows[("ready s after a later start", "int8")][2] == "yes"
     assert rows[("ready s after a later start", "float32")][2] == "yes"
+    # A slow start says where its seconds went.
+    slow = _rows(target_lines([_result("float32", ready_seconds=11.2, ready_import_seconds=3.1,
+                                       ready_system_cpu_seconds=6.8, ready_faulted_bytes=10.5e9)],
+                              RATES, params, packs=True))
+    assert slow[("ready s after a later start", "float32")][2:] == [
+        "NO", "the interpreter and imports took 3.1 s, loading the weights the other 8.1 s, in which the kernel"
+        " spent 6.8 s of CPU time (its threads together) faulting in 10.5 GB of fresh pages"]
     assert rows[("memory estimate against the peak, one frame", "int8")][:3] == ["+12.2%", "covers it, within 15%",
                                                                                  "yes"]
     # An estimate under the peak is a miss however close: the cap would stop a worker the daemon let start.
