@@ -163,8 +163,8 @@ def main() -> int:
     lm = load_model(checkpoint, precision, threads, prepared_dir)  # type: ignore[arg-type]
     engine = Engine(lm)
     ready = process_age()
-    start = start_costs(imported)
     if len(sys.argv) > 4 and sys.argv[4] == "ready":
+        start = start_costs(imported)
         # A later start: ready, its first W4 frame answered (int8: while its layers are still being packed),
         # and full speed (every layer packed).
         engine.answer(decode_image(frame_bytes(1)).image, W4_QUESTIONS, DEFAULT_MAX_PIXELS, force_full_length=True)

@@ -62,11 +62,15 @@ class FusedLinear(nn.Module):
         out: torch.Tensor = self.linear(x)
         return out
 
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every projection of ``x``, in order, from one kernel call."""
+        return tuple(self(x).split(self.sizes, dim=-1))
+
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Projection ``index`` of ``x``: the first projection computes them all; the others take their share
         when they are given that very tensor (otherwise they compute it again, never a stale share)."""
         if index == 0 or x is not self._input:
-            self._parts = tuple(self(x).split(self.sizes, dim=-1))
+            self._parts = self.outputs(x)
             self._input = x
         share = self._parts[index]
         if index == len(self.sizes) - 1:  # the layer calls the last one last: nothing is held until the next call

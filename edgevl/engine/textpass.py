@@ -12,8 +12,9 @@ answer, ten pairs): 61-82 ms a step against 71-91 ms, faster in every pair (medi
 It runs the same modules' weights through the same arithmetic in the same order, so its outputs are
 transformers' bit for bit (tests/engine/test_textpass.py; float32's answers stay token-identical to
 ``generate()``): the norm is torch's ``rms_norm``, one call doing transformers' RMSNorm's operations, with
-the weight applied after it as there; the rotary embedding is computed once per pass; the fused int8
-projections (``edgevl.engine.fusion``) are called once and split; each layer's cache is written directly.
+the weight applied after it as there; the rotary embedding is computed once per pass and applied by
+transformers' own function; the fused int8 projections (``edgevl.engine.fusion``) are called once and split;
+each layer's cache is written directly.
 An image's prefix keeps transformers' forward: one long pass whose Python is nothing beside its products,
 and the only one that adds the vision tower's deepstack features.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
 from edgevl.engine.attention import grouped_sdpa_attention
 from edgevl.engine.fusion import FusedLinear
@@ -37,16 +39,11 @@ def _norm(x: torch.Tensor, module: Any) -> torch.Tensor:
     return weight * normed
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _projections(owner: Any, fused: str, members: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of ``owner``'s projections of ``x``: one call where they are fused, else one each."""
     kernel = getattr(owner, fused, None)
     if isinstance(kernel, FusedLinear):
-        return list(kernel(x).split(kernel.sizes, dim=-1))
+        return list(kernel.outputs(x))
     return [getattr(owner, member)(x) for member in members]
 
 
@@ -58,8 +55,7 @@ def _attention(layer_index: int, attn: Any, x: torch.Tensor, cos: torch.Tensor, 
     query = _norm(q.view(hidden_shape), attn.q_norm).transpose(1, 2)
     key = _norm(k.view(hidden_shape), attn.k_norm).transpose(1, 2)
     value = v.view(hidden_shape).transpose(1, 2)
-    query = (query * cos) + (_rotate_half(query) * sin)
-    key = (key * cos) + (_rotate_half(key) * sin)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
     key, value = cache.layers[layer_index].update(key, value, **plan)
     out, _ = grouped_sdpa_attention(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling, **plan)
     projected: torch.Tensor = attn.o_proj(out.reshape(*input_shape, -1).contiguous())
@@ -78,7 +74,6 @@ def run(text_model: Any, embeds: torch.Tensor, position_ids: torch.Tensor, mask:
     (1, 1, tokens, slots); ``position_ids`` (4, 1, tokens) holds each token's cache slot, then its three rotary
     positions; ``plan`` the stream mode's frame spans, if any."""
     cos, sin = text_model.rotary_emb(embeds, position_ids[1:])
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over the heads
     hidden = embeds
     for index, layer in enumerate(text_model.layers):
         attended = _attention(index, layer.self_attn, _norm(hidden, layer.input_layernorm), cos, sin, mask,
