@@ -29,6 +29,7 @@ from torch import nn
 
 from edgevl.config import PRECISIONS, Precision
 from edgevl.engine import kernels
+from edgevl.engine.activations import use_in_place_vision_activation
 from edgevl.engine.attention import use_bfloat16_vision_attention, use_grouped_attention
 from edgevl.engine.int8_layers import Int8Rows, finish_int8, int8_linears
 from edgevl.engine.kernels import (
@@ -258,6 +259,7 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> A
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     use_grouped_attention(model)
+    use_in_place_vision_activation(model)
     if precision == "int8" and kernels.bfloat16_attention_fast():
         use_bfloat16_vision_attention(model)
     _rebuild_meta_buffers(model)
