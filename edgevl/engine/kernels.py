@@ -65,6 +65,17 @@ def fbgemm_int8_available() -> bool:
     return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def int8_dot_products() -> bool:
+    """Whether this CPU multiplies int8 with VNNI or AMX: int8 products summed in 32 bits by one instruction.
+    With AVX2 alone they go through 16-bit pair sums, which kernels either avoid (fbgemm narrows its activations
+    to 7 bits) or pay for in speed (``int_mm_fast``) or in range (``edgevl.engine.onednn_int8.sums_exact``)."""
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return any(bool(capabilities.get(name)) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def int_mm_fast() -> bool:
     """Whether ``torch._int_mm`` has a fast kernel on this CPU.
 
@@ -72,11 +83,7 @@ def int_mm_fast() -> bool:
     256 rows, against fbgemm's 29 and 211 (fbgemm has AVX2 int8 kernels of its own); on an AVX-512 VNNI host
     at 0.8x and 0.9x fbgemm's rates (``edgevl bench``, Kernels table).
     """
-    try:
-        capabilities = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        return False
-    return any(bool(capabilities.get(name)) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return int8_dot_products()
 
 
 class IntMatmulLinear(nn.Module):
