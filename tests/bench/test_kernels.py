@@ -7,13 +7,14 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from edgevl.bench.kernels import IN, OUT, Int4Linear, int4_rows, read_rate, weight_bytes
+from edgevl.bench.kernels import IN, OUT, Int4Linear, _seconds_per_busy_call, int4_rows, read_rate, weight_bytes
 from edgevl.engine.kernels import fbgemm_int8_available, int_mm_fast
 
 
@@ -46,6 +47,32 @@ def test_a_one_row_rate_is_turned_into_the_bytes_the_kernel_reads() -> None:
     assert weight_bytes("int4") == IN * OUT / 2 + (IN // 128) * OUT * 4
     assert read_rate(rates, "int4") == round((IN * OUT / 2 + (IN // 128) * OUT * 4) / seconds / 1e9, 1)
     assert read_rate(rates, "int4") < read_rate(rates, "int8") / 1.8, "half the bytes, and its groups' scales"
+
+
+def _kernel(seconds: float, calls: list[int]) -> Any:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        time.sleep(seconds)  # stands for a product that takes this long
+        return x
+    return call
+
+
+def test_a_kernel_slower_than_a_round_is_timed_by_its_first_call_alone() -> None:
+    calls: list[int] = []
+    seconds = _seconds_per_busy_call([_kernel(0.06, calls)] * 4, torch.zeros(1), least=0.01, most=0.05)
+    assert len(calls) == 1
+    assert seconds >= 0.06
+
+
+def test_a_round_stops_at_its_limit_and_a_fast_kernel_is_timed_in_rounds_of_many_calls() -> None:
+    calls: list[int] = []
+    seconds = _seconds_per_busy_call([_kernel(0.01, calls)] * 4, torch.zeros(1), least=0.001, rounds=3, most=0.035)
+    # A warm-up call, then three rounds that stop at 0.035 s, short of their eight calls.
+    assert 1 + 3 <= len(calls) <= 1 + 3 * 5
+    assert 0.01 <= seconds < 0.035
+    calls.clear()
+    _seconds_per_busy_call([_kernel(0.001, calls)] * 4, torch.zeros(1), least=0.001, rounds=3, most=1.0)
+    assert len(calls) >= 1 + 3 * 8, "a fast kernel: at least two calls of each matrix a round"
 
 
 @pytest.mark.slow
