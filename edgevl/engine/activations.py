@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import GELUTanh
 
 
 class InPlaceGELUTanh(nn.Module):
@@ -34,7 +35,7 @@ class InPlaceGELUTanh(nn.Module):
 def _is_stock_gelu_tanh(act: Any) -> bool:
     # transformers' GELUTanh calls torch's tanh GELU unless it was built with its Python formula (other values).
     fn = getattr(act, "act", None)
-    return (type(act).__name__ == "GELUTanh" and isinstance(fn, functools.partial) and fn.func is F.gelu
+    return (isinstance(act, GELUTanh) and isinstance(fn, functools.partial) and fn.func is F.gelu
             and fn.keywords == {"approximate": "tanh"} and not fn.args)
 
 

@@ -23,8 +23,6 @@ import math
 import torch
 from torch import nn
 
-from edgevl.engine.kernels import int8_dot_products
-
 VISION = "model.visual."  # the paths of the vision tower's layers (its blocks, merger and deepstack mergers)
 _PACKED_ROWS = 1024  # the rows oneDNN lays the weights out for: about a W4 frame's patches
 
@@ -32,13 +30,6 @@ _PACKED_ROWS = 1024  # the rows oneDNN lays the weights out for: about a W4 fram
 def available() -> bool:
     """Whether this torch has oneDNN's int8 Linear."""
     return hasattr(torch.ops.onednn, "qlinear_prepack") and hasattr(torch.ops.onednn, "qlinear_pointwise")
-
-
-def sums_exact() -> bool:
-    """Whether oneDNN's u8 x s8 product keeps every sum here (``kernels.int8_dot_products``).  With AVX2 alone
-    its pair sums saturate at 16 bits: on a 2-core AMD EPYC with AVX2 a 256-wide product came out 7.6% from
-    float32's, where fbgemm stays within 2%.  ``pays`` asks for AMX, so the engine never meets that."""
-    return int8_dot_products()
 
 
 @functools.cache
