@@ -178,9 +178,10 @@ class PackedSequence:
                        for prefix, own in rows.items())
         return spans.FrameSpans(slots, groups)
 
-    def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The next-token logits of ``hidden``'s rows in float32, as ``generate()`` chooses from them."""
         logits: torch.Tensor = self.lm.model.lm_head(hidden)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return logits.float()
 
 
 def _use_cores(lm: LoadedModel) -> None:
@@ -291,7 +292,8 @@ def _prefill(seq: PackedSequence, batch: list[Branch]) -> None:
                     wanted.append((branch, k, len(tokens) - 1, option_ids[j + 1]))
             slot += len(option_ids)
     hidden = seq.forward(tokens)
-    logp = seq.logprobs(hidden[[index for _, _, index, _ in wanted]])
+    logits = seq.logits(hidden[[index for _, _, index, _ in wanted]])
+    logp = torch.log_softmax(logits, dim=-1)
     for branch in batch:
         branch.scores = [0.0] * len(branch.options)
     for row, (branch, option, _, target) in enumerate(wanted):
@@ -304,18 +306,19 @@ def _prefill(seq: PackedSequence, batch: list[Branch]) -> None:
             for k, opt in enumerate(branch.options):
                 branch.scores[k] += float(logp[row, opt[0]])
         else:
-            _take(seq.lm, branch, _choose(branch, logp[row]))
+            _take(seq.lm, branch, _choose(branch, logits[row]))
 
 
-def _choose(branch: Branch, logprobs: torch.Tensor) -> int:
-    """The greedy choice; under a grammar, among the tokens it allows (what a logits processor setting the
-    others to minus infinity gives)."""
+def _choose(branch: Branch, logits: torch.Tensor) -> int:
+    """The greedy choice from a row's logits, as ``generate()`` makes it (the log-probabilities would order
+    the tokens alike, but rounding can tie two that the logits tell apart); under a grammar, among the tokens it
+    allows (what a logits processor setting the others to minus infinity gives)."""
     if branch.constraint is None:
-        return int(logprobs.argmax())
+        return int(logits.argmax())
     allowed = branch.constraint.allowed()
     if not bool(allowed.any()):
         return -1  # the grammar is in an error state: nothing can follow
-    return int(logprobs.masked_fill(~allowed, float("-inf")).argmax())
+    return int(logits.masked_fill(~allowed, float("-inf")).argmax())
 
 
 def _take(lm: LoadedModel, branch: Branch, token: int) -> None:
@@ -349,11 +352,11 @@ def _generate(seq: PackedSequence, waiting: list[Branch], max_batch: int, stats:
             tokens.append(_Token(branch.generated[-1], _text_position(branch.positions, len(branch.generated)),
                                  branch.slots, branch.prefix))
         hidden = seq.forward(tokens)
-        logp = seq.logprobs(hidden)
-        choices = logp.argmax(dim=-1).tolist()
+        logits = seq.logits(hidden)  # greedy choices need no log-softmax over the vocabulary
+        choices = logits.argmax(dim=-1).tolist()
         for row, branch in enumerate(active):
             if branch.constraint is not None:  # the greedy choice among what its grammar allows
-                choices[row] = _choose(branch, logp[row])
+                choices[row] = _choose(branch, logits[row])
         stats.steps += 1
         stats.seconds += time.perf_counter() - started
         still = []
