@@ -16,7 +16,6 @@ was far slower than either here), so an appliance keeps working across a torch u
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -55,14 +54,12 @@ def _per_channel_qint8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def fbgemm_int8_available() -> bool:
-    """Whether this torch still has fbgemm's dynamic int8 Linear."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.ao.nn.quantized.dynamic import Linear  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.ops.quantized, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines
+    """Whether this torch still has fbgemm's dynamic int8 Linear: its operators (``FbgemmLinear``) and the
+    quantized weight tensor they pack, whose creation torch has announced it will remove as well."""
+    ops = torch.ops.quantized
+    return (hasattr(ops, "linear_prepack") and hasattr(ops, "linear_dynamic")
+            and hasattr(torch, "_make_per_channel_quantized_tensor")
+            and "fbgemm" in torch.backends.quantized.supported_engines)
 
 
 def int8_dot_products() -> bool:
@@ -175,16 +172,39 @@ class RowSlices(nn.Module):
 
 
 def _fbgemm_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch announces the move of this API to torchao
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
+    return FbgemmLinear(q, scales, bias)
 
-        # Built at 1x1 and then given its weight: the constructor would
-        # otherwise allocate and pack a full-size empty weight first.
-        qlinear = DynamicQuantLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)  # type: ignore[no-untyped-call]
-    qlinear.out_features, qlinear.in_features = q.shape
-    qlinear.set_weight_bias(_per_channel_qint8(q, scales), bias)
-    return qlinear
+
+@functools.cache
+def _linear_dynamic() -> Callable[..., torch.Tensor]:
+    # The operator itself rather than its packet: the packet checks each call's arguments in Python for the
+    # stand-ins of a trace, which costs a decode step more than a millisecond over its ~120 int8 calls.
+    overload = torch.ops.quantized.linear_dynamic.default
+    op: Callable[..., torch.Tensor] = getattr(overload, "_op", overload)
+    return op
+
+
+class FbgemmLinear(nn.Module):
+    """fbgemm's dynamic int8 Linear: ``quantized::linear_dynamic`` over the weights ``quantized::linear_prepack``
+    packed, with the reduced activation range, as torch.ao's dynamic Linear calls them, called straight.
+
+    A decode step of one row makes about 120 of these calls, most a few hundred microseconds of reading weights;
+    torch.ao's module added its Python (its forward, its packed-parameter module, the operator packet's check)
+    to every one.  Same operators, same arguments: the outputs are that module's bit for bit
+    (tests/engine/test_kernels.py).
+    """
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.packed = torch.ops.quantized.linear_prepack(_per_channel_qint8(q, scales), bias)
+        self.op = _linear_dynamic()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.packed, True)  # reduce_range: fbgemm's 7-bit activations (int8_dot_products)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fbgemm=True"
 
 
 class PackedLinear(nn.Module):

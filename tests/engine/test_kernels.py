@@ -27,6 +27,29 @@ def test_the_rows_are_those_torch_quantize_per_channel_gives() -> None:
     assert torch.equal(q, reference)
 
 
+@pytest.mark.skipif(not fbgemm_int8_available(), reason="fbgemm's int8 Linear")
+@pytest.mark.parametrize("shape", [(1, 1, 256), (1, 7, 256), (2, 5, 256), (300, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fbgemm_linear_is_torch_aos_dynamic_linear_bit_for_bit(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(len(shape) + shape[-2])
+    linear = torch.nn.Linear(256, 96, bias=bias)
+    q, scales = quantize_rows(linear.weight.detach())
+    b = linear.bias.detach() if bias else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch announces the module's move to torchao
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
+
+        reference = DynamicQuantLinear(256, 96, bias_=bias, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+    reference.set_weight_bias(kernels._per_channel_qint8(q, scales), b)
+    lean = kernels.fbgemm_linear(q, scales, b)
+    assert isinstance(lean, kernels.FbgemmLinear)
+    x = torch.randn(shape) * 3
+    with torch.inference_mode():
+        expected, got = reference(x), lean(x)
+    assert got.shape == expected.shape == (*shape[:-1], 96)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_the_fallback_computes_what_fbgemm_computes(rows: int) -> None:
     torch.manual_seed(1)

@@ -14,7 +14,7 @@ from torch import nn
 
 from edgevl.engine import kernels
 from edgevl.engine.engine import Engine
-from edgevl.engine.kernels import Int8Embedding, PackedLinear
+from edgevl.engine.kernels import FbgemmLinear, Int8Embedding, PackedLinear
 from edgevl.engine.loading import load_model
 from edgevl.engine.model_files import resolve_model_path
 from edgevl.errors import ModelError
@@ -62,10 +62,8 @@ def test_packing_pays_where_the_blas_lacks_avx512(monkeypatch: pytest.MonkeyPatc
 def test_other_precisions_answer(test_model_dir: Path, fp32_model, precision: str) -> None:  # type: ignore[no-untyped-def]
     lm = load_model(str(test_model_dir), precision)  # type: ignore[arg-type]
     if precision == "int8":
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
-
-        assert isinstance(lm.model.lm_head, DynamicQuantLinear)
-        assert isinstance(lm.model.model.language_model.layers[1].self_attn.o_proj, DynamicQuantLinear)
+        assert isinstance(lm.model.lm_head, FbgemmLinear)
+        assert isinstance(lm.model.model.language_model.layers[1].self_attn.o_proj, FbgemmLinear)
         embedding = lm.model.model.language_model.embed_tokens
         assert isinstance(embedding, Int8Embedding)
         assert embedding.qweight.dtype == torch.int8
