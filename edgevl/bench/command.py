@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevl.bench.floor import attention_seconds, best_read, decode_read, floor_seconds, linear_params
+from edgevl.bench.host import machine
 from edgevl.bench.kernels import INT4_GROUP, ROWS, kernel_rates, read_rate
 from edgevl.bench.targets import target_lines
 from edgevl.bench.workload import W4X8_FRAMES
@@ -162,22 +162,6 @@ def _differences(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> dic
     return {"differing": differ, "of": total}
 
 
-def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    import transformers
-
-    return (f"{model}; {os.cpu_count()} cores; torch {torch.__version__}; transformers {transformers.__version__};"
-            f" Python {platform.python_version()}")
-
-
 def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads: int,
                grammar: dict[str, float], targets: list[str]) -> str:
     packs = packing_pays()  # which float32 kernel the engine runs here
@@ -186,7 +170,7 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "Produced by `edgevl bench --write-doc docs/performance.md`; do not edit by hand.",
         "",
-        f"Measured {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} on: {_machine()}; {threads} threads.",
+        f"Measured {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} on: {machine()}; {threads} threads.",
         "",
         "Workload W4: a 1280x720 JPEG frame at max_pixels 448x448 (180 image tokens), four questions:",
         "two yes_no, one choice of three options, one text answer forced to 24 tokens. The checkpoint has",
