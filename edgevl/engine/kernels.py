@@ -5,8 +5,9 @@ Kernels table of docs/performance.md): oneDNN with float32 weights reordered onc
 into its blocked layout beats ``F.linear`` at every batch size, most for one to a
 few rows (decoding), where ``F.linear`` reads the weights well below the memory
 bandwidth. fbgemm's dynamically quantized Linear (int8 weights per output
-channel, activations quantized per call) is the fast int8 kernel. It lives in
-``torch.ao``, which torch has announced it will move out: where it is gone, int8
+channel, activations quantized per call) is the fast int8 kernel; the engine calls its
+operators itself (``FbgemmLinear``), not through ``torch.ao``'s module, which torch has
+announced it will move out.  Where the operators are gone, int8
 falls back to ``torch._int_mm`` on the same int8 weights with activations quantized
 per row, as fbgemm quantizes them per call: the answers agree within rounding, and
 the bench's Kernels table measures both (``torch._weight_int8pack_mm``, weights only,
@@ -147,10 +148,10 @@ def fbgemm_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | No
     """
     if q.shape[0] > RowSlices.ROWS:
         step = RowSlices.ROWS
-        return RowSlices([_fbgemm_linear(q[start: start + step], scales[start: start + step],
-                                         None if bias is None else bias[start: start + step])
+        return RowSlices([FbgemmLinear(q[start: start + step], scales[start: start + step],
+                                       None if bias is None else bias[start: start + step])
                           for start in range(0, q.shape[0], step)])
-    return _fbgemm_linear(q, scales, bias)
+    return FbgemmLinear(q, scales, bias)
 
 
 class RowSlices(nn.Module):
@@ -169,10 +170,6 @@ class RowSlices(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.slices], dim=-1)
-
-
-def _fbgemm_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    return FbgemmLinear(q, scales, bias)
 
 
 @functools.cache
