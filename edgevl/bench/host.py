@@ -7,6 +7,8 @@ import os
 import platform
 from pathlib import Path
 
+from edgevl.engine.kernels import cpu_capabilities
+
 
 def machine() -> str:
     """The host's CPU, its instruction sets, cores and the versions that decide its kernels."""
@@ -34,11 +36,8 @@ _INSTRUCTION_SETS = (("avx2", "AVX2"), ("avx512_f", "AVX-512"), ("avx512_vnni", 
 
 def instruction_sets() -> str:
     """The vector instruction sets of this CPU that the kernels' speed depends on, for the document's header."""
-    import torch
-
-    try:
-        capabilities = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
+    capabilities = cpu_capabilities()
+    if capabilities is None:
         return "instruction sets unknown"
     present = [label for key, label in _INSTRUCTION_SETS if capabilities.get(key)]
     absent = [label for key, label in _INSTRUCTION_SETS[1:] if not capabilities.get(key)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,11 +70,22 @@ def int8_dot_products() -> bool:
     to 7 bits) or pay for in speed (``int_mm_fast``) or in range: oneDNN's u8 x s8 product saturates there (on a
     2-core AMD EPYC with AVX2 a 256-wide product came out 7.6% from float32's, where fbgemm stays within 2%),
     which the engine never meets, for it uses that kernel only with AMX (``edgevl.engine.onednn_int8.pays``)."""
+    return cpu_has("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_capabilities() -> dict[str, Any] | None:
+    """torch's report of this CPU's instruction sets (``torch.cpu.get_capabilities``), or None where this torch
+    cannot tell."""
     try:
-        capabilities = torch.cpu.get_capabilities()
+        return dict(torch.cpu.get_capabilities())
     except (AttributeError, RuntimeError):
-        return False
-    return any(bool(capabilities.get(name)) for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        return None
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether this CPU has any of ``flags`` (``torch.cpu.get_capabilities`` keys); False where torch cannot tell."""
+    capabilities = cpu_capabilities() or {}
+    return any(bool(capabilities.get(flag)) for flag in flags)
 
 
 def int_mm_fast() -> bool:
@@ -289,11 +301,7 @@ def packing_pays() -> bool:
     """
     if not packing_available():
         return False
-    try:
-        avx512 = bool(torch.cpu.get_capabilities().get("avx512_f"))
-    except (AttributeError, RuntimeError):
-        return False
-    return avx512 and _cpu_vendor() != "GenuineIntel"
+    return cpu_has("avx512_f") and _cpu_vendor() != "GenuineIntel"
 
 
 def bfloat16_attention_fast() -> bool:
@@ -306,11 +314,7 @@ def bfloat16_attention_fast() -> bool:
     round for nothing.  (oneDNN held to AVX-512 BF16 on the AMX host ran 2x float32, but no CPU without AMX
     has shown that.)
     """
-    try:
-        capabilities = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        return False
-    return bool(capabilities.get("amx_bf16"))
+    return cpu_has("amx_bf16")
 
 
 class Int8Embedding(nn.Module):

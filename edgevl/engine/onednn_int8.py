@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from edgevl.engine import kernels
+
 VISION = "model.visual."  # the paths of the vision tower's layers (its blocks, merger and deepstack mergers)
 _PACKED_ROWS = 1024  # the rows oneDNN lays the weights out for: about a W4 frame's patches
 
@@ -35,11 +37,7 @@ def available() -> bool:
 @functools.cache
 def pays() -> bool:
     """Whether the vision tower's int8 layers run on oneDNN here: a CPU with AMX's int8 tiles."""
-    try:
-        amx = bool(torch.cpu.get_capabilities().get("amx_int8"))
-    except (AttributeError, RuntimeError):
-        return False
-    return amx and available()
+    return kernels.cpu_has("amx_int8") and available()
 
 
 def for_layer(path: str) -> bool:
