@@ -1,7 +1,8 @@
 """The int8 model's layers, made from the checkpoint's weights or from prepared rows.
 
 Each Linear becomes an int8 kernel over its rows quantized per output channel (fbgemm's; the vision tower's
-oneDNN's where the CPU has AMX, ``edgevl.engine.onednn_int8``); a decoder layer's
+oneDNN's where the CPU has AMX, and the language model's prefill as well where the memory cap allows,
+``edgevl.engine.onednn_int8``); a decoder layer's
 projections of one input become one kernel (``edgevl.engine.fusion``), whose rows are prepared, and mapped
 at a later start, already end to end.  The token embedding keeps the int8 rows that a tied output head
 multiplies with.
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from edgevl.engine import fusion, onednn_int8
-from edgevl.engine.kernels import Int8Embedding, IntMatmulLinear, int8_kernel, quantize_rows
+from edgevl.engine.kernels import Int8Embedding, IntMatmulLinear, quantize_rows
 from edgevl.engine.packing import Deferred
 from edgevl.engine.prepared import PreparedReader, PreparedWriter
 from edgevl.errors import ModelError
@@ -28,14 +29,16 @@ class Int8Rows:
 
     With ``deferred`` (a list), layers whose rows are mapped from the prepared file answer with
     ``IntMatmulLinear`` at once and are noted there, to be packed for fbgemm afterwards
-    (``edgevl.engine.packing``); otherwise each is packed as it is loaded.
+    (``edgevl.engine.packing``); otherwise each is packed as it is loaded.  ``prefill_copy``: the language
+    model's layers may keep a second packed copy for their prefill (``onednn_int8.packed``).
     """
 
     def __init__(self, reader: PreparedReader | None, writer: PreparedWriter | None,
-                 deferred: list[Deferred] | None = None) -> None:
+                 deferred: list[Deferred] | None = None, prefill_copy: bool = False) -> None:
         self.reader = reader
         self.writer = writer
         self.deferred = deferred
+        self.prefill_copy = prefill_copy
 
     def has(self, key: str) -> bool:
         """Whether the rows of the checkpoint weight ``key`` are prepared (alone, or in a fused layer's)."""
@@ -64,9 +67,7 @@ class Int8Rows:
     def kernel(self, path: str, key: str, rows: Rows, bias: torch.Tensor | None) -> nn.Module:
         """The int8 module for the layer at ``path`` with the rows of ``key``."""
         if self.deferred is None or not self.has(key):
-            if onednn_int8.for_layer(path):
-                return onednn_int8.OnednnInt8Linear(*rows, bias)
-            return int8_kernel(*rows, bias)
+            return onednn_int8.packed(path, *rows, bias, self.prefill_copy)
         self.deferred.append(Deferred(path, *rows, bias))
         return IntMatmulLinear(*rows, bias)
 

@@ -286,7 +286,7 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> A
     return model
 
 
-def _prepared_source(prepared_dir: Path, path: Path) -> tuple[Int8Rows, Path]:
+def _prepared_source(prepared_dir: Path, path: Path, prefill_copy: bool) -> tuple[Int8Rows, Path]:
     base = location(prepared_dir, path, "int8")
     reader = PreparedReader.open(base)
     if reader is not None:
@@ -294,27 +294,27 @@ def _prepared_source(prepared_dir: Path, path: Path) -> tuple[Int8Rows, Path]:
         # packed as it is mapped: an answer at _int_mm's rate would come after the packing anyway); without
         # fbgemm they are the kernel's for good.
         defer = fbgemm_int8_available() and int_mm_fast()
-        return Int8Rows(reader, None, [] if defer else None), base
+        return Int8Rows(reader, None, [] if defer else None, prefill_copy), base
     try:
-        return Int8Rows(None, PreparedWriter(base)), base
+        return Int8Rows(None, PreparedWriter(base), None, prefill_copy), base
     except OSError as exc:
         log.warning("cannot prepare the int8 weights in %s: %s", prepared_dir, exc.strerror or exc)
-        return Int8Rows(None, None), base
+        return Int8Rows(None, None, None, prefill_copy), base
 
 
-def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str, list[Deferred]]:
+def _build_int8(config: Any, path: Path, prepared_dir: Path, prefill_copy: bool) -> tuple[Any, str, list[Deferred]]:
     """The int8 model from its prepared rows (or preparing them); a damaged file is rebuilt, never used.
 
     Also the layers whose packing for fbgemm is left to a ``Packer``.
     """
-    source, base = _prepared_source(prepared_dir, path)
+    source, base = _prepared_source(prepared_dir, path, prefill_copy)
     try:
         model = _build(config, path, "int8", source)
     except PreparedCorrupt as exc:
         log.warning("the prepared int8 weights %s are damaged (%s): they are made again from the model", base, exc)
         assert source.reader is not None
         source.reader.discard()
-        source, _ = _prepared_source(prepared_dir, path)
+        source, _ = _prepared_source(prepared_dir, path, prefill_copy)
         model = _build(config, path, "int8", source)
     except BaseException:
         if source.writer is not None:
@@ -326,8 +326,11 @@ def _build_int8(config: Any, path: Path, prepared_dir: Path) -> tuple[Any, str, 
 
 
 def load_model(model_id: str, precision: Precision = "float32", threads: int = 0,
-               prepared_dir: Path | None = None, pack_gate: threading.Event | None = None) -> LoadedModel:
+               prepared_dir: Path | None = None, pack_gate: threading.Event | None = None,
+               prefill_copy: bool = True) -> LoadedModel:
     """Load Qwen3-VL for the CPU in the given precision; ``threads`` 0 means one per usable core.
+
+    ``prefill_copy`` (int8): whether a second packed copy for the prefill may be kept (``onednn_int8.ByRows``).
 
     ``prepared_dir`` (int8): where the quantized rows are kept between starts (see ``edgevl.engine.prepared``).
     A start from them returns before fbgemm's packing is done (``LoadedModel.packer``, started here; with
@@ -348,12 +351,12 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     prepared = "none"
     packer: Packer | None = None
     if precision == "int8" and prepared_dir is not None:
-        model, prepared, deferred = _build_int8(config, path, prepared_dir)
+        model, prepared, deferred = _build_int8(config, path, prepared_dir, prefill_copy)
         if deferred:
-            packer = Packer(model, deferred, pack_gate)
+            packer = Packer(model, deferred, pack_gate, prefill_copy)
             packer.start()
     else:
-        model = _build(config, path, precision, Int8Rows(None, None))
+        model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy))
     model.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)

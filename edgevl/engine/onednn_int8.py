@@ -1,4 +1,4 @@
-"""The int8 vision tower on oneDNN's int8 matrix product, where the CPU has AMX.
+"""The int8 vision tower, and the language model's prefill, on oneDNN's int8 matrix product where the CPU has AMX.
 
 The vision tower only ever multiplies many rows at once (every patch of an image), so its int8 kernel is
 chosen for that: on a CPU with AMX's int8 tiles, oneDNN's int8 product (``onednn::qlinear_pointwise``, the
@@ -6,9 +6,15 @@ kernel torch's own int8 graphs run) beat fbgemm's dynamic Linear on every vision
 Intel Xeon with AMX, 1,024 rows: 1024->3072 9.2 ms (fbgemm) against 4.7 ms, 1024->4096 16.5 against 9.4,
 4096->1024 14.2 against 10.1; the whole tower of the 2B model 0.93-1.07 s against 0.65-0.80 s for a W4
 frame, 8.1-9.5 against 7.3-7.7 s for an A4 page.  Without AMX (oneDNN held to AVX-512 VNNI) it was from 0.4x
-to 1.3x fbgemm's speed.  The language model stays on fbgemm everywhere: with AMX, oneDNN's one-row product
-alone was as fast as fbgemm's, but the whole model's decode step took 0.116 s against 0.097 s on it, and a
-second copy of the weights for the prefill alone would cost 1.4 GB.
+to 1.3x fbgemm's speed.
+
+The language model decodes on fbgemm everywhere: with AMX, the whole model's one-row decode step took 0.116 s
+against 0.097 s on oneDNN (its products alone 134 ms a step against fbgemm's 71 ms, on a 2-core Xeon with AMX).
+Its prefill (a frame's prompt, its questions, a page's thousand tokens) is where oneDNN's AMX tiles pay, so
+there, where the memory cap leaves room, each of its layers keeps a second packed copy of the same int8 rows
+for oneDNN and multiplies many rows with it (``ByRows``): on that Xeon a W4 frame took a median 4.13 s against
+5.08 s, for 1.4 GB more (the daemon counts it in its estimate and leaves it out where the cap would not hold it,
+``edgevl.worker.footprint``).
 
 Activations are quantized per call over the whole input, asymmetric in 256 levels, as fbgemm does but
 without its reduced range: the tower's outputs are no further from float32's (tests/engine/test_onednn_int8.py).
@@ -26,6 +32,10 @@ from torch import nn
 from edgevl.engine import kernels
 
 VISION = "model.visual."  # the paths of the vision tower's layers (its blocks, merger and deepstack mergers)
+LANGUAGE_MODEL = "model.language_model."  # the paths of the decoder layers' projections
+# Rows from which a language-model layer with a prefill copy multiplies on oneDNN.  A decode step has one row a
+# generated answer (up to max_batch, 8 on 2 cores; a stream of eight frames, eight), where fbgemm was faster.
+PREFILL_ROWS = 32
 _PACKED_ROWS = 1024  # the rows oneDNN lays the weights out for: about a W4 frame's patches
 
 
@@ -43,6 +53,39 @@ def pays() -> bool:
 def for_layer(path: str) -> bool:
     """Whether the int8 layer at ``path`` runs on oneDNN (a vision tower's layer, on a CPU where that pays)."""
     return path.startswith(VISION) and pays()
+
+
+def packed(path: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+           prefill_copy: bool) -> nn.Module:
+    """The packed int8 kernel for the layer at ``path`` from its rows: oneDNN's for the vision tower where that
+    pays; for a language-model layer fbgemm's, with oneDNN's copy for its prefill (``ByRows``) if
+    ``prefill_copy`` is allowed and pays here; fbgemm's for the rest (``kernels.int8_kernel``)."""
+    if for_layer(path):
+        return OnednnInt8Linear(q, scales, bias)
+    few = kernels.int8_kernel(q, scales, bias)
+    if prefill_copy and path.startswith(LANGUAGE_MODEL) and pays():
+        return ByRows(few, OnednnInt8Linear(q, scales, bias))
+    return few
+
+
+class ByRows(nn.Module):
+    """One int8 layer with two packed copies of its rows: ``few`` (fbgemm) multiplies a decode step's rows,
+    ``many`` (oneDNN) a prefill's, from ``PREFILL_ROWS`` rows on.
+
+    Both quantize the activations per call from the whole input with each output channel's own weight scale;
+    they differ in the activations' levels (fbgemm's 128 in its reduced range, oneDNN's 256), so a prefill's
+    outputs are within int8 rounding of fbgemm's, and no further from float32's (tests/engine/test_onednn_int8.py).
+    """
+
+    def __init__(self, few: nn.Module, many: nn.Module) -> None:
+        super().__init__()
+        self.few = few
+        self.many = many
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        out: torch.Tensor = (self.many if rows >= PREFILL_ROWS else self.few)(x)
+        return out
 
 
 class OnednnInt8Linear(nn.Module):

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from edgevl.engine import onednn_int8
-from edgevl.engine.kernels import fbgemm_linear
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,10 @@ class Packer:
     unpacked).
     """
 
-    def __init__(self, model: Any, deferred: list[Deferred], gate: threading.Event | None = None) -> None:
+    def __init__(self, model: Any, deferred: list[Deferred], gate: threading.Event | None = None,
+                 prefill_copy: bool = False) -> None:
         self.model = model
+        self.prefill_copy = prefill_copy  # the language model's layers packed for oneDNN's prefill as well
         self.total = len(deferred)
         self.packed = 0
         self.seconds = 0.0
@@ -117,10 +118,7 @@ class Packer:
         parent, _, name = item.path.rpartition(".")
         owner = self.model.get_submodule(parent) if parent else self.model
         # The mapped rows go with the unpacked module, its last holder once this item is dropped.
-        if onednn_int8.for_layer(item.path):  # the vision tower on a CPU with AMX
-            setattr(owner, name, onednn_int8.OnednnInt8Linear(item.q, item.scales, item.bias))
-        else:
-            setattr(owner, name, fbgemm_linear(item.q, item.scales, item.bias))
+        setattr(owner, name, onednn_int8.packed(item.path, item.q, item.scales, item.bias, self.prefill_copy))
 
 
 def answer_threads(packer: Packer | None, threads: int) -> int:

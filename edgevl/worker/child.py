@@ -117,7 +117,7 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
 
     try:
         lm = load_model(load.model_path, load.precision, load.threads,  # type: ignore[arg-type]
-                        Path(load.prepared_dir) if load.prepared_dir else None)
+                        Path(load.prepared_dir) if load.prepared_dir else None, prefill_copy=load.prefill_copy)
         lm.model_id = load.model_id
         engine = Engine(lm, max_batch=load.max_batch, max_pixels=load.max_pixels, on_progress=_Progress(channel))
     except EdgevlError as exc:

@@ -56,6 +56,26 @@ def cache_bytes(precision: Precision) -> int:
     return 4 if precision == "float32" else 2
 
 
+def prefill_copy_pays(precision: Precision, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether an int8 worker here would keep its language model's prefill copy: a CPU with AMX's int8 tiles
+    (``edgevl.engine.onednn_int8.pays``, which asks torch; the daemon reads the same flag from the kernel)."""
+    if precision != "int8":
+        return False
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_int8" in line.split() for line in text.splitlines())
+
+
+def _prefill_copy_bytes(info: TensorInfo) -> int:
+    """A decoder layer's matrix packed again for oneDNN: its int8 rows, a float32 scale and an int64 zero point
+    an output channel."""
+    if len(info.shape) == 2 and info.name.startswith("model.language_model.layers."):
+        return info.numel + info.shape[0] * 12
+    return 0
+
+
 def _weight_bytes(info: TensorInfo, precision: Precision, tied: bool = False) -> int:
     if precision == "float32":
         return info.numel * 4
@@ -70,14 +90,18 @@ def _weight_bytes(info: TensorInfo, precision: Precision, tied: bool = False) ->
     return info.numel * 4
 
 
-def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, frames: int = 1) -> Footprint:
-    """The worker's resident peak answering ``frames`` images together (the stream mode) at ``max_pixels``."""
+def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, frames: int = 1,
+             prefill_copy: bool = False) -> Footprint:
+    """The worker's resident peak answering ``frames`` images together (the stream mode) at ``max_pixels``;
+    ``prefill_copy``: with the int8 language model's second copy for its prefill."""
     config: dict[str, Any] = read_config(path)
     text: dict[str, Any] = config.get("text_config", config)
     vision: dict[str, Any] = config.get("vision_config", {})
     infos = read_tensor_infos(path)
     tied = not any(info.name.endswith("lm_head.weight") for info in infos)
     weights = sum(_weight_bytes(info, precision, tied) for info in infos)
+    if prefill_copy and precision == "int8":
+        weights += sum(_prefill_copy_bytes(info) for info in infos)
 
     hidden = int(text["hidden_size"])
     heads = int(text["num_attention_heads"])
@@ -136,12 +160,31 @@ def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,
 
 
 def fit_frames(path: Path, precision: Precision, max_batch: int, max_pixels: int, limit: int,
-               most: int) -> tuple[int, Footprint]:
+               most: int, prefill_copy: bool = False) -> tuple[int, Footprint]:
     """The most frames, up to ``most``, whose stream fits under ``limit`` (at least 1: one frame is checked
     on its own), and their footprint."""
     frames = max(1, most)
-    needed = estimate(path, precision, max_batch, max_pixels, frames)
+    needed = estimate(path, precision, max_batch, max_pixels, frames, prefill_copy)
     while frames > 1 and needed.total > limit:
         frames -= 1
-        needed = estimate(path, precision, max_batch, max_pixels, frames)
+        needed = estimate(path, precision, max_batch, max_pixels, frames, prefill_copy)
     return frames, needed
+
+
+def plan(path: Path, precision: Precision, max_batch: int, max_pixels: int, limit: int, frames: int,
+         most: int, prefill_copy: bool) -> tuple[int, Footprint, bool]:
+    """The frames one batch holds (``frames`` where set, else the most up to ``most`` that fit), their footprint,
+    and whether the worker keeps its prefill copy (asked for with ``prefill_copy``): only where the copy fits
+    under ``limit`` and costs the stream mode no frame, for speed never takes the place of the cap."""
+
+    def sized(copy: bool) -> tuple[int, Footprint]:
+        if frames:
+            return frames, estimate(path, precision, max_batch, max_pixels, frames, copy)
+        return fit_frames(path, precision, max_batch, max_pixels, limit, most, copy)
+
+    alone = sized(False)
+    if prefill_copy:
+        with_copy = sized(True)
+        if with_copy[0] == alone[0] and with_copy[1].total <= limit:
+            return (*with_copy, True)
+    return (*alone, False)

@@ -40,6 +40,7 @@ class Load:
     procs_file: str | None  # the cgroup to join before anything is allocated
     log_level: str = "info"  # the daemon's, which the worker follows
     prepared_dir: str | None = None  # int8: where its quantized weights are kept between starts
+    prefill_copy: bool = False  # int8: may keep a second copy of the language model for its prefill
 
 
 @dataclass(frozen=True)

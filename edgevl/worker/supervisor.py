@@ -139,12 +139,11 @@ class WorkerSupervisor:
         auto_batch, auto_frames = _defaults()
         max_batch = model.max_batch or auto_batch
         limit = int(model.memory_limit)
-        if model.max_frames:
-            self.max_frames = model.max_frames
-            needed = footprint.estimate(path, model.precision, max_batch, model.max_pixels, self.max_frames)
-        else:  # as many frames as share a decode batch, fewer where the memory cap would not hold them
-            self.max_frames, needed = footprint.fit_frames(path, model.precision, max_batch, model.max_pixels,
-                                                           limit, auto_frames)
+        # As many frames as share a decode batch unless set, fewer where the memory cap would not hold them; int8's
+        # prefill copy only where it fits beside them.
+        self.max_frames, needed, prefill_copy = footprint.plan(
+            path, model.precision, max_batch, model.max_pixels, limit, model.max_frames, auto_frames,
+            footprint.prefill_copy_pays(model.precision))
         if needed.total > limit:
             int8 = footprint.estimate(path, "int8", max_batch, model.max_pixels)
             raise ConfigError(footprint.refusal(model.id, model.precision, needed, limit, int8))
@@ -152,12 +151,14 @@ class WorkerSupervisor:
             self.cap = memcap.setup(limit, model.memory_enforcement)
         except memcap.CgroupUnavailable as exc:
             raise ConfigError(f'model.memory_enforcement = "cgroup", but no cgroup can be made: {exc}') from None
-        log.info("model worker: %s in %s needs ≈ %s with up to %d frames at a time; memory cap %s", model.id,
-                 model.precision, memcap.format_bytes(needed.total), self.max_frames, self.cap.describe())
+        log.info("model worker: %s in %s needs ≈ %s with up to %d frames at a time%s; memory cap %s", model.id,
+                 model.precision, memcap.format_bytes(needed.total), self.max_frames,
+                 " and a copy of the language model for its prefill" if prefill_copy else "", self.cap.describe())
         self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
                              model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None,
                              logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
-                             str(self.config.state_dir / "prepared") if model.precision == "int8" else None)
+                             str(self.config.state_dir / "prepared") if model.precision == "int8" else None,
+                             prefill_copy)
         self._start()
         self._sampler = threading.Thread(target=self._sample, name="worker-rss", daemon=True)
         self._sampler.start()

@@ -1,5 +1,5 @@
-"""The vision tower's int8 layers on oneDNN where the CPU has AMX: the kernel, its activations' levels, and where
-the loader and the packer put it."""
+"""The int8 layers on oneDNN where the CPU has AMX (the vision tower's; the language model's prefill copy): the
+kernel, its activations' levels, and where the loader and the packer put it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from edgevl.engine import loading, onednn_int8
 from edgevl.engine.engine import Engine
-from edgevl.engine.kernels import IntMatmulLinear, int8_dot_products, int8_linear, quantize_rows
+from edgevl.engine.kernels import IntMatmulLinear, int8_dot_products, int8_kernel, int8_linear, quantize_rows
 from edgevl.engine.loading import load_model
-from edgevl.engine.onednn_int8 import OnednnInt8Linear, quantize_activations
+from edgevl.engine.onednn_int8 import ByRows, OnednnInt8Linear, quantize_activations
 from edgevl.questions import Question
 from tests.harness.images import noise_image
 
@@ -70,7 +70,7 @@ def test_a_nan_or_infinite_activation_does_not_raise(bad: float) -> None:
 def test_the_vision_tower_alone_runs_on_onednn_where_the_cpu_has_amx(amx: bool, test_model_dir: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onednn_int8, "pays", lambda: amx)
-    lm = load_model(str(test_model_dir), "int8", 1)
+    lm = load_model(str(test_model_dir), "int8", 1, prefill_copy=False)
     onednn = {name for name, m in lm.model.named_modules() if isinstance(m, OnednnInt8Linear)}
     vision = {name for name, m in lm.model.named_modules()
               if name.startswith("model.visual.") and hasattr(m, "out_features")}
@@ -84,10 +84,10 @@ def test_a_later_start_packs_its_vision_tower_for_onednn_behind_the_answers(
         tmp_path: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onednn_int8, "pays", lambda: True)
     monkeypatch.setattr(loading, "int_mm_fast", lambda: True)  # the deferring start, on any host
-    first = load_model(str(test_model_dir), "int8", 1, tmp_path)
+    first = load_model(str(test_model_dir), "int8", 1, tmp_path, prefill_copy=False)
     reference = Engine(first).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
     gate = threading.Event()
-    lm = load_model(str(test_model_dir), "int8", 1, tmp_path, pack_gate=gate)
+    lm = load_model(str(test_model_dir), "int8", 1, tmp_path, pack_gate=gate, prefill_copy=False)
     assert lm.packer is not None
     assert isinstance(lm.model.model.visual.blocks[0].mlp.linear_fc1, IntMatmulLinear)
     gate.set()
@@ -95,5 +95,69 @@ def test_a_later_start_packs_its_vision_tower_for_onednn_behind_the_answers(
     assert lm.packer.failed is None
     assert isinstance(lm.model.model.visual.blocks[0].mlp.linear_fc1, OnednnInt8Linear)
     assert not any(isinstance(m, OnednnInt8Linear) for m in lm.model.model.language_model.modules())
+    answered = Engine(lm).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
+    assert (answered.tokens, answered.scores) == (reference.tokens, reference.scores)
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (1, 1, 256), (8, 256), (31, 256), (32, 256), (2, 40, 256), (300, 256)])
+def test_a_layer_with_a_prefill_copy_multiplies_few_rows_with_fbgemm_and_many_with_onednn(
+        shape: tuple[int, ...]) -> None:
+    torch.manual_seed(6)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    q, scales = quantize_rows(linear.weight.detach())
+    few, many = int8_kernel(q, scales, None), OnednnInt8Linear(q, scales, None)
+    layer = ByRows(few, many)
+    x = torch.randn(*shape)
+    rows = x.numel() // 256
+    with torch.inference_mode():
+        got = layer(x)
+        assert torch.equal(got, (many if rows >= onednn_int8.PREFILL_ROWS else few)(x))
+    assert got.shape == (*shape[:-1], 96)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_the_language_model_keeps_a_prefill_copy_where_allowed_and_amx_is_there(
+        copy: bool, test_model_dir: Path, fp32_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(onednn_int8, "pays", lambda: True)
+    image = noise_image(96, 80, seed=4)
+    exact = Engine(fp32_model).answer(image, QUESTIONS, 96 * 96)
+    reference = Engine(load_model(str(test_model_dir), "int8", 1, prefill_copy=False)).answer(
+        image, QUESTIONS, 96 * 96)
+    monkeypatch.setattr(onednn_int8, "PREFILL_ROWS", 2)  # the test model's prompts are short: every pass prefills
+    lm = load_model(str(test_model_dir), "int8", 1, prefill_copy=copy)
+    layers = lm.model.model.language_model.layers
+    kernels = [layer.self_attn.qkv_proj.linear for layer in layers] + [layer.self_attn.o_proj for layer in layers] \
+        + [layer.mlp.gate_up_proj.linear for layer in layers] + [layer.mlp.down_proj for layer in layers]
+    assert all(isinstance(k, ByRows) for k in kernels) is copy
+    assert not any(isinstance(k, ByRows) for k in kernels) is not copy
+    assert not isinstance(lm.model.lm_head, ByRows)  # a prefill's logits are a few rows: fbgemm's
+    answered = Engine(lm).answer(image, QUESTIONS, 96 * 96)
+    if not copy:
+        assert (answered.tokens, answered.scores) == (reference.tokens, reference.scores)
+    elif int8_dot_products():  # oneDNN's activations in 256 levels: no further from float32's than fbgemm's
+        assert answered.scores != reference.scores
+
+        def drift(scores: dict[str, list[float]]) -> float:
+            return sum(abs(a - b) for key in exact.scores for a, b in zip(scores[key], exact.scores[key], strict=True))
+
+        assert drift(answered.scores) <= 1.25 * drift(reference.scores)
+
+
+def test_a_later_start_packs_the_prefill_copy_behind_the_answers(
+        tmp_path: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onednn_int8, "pays", lambda: True)
+    monkeypatch.setattr(loading, "int_mm_fast", lambda: True)  # the deferring start, on any host
+    first = load_model(str(test_model_dir), "int8", 1, tmp_path)
+    reference = Engine(first).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
+    gate = threading.Event()
+    lm = load_model(str(test_model_dir), "int8", 1, tmp_path, pack_gate=gate)
+    assert lm.packer is not None
+    down = lambda: lm.model.model.language_model.layers[0].mlp.down_proj  # noqa: E731
+    assert isinstance(down(), IntMatmulLinear)
+    gate.set()
+    assert lm.packer.wait(60)
+    assert lm.packer.failed is None
+    assert isinstance(down(), ByRows)
+    assert isinstance(lm.model.model.language_model.layers[0].mlp.gate_up_proj.linear, ByRows)
     answered = Engine(lm).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
     assert (answered.tokens, answered.scores) == (reference.tokens, reference.scores)

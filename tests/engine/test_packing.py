@@ -7,11 +7,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from edgevl.engine import loading, packing
+from edgevl.engine import loading, onednn_int8, packing
 from edgevl.engine.engine import Engine
 from edgevl.engine.kernels import IntMatmulLinear, RowSlices, fbgemm_int8_available
 from edgevl.engine.loading import LoadedModel, load_model
@@ -89,16 +90,16 @@ def test_a_later_start_answers_before_packing_and_ends_as_a_start_that_packed_fi
 
 def test_a_packing_that_fails_leaves_the_rest_answering_unpacked(prepared: Path, test_model_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    real = packing.fbgemm_linear
+    real = onednn_int8.packed
     calls = []
 
-    def fails_third(*args: torch.Tensor) -> torch.nn.Module:
+    def fails_third(*args: Any) -> torch.nn.Module:
         calls.append(1)
         if len(calls) == 3:
             raise MemoryError("no room for the packed copy")
         return real(*args)
 
-    monkeypatch.setattr(packing, "fbgemm_linear", fails_third)
+    monkeypatch.setattr(onednn_int8, "packed", fails_third)
     lm = load_model(str(test_model_dir), "int8", 1, prepared)
     assert lm.packer is not None
     assert lm.packer.wait(60)

@@ -120,3 +120,41 @@ def test_the_cache_is_counted_in_the_type_and_with_the_room_the_engine_gives_it(
         stored = kvcache.stored_dtype(precision) or computed
         assert footprint.cache_bytes(precision) == stored.itemsize
     assert footprint.CACHE_ROOM == kvcache.MIN_ROOM
+
+
+@pytest.mark.parametrize(("flags", "precision", "pays"), [
+    ("fpu avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8", "int8", True),
+    ("fpu avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8", "float32", False),
+    ("fpu avx2 avx512f avx512_vnni amx_bf16 amx_tile", "int8", False),
+    ("fpu avx2 amx_int8x", "int8", False),
+])
+def test_the_prefill_copy_pays_where_the_cpu_has_amx_int8_tiles(tmp_path: Path, flags: str, precision: str,
+                                                                 pays: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpu = f"flags\t\t: {flags}\n"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\n{cpu}\nprocessor\t: 1\n{cpu}")
+    assert footprint.prefill_copy_pays(precision, cpuinfo) is pays  # type: ignore[arg-type]
+    assert footprint.prefill_copy_pays("int8", tmp_path / "missing") is False
+
+
+def test_the_prefill_copy_is_counted_and_kept_only_where_it_fits_beside_the_frames(tmp_path: Path) -> None:
+    path = _shapes_only_checkpoint(tmp_path / "2b")
+    alone = footprint.estimate(path, "int8", 8, 448 * 448)
+    copy = footprint.estimate(path, "int8", 8, 448 * 448, prefill_copy=True)
+    # The 28 decoder layers' matrices once more in int8 (1.41 G weights), nothing else.
+    assert 1.40e9 < copy.weights - alone.weights < 1.43e9
+    assert (copy.kv_cache, copy.activations, copy.loading) == (alone.kv_cache, alone.activations, alone.loading)
+    assert footprint.estimate(path, "float32", 8, 448 * 448, prefill_copy=True) == \
+        footprint.estimate(path, "float32", 8, 448 * 448)
+
+    eight = footprint.estimate(path, "int8", 8, 448 * 448, frames=8)
+    eight_copy = footprint.estimate(path, "int8", 8, 448 * 448, frames=8, prefill_copy=True)
+    # Room for the copy beside eight frames: kept.
+    assert footprint.plan(path, "int8", 8, 448 * 448, eight_copy.total, 0, 8, True) == (8, eight_copy, True)
+    # Room for eight frames without it, not with it: the frames keep their room, the copy goes.
+    assert footprint.plan(path, "int8", 8, 448 * 448, eight_copy.total - 1, 0, 8, True) == (8, eight, False)
+    # Frames set in the configuration: the copy only where it fits beside them.
+    assert footprint.plan(path, "int8", 8, 448 * 448, copy.total, 1, 8, True) == (1, copy, True)
+    assert footprint.plan(path, "int8", 8, 448 * 448, copy.total - 1, 1, 8, True) == (1, alone, False)
+    # Not asked for (a CPU without AMX): never counted.
+    assert footprint.plan(path, "int8", 8, 448 * 448, 100 * GIB, 0, 8, False) == (8, eight, False)

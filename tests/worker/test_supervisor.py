@@ -20,6 +20,7 @@ from edgevl.config import Config, load_config
 from edgevl.errors import ModelError
 from edgevl.records import Job, Source
 from edgevl.rules import Rule
+from edgevl.worker import footprint
 from edgevl.worker.protocol import Work
 from edgevl.worker.supervisor import Finished, Lost, WorkerSupervisor
 
@@ -169,6 +170,22 @@ def test_memory_over_the_limit_kills_the_worker_alone(supervise: Callable[..., W
     (lost,) = _until(supervisor, lambda e: bool(e))
     assert (lost.keys, lost.code) == (("big",), "memory_limit")
     assert "over the limit of 500 MiB" in lost.detail
+    _ready(supervisor)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_int8_keeps_its_prefill_copy_only_where_the_cap_holds_it(
+        room: bool, supervise: Callable[..., WorkerSupervisor], test_model_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(footprint, "prefill_copy_pays", lambda precision: precision == "int8")  # a CPU with AMX
+    copy = footprint.estimate(test_model_dir, "int8", 2, 40000, 1, prefill_copy=True)
+    alone = footprint.estimate(test_model_dir, "int8", 2, 40000, 1)
+    assert copy.total > alone.total
+    limit = copy.total if room else copy.total - 1
+    supervisor = supervise(extra=f'precision = "int8"\nmax_batch = 2\nmax_frames = 1\nmemory_limit = {limit}')
+    request = supervisor._request
+    assert request is not None
+    assert request.prefill_copy is room  # what the worker is told to load
     _ready(supervisor)
 
 
