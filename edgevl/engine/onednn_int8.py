@@ -12,8 +12,8 @@ The language model decodes on fbgemm everywhere: with AMX, the whole model's one
 against 0.097 s on oneDNN (its products alone 134 ms a step against fbgemm's 71 ms, on a 2-core Xeon with AMX).
 Its prefill (a frame's prompt, its questions, a page's thousand tokens) is where oneDNN's AMX tiles pay, so
 there, where the memory cap leaves room, each of its layers keeps a second packed copy of the same int8 rows
-for oneDNN and multiplies many rows with it (``ByRows``): on that Xeon a W4 frame took a median 4.13 s against
-5.08 s, for 1.4 GB more (the daemon counts it in its estimate and leaves it out where the cap would not hold it,
+for oneDNN and multiplies many rows with it (``ByRows``): on that Xeon a W4 frame took a median 3.87 s against
+4.68 s, for 1.4 GB more (the daemon counts it in its estimate and leaves it out where the cap would not hold it,
 ``edgevl.worker.footprint``).
 
 Activations are quantized per call over the whole input, asymmetric in 256 levels, as fbgemm does but
