@@ -69,8 +69,9 @@ def prefill_copy_pays(precision: Precision, cpuinfo: Path = Path("/proc/cpuinfo"
 
 
 def _prefill_copy_bytes(info: TensorInfo) -> int:
-    """A decoder layer's matrix packed again for oneDNN: its int8 rows, a float32 scale and an int64 zero point
-    an output channel."""
+    """A decoder layer's matrix packed again for oneDNN (``edgevl.engine.onednn_int8.ByRows``, every int8 layer of
+    the language model; its embedding is no product): its int8 rows, a float32 scale and an int64 zero point an
+    output channel."""
     if len(info.shape) == 2 and info.name.startswith("model.language_model.layers."):
         return info.numel + info.shape[0] * 12
     return 0

@@ -128,8 +128,7 @@ def test_the_language_model_keeps_a_prefill_copy_where_allowed_and_amx_is_there(
     layers = lm.model.model.language_model.layers
     kernels = [layer.self_attn.qkv_proj.linear for layer in layers] + [layer.self_attn.o_proj for layer in layers] \
         + [layer.mlp.gate_up_proj.linear for layer in layers] + [layer.mlp.down_proj for layer in layers]
-    assert all(isinstance(k, ByRows) for k in kernels) is copy
-    assert not any(isinstance(k, ByRows) for k in kernels) is not copy
+    assert {isinstance(k, ByRows) for k in kernels} == {copy}  # every decoder projection, or none
     assert not isinstance(lm.model.lm_head, ByRows)  # a prefill's logits are a few rows: fbgemm's
     answered = Engine(lm).answer(image, QUESTIONS, 96 * 96)
     if not copy:
