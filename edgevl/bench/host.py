@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
+from edgevl import cpuinfo
 from edgevl.engine.kernels import cpu_capabilities
 
 
 def machine() -> str:
     """The host's CPU, its instruction sets, cores and the versions that decide its kernels."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpuinfo.field("model name") or "unknown CPU"
     import torch
     import transformers
 

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgevl import cpuinfo
+
 # Rows quantized at a time, so that a 151936 x 2048 output head never exists in
 # float32 in memory (1.2 GB) while it is converted.
 _CHUNK_ROWS = 8192
@@ -280,14 +282,7 @@ def packing_available() -> bool:
 
 @functools.cache
 def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo.field("vendor_id") or ""
 
 
 def packing_pays() -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevl.config import Precision
+from edgevl.cpuinfo import CPUINFO, has_flag
 from edgevl.engine.model_files import TensorInfo, read_config, read_tensor_infos
 from edgevl.worker.memcap import format_bytes
 
@@ -56,16 +57,10 @@ def cache_bytes(precision: Precision) -> int:
     return 4 if precision == "float32" else 2
 
 
-def prefill_copy_pays(precision: Precision, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def prefill_copy_pays(precision: Precision, cpuinfo: Path = CPUINFO) -> bool:
     """Whether an int8 worker here would keep its language model's prefill copy: a CPU with AMX's int8 tiles
     (``edgevl.engine.onednn_int8.pays``, which asks torch; the daemon reads the same flag from the kernel)."""
-    if precision != "int8":
-        return False
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_int8" in line.split() for line in text.splitlines())
+    return precision == "int8" and has_flag("amx_int8", cpuinfo)
 
 
 def _prefill_copy_bytes(info: TensorInfo) -> int:
