@@ -220,9 +220,14 @@ def main() -> int:
     # is then the engine's alone.
     naive_seconds, naive_text = naive_generate(lm.model, lm.tokenizer, lm.image_processor)
     print(f"  naive generate(): {naive_seconds:.2f} s", file=sys.stderr)
+    from edgevl.engine.float32_packing import trial_for
+
+    packing = trial_for(lm.config) if precision == "float32" else None  # this process's trial, not another
     print(json.dumps({
         "workload": "W4",
         "precision": precision,
+        "float32_packs": packing is not None and packing.pays,
+        "float32_packing_speedup": None if packing is None else round(packing.speedup, 2),
         "seconds_per_image": round(per_image, 3),
         "naive_seconds_per_image": round(naive_seconds, 3),
         "speedup": round(naive_seconds / per_image, 2),

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from edgevl.engine import onednn_int8
+from edgevl.engine.float32_packing import PackedLinear
 from edgevl.engine.kernels import (
-    PackedLinear,
     bfloat16_attention_fast,
     fbgemm_int8_available,
     int8_linear,

@@ -1,11 +1,10 @@
-"""Matrix-product kernels for the CPU: oneDNN-packed float32 and fbgemm int8 Linear layers.
+"""Matrix-product kernels for the CPU: fbgemm int8 Linear layers, the float32 output head in slices, and the
+choice of kernel for each precision's Linear layers.
 
-The choice was measured on the 2-core appliance (``edgevl bench`` writes the
-Kernels table of docs/performance.md): oneDNN with float32 weights reordered once
-into its blocked layout beats ``F.linear`` at every batch size, most for one to a
-few rows (decoding), where ``F.linear`` reads the weights well below the memory
-bandwidth. fbgemm's dynamically quantized Linear (int8 weights per output
-channel, activations quantized per call) is the fast int8 kernel; the engine calls its
+float32 runs on oneDNN-packed weights where a trial at load chooses them (``edgevl.engine.float32_packing``),
+otherwise on ``F.linear``.  fbgemm's dynamically quantized Linear (int8 weights per output
+channel, activations quantized per call) is the fast int8 kernel (``edgevl bench`` writes the
+Kernels table of docs/performance.md); the engine calls its
 operators itself (``FbgemmLinear``), not through ``torch.ao``'s module, which torch has
 announced it will move out.  Where the operators are gone, int8
 falls back to ``torch._int_mm`` on the same int8 weights with activations quantized
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgevl import cpuinfo
+from edgevl.engine.float32_packing import PackedLinear
 
 # Rows quantized at a time, so that a 151936 x 2048 output head never exists in
 # float32 in memory (1.2 GB) while it is converted.
@@ -218,36 +217,16 @@ class FbgemmLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fbgemm=True"
 
 
-class PackedLinear(nn.Module):
-    """A float32 Linear whose weight is kept in oneDNN's blocked layout.
-
-    Same arithmetic as ``nn.Linear`` (float32 products and sums), faster
-    kernels; the weight is reordered once at load time and the dense copy freed.
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        weight = linear.weight.detach().float()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return out
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn_packed=True"
-
-
 class ChunkedLinear(nn.Module):
     """A very wide float32 Linear (the output head tied to the embedding: 151,936 outputs) computed 4,096
     outputs at a time.
 
     For a few rows (a decode step's), one product over all outputs reads the 1.2 GB matrix at well under the
     memory's bandwidth on some hosts; in slices it ran about twice as fast at eight rows there, with the same
-    products and sums per output (bit for bit; tests/engine/test_kernels.py).  A single row is one product:
+    products and sums per output (bit for bit; tests/engine/test_kernels.py).  Where the float32 trial at load
+    (``edgevl.engine.float32_packing``) finds it faster, each slice multiplies as its weights times the rows'
+    transpose: on a 2-core AVX2 EPYC eight rows took 134-150 ms so against 242 ms (the same products, summed in
+    another order: equal to the last bits).  A single row is one product:
     the BLAS's matrix-vector kernel may split a row's sum differently for a slice than for the whole matrix
     (a last-bit difference, seen on an Intel host), and it reads at the bandwidth anyway.  The weight stays
     the embedding's own tensor: packing a copy would cost 1.2 GB.
@@ -255,48 +234,32 @@ class ChunkedLinear(nn.Module):
 
     CHUNK = 4096
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, transposed: bool = False) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight  # shared, not copied
         self.bias = linear.bias
+        self.transposed = transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
             return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, self.in_features).t() if self.transposed else x
         parts = []
         for start in range(0, self.out_features, self.CHUNK):
             bias = None if self.bias is None else self.bias[start: start + self.CHUNK]
-            parts.append(F.linear(x, self.weight[start: start + self.CHUNK], bias))
-        return torch.cat(parts, dim=-1)
+            if self.transposed:
+                part = torch.mm(self.weight[start: start + self.CHUNK], flat).t()
+                parts.append(part if bias is None else part + bias)
+            else:
+                parts.append(F.linear(x, self.weight[start: start + self.CHUNK], bias))
+        out = torch.cat(parts, dim=-1)
+        return out.reshape(*x.shape[:-1], self.out_features) if self.transposed else out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, chunk={self.CHUNK}"
-
-
-def packing_available() -> bool:
-    available = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-    return available and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-@functools.cache
-def _cpu_vendor() -> str:
-    return cpuinfo.field("vendor_id") or ""
-
-
-def packing_pays() -> bool:
-    """Whether float32 Linear layers run on oneDNN-packed weights (``PackedLinear``) rather than torch's BLAS.
-
-    torch's BLAS runs its AVX-512 code on Intel CPUs only.  Measured on 2-core hosts (``edgevl bench``,
-    Kernels table, 2048x6144): on an AMD EPYC with AVX-512, oneDNN's packed kernel was much faster than
-    ``F.linear``; on Intel Xeons with AVX-512, ``F.linear`` was as fast at one row and from 3% slower to 19%
-    faster at 256 rows; on an AMD EPYC with AVX2 only, 9% faster at one row and 32% at 256.  Reordering costs
-    a float32 start 3.5-6 s (8.5 GB of fresh memory faulted in once more), so it is done only where it pays.
-    """
-    if not packing_available():
-        return False
-    return cpu_has("avx512_f") and _cpu_vendor() != "GenuineIntel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, chunk={self.CHUNK}, "
+                f"transposed={self.transposed}")
 
 
 def bfloat16_attention_fast() -> bool:
@@ -333,11 +296,12 @@ class Int8Embedding(nn.Module):
         return rows * nn.functional.embedding(ids, self.scales)
 
 
-def _converter(precision: str) -> Callable[[nn.Linear], nn.Module] | None:
-    """float32 uses oneDNN-packed weights where that pays, int8 fbgemm; otherwise ``nn.Linear`` stays."""
+def _converter(precision: str, packs: bool) -> Callable[[nn.Linear], nn.Module] | None:
+    """int8 uses fbgemm, float32 oneDNN-packed weights where its trial chose them (``packs``,
+    ``edgevl.engine.float32_packing``); otherwise ``nn.Linear`` stays."""
     if precision == "int8":
         return int8_linear
-    if precision == "float32" and packing_pays():
+    if precision == "float32" and packs:
         return PackedLinear
     return None
 
@@ -346,20 +310,21 @@ def _loaded(linear: nn.Linear) -> bool:
     return not linear.weight.is_meta and (linear.bias is None or not linear.bias.is_meta)
 
 
-def convert_linear(model: nn.Module, name: str, precision: str) -> None:
+def convert_linear(model: nn.Module, name: str, precision: str, packs: bool = False) -> None:
     """Replace the module ``name`` of ``model``, if it is a loaded ``nn.Linear``, by the fast kernel of
-    ``precision``."""
+    ``precision`` (float32: packed for oneDNN if ``packs``)."""
     parent, _, attr = name.rpartition(".")
     owner = model.get_submodule(parent)
     child = getattr(owner, attr, None)
-    convert = _converter(precision)
+    convert = _converter(precision, packs)
     if convert is not None and isinstance(child, nn.Linear) and _loaded(child):
         setattr(owner, attr, convert(child))
 
 
-def convert_linears(module: nn.Module, precision: str) -> int:
-    """Replace every loaded ``nn.Linear`` below ``module`` by the fast kernel of ``precision``; returns the count."""
-    convert = _converter(precision)
+def convert_linears(module: nn.Module, precision: str, packs: bool = False) -> int:
+    """Replace every loaded ``nn.Linear`` below ``module`` by the fast kernel of ``precision`` (float32: packed
+    for oneDNN if ``packs``); returns the count."""
+    convert = _converter(precision, packs)
     if convert is None:
         return 0
     if isinstance(module, nn.Linear):
@@ -367,7 +332,7 @@ def convert_linears(module: nn.Module, precision: str) -> int:
     count = 0
     for name, child in list(module.named_children()):
         if not isinstance(child, nn.Linear):
-            count += convert_linears(child, precision)
+            count += convert_linears(child, precision, packs)
         elif _loaded(child):
             setattr(module, name, convert(child))
             count += 1

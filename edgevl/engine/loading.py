@@ -5,7 +5,7 @@ the ``meta`` device, one decoder layer at a time, and converted to the target
 precision as they arrive: the process never holds two copies of the weights
 (a float32 copy next to the int8 one, or the file mapping next to the tensors).
 float32 loads one layer per core, each weight read into its thread's scratch
-buffer and reordered for oneDNN from there at once.
+buffer and, where a trial chose oneDNN (``edgevl.engine.float32_packing``), reordered from there at once.
 """
 
 from __future__ import annotations
@@ -31,14 +31,9 @@ from edgevl.config import PRECISIONS, Precision
 from edgevl.engine import kernels
 from edgevl.engine.activations import use_in_place_vision_activation
 from edgevl.engine.attention import use_bfloat16_vision_attention, use_grouped_attention
+from edgevl.engine.float32_packing import head_transposed, packing_pays
 from edgevl.engine.int8_layers import Int8Rows, finish_int8, int8_linears
-from edgevl.engine.kernels import (
-    ChunkedLinear,
-    convert_linear,
-    convert_linears,
-    fbgemm_int8_available,
-    int_mm_fast,
-)
+from edgevl.engine.kernels import ChunkedLinear, convert_linear, convert_linears, fbgemm_int8_available, int_mm_fast
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.engine.packing import Deferred, Packer
 from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
@@ -195,7 +190,7 @@ def _packed_at_once(model: nn.Module, key: str) -> bool:
 
 
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision,
-                    source: Int8Rows) -> set[str]:
+                    source: Int8Rows, packs: bool) -> set[str]:
     from safetensors import safe_open
 
     files = {info.name: info.file for info in read_tensor_infos(path)}
@@ -206,7 +201,6 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
         match = _LAYER_RE.match(key)
         groups[match.group(1) if match else key.rpartition(".")[0].rpartition(".")[0]].append(key)
     owners = frozenset(groups)
-    packs = precision == "float32" and kernels.packing_pays()
     scratch = _Scratch()
 
     def load(owner: str) -> None:
@@ -219,7 +213,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                     if packs and _packed_at_once(model, key):
                         _assign(model, key, scratch.read(f, key))
                         # Reordered into memory of its own: the scratch is free for the next weight.
-                        convert_linear(model, key.rpartition(".")[0], precision)
+                        convert_linear(model, key.rpartition(".")[0], precision, packs)
                         continue
                     # int8 quantizes the token embedding from the file's rows (see Int8Embedding).
                     target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
@@ -228,7 +222,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
             int8_linears(model.get_submodule(owner), owner, source, owners - {owner})
         else:  # only the group's own layers: another thread may be filling the rest of the model
             for name in dict.fromkeys(key.rpartition(".")[0] for key in keys):
-                convert_linear(model, name, precision)
+                convert_linear(model, name, precision, packs)
 
     # float32: converting a layer into fresh memory, and reordering it for oneDNN where that pays, keeps about
     # one core busy (both ran at about 1 GB/s with one thread or two), so the layers are loaded one per core.
@@ -263,9 +257,10 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> A
     if precision == "int8" and kernels.bfloat16_attention_fast():
         use_bfloat16_vision_attention(model)
     _rebuild_meta_buffers(model)
+    packs = precision == "float32" and packing_pays(config)  # timed before the load takes both cores
     _set_mmap_threshold(_LOAD_MMAP_THRESHOLD)
     try:
-        loaded = _stream_weights(model, path, dtype, precision, source)
+        loaded = _stream_weights(model, path, dtype, precision, source, packs)
         if "lm_head.weight" not in loaded:
             # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
@@ -274,9 +269,9 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> A
         else:
             # Mergers and other loose Linear layers; a tied output head stays a dense
             # nn.Linear because packing it would duplicate the embedding matrix.
-            convert_linears(model if "lm_head.weight" in loaded else model.model, precision)
+            convert_linears(model if "lm_head.weight" in loaded else model.model, precision, packs)
             if "lm_head.weight" not in loaded and precision == "float32":
-                model.lm_head = ChunkedLinear(model.lm_head)
+                model.lm_head = ChunkedLinear(model.lm_head, head_transposed(config))
     finally:
         _set_mmap_threshold(_RUN_MMAP_THRESHOLD)
         _trim_heap()

@@ -110,6 +110,22 @@ def test_the_chunked_head_computes_what_one_product_computes_bit_for_bit(rows: i
         assert torch.equal(chunked(x), linear(x))
 
 
+@pytest.mark.parametrize("shape", [(2, 256), (8, 256), (3, 5, 256), (1, 1, 256), (300, 256)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_transposed_head_computes_the_same_products(shape: tuple[int, ...], bias: bool) -> None:
+    # Weights times the rows' transpose: the same products per output, summed in an order of the BLAS's own.
+    torch.manual_seed(len(shape) + shape[0])
+    linear = torch.nn.Linear(256, 2 * kernels.ChunkedLinear.CHUNK + 77, bias=bias)
+    head = kernels.ChunkedLinear(linear, transposed=True)
+    assert head.weight is linear.weight, "the tied weight is shared, never copied"
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out, expected = head(x), linear(x)
+    assert out.shape == expected.shape
+    assert out.is_contiguous()
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_tied_float32_head_is_chunked_and_stays_the_embedding(fp32_model) -> None:  # type: ignore[no-untyped-def]
     model = fp32_model.model
     assert isinstance(model.lm_head, kernels.ChunkedLinear)

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgevl.engine import kernels, onednn_int8
+from edgevl.engine import loading, onednn_int8
 from edgevl.engine.engine import Engine
-from edgevl.engine.kernels import FbgemmLinear, Int8Embedding, PackedLinear
+from edgevl.engine.float32_packing import PackedLinear
+from edgevl.engine.kernels import FbgemmLinear, Int8Embedding
 from edgevl.engine.loading import load_model
 from edgevl.engine.model_files import resolve_model_path
 from edgevl.errors import ModelError
@@ -32,7 +33,7 @@ def test_float32_packs_its_weights_for_onednn_only_where_that_pays(test_model_di
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     answers = []
     for pays, kind in ((True, PackedLinear), (False, nn.Linear)):
-        monkeypatch.setattr(kernels, "packing_pays", lambda pays=pays: pays)
+        monkeypatch.setattr(loading, "packing_pays", lambda config, pays=pays: pays)
         lm = load_model(str(test_model_dir), "float32")
         assert type(lm.model.model.language_model.layers[0].mlp.gate_proj) is kind
         assert type(lm.model.model.visual.blocks[0].attn.qkv) is kind
@@ -45,17 +46,6 @@ def test_float32_packs_its_weights_for_onednn_only_where_that_pays(test_model_di
     assert packed.scores.keys() == dense.scores.keys()
     for key in packed.scores:
         assert packed.scores[key] == pytest.approx(dense.scores[key], abs=1e-4), key
-
-
-def test_packing_pays_where_the_blas_lacks_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
-    # torch's BLAS takes its AVX-512 code on Intel CPUs only; oneDNN's packed kernel on any.
-    for vendor, avx512, pays in (("AuthenticAMD", True, True), ("AuthenticAMD", False, False),
-                                 ("GenuineIntel", True, False), ("GenuineIntel", False, False)):
-        monkeypatch.setattr(kernels, "_cpu_vendor", lambda vendor=vendor: vendor)
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda avx512=avx512: {"avx512_f": avx512})
-        assert kernels.packing_pays() is (pays and kernels.packing_available()), (vendor, avx512)
-    monkeypatch.undo()
-    assert kernels._cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls")
 
 
 @pytest.mark.parametrize("precision", ["int8", "bfloat16"])
@@ -160,7 +150,7 @@ def test_float32_layers_loaded_in_parallel_each_hold_their_own_weights(test_mode
     # weight must be its own, even with each layer's tensors spread over two shards.
     from safetensors.torch import save_file
 
-    monkeypatch.setattr(kernels, "packing_pays", lambda: True)  # the scratch serves the reorder alone
+    monkeypatch.setattr(loading, "packing_pays", lambda config: True)  # the scratch serves the reorder alone
 
     tensors = _copy_but_weights(test_model_dir, tmp_path)
     names = sorted(tensors)
