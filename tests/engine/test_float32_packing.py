@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgevl import cpuinfo
-from edgevl.engine import float32_packing
+from edgevl.engine import float32_packing, loading
 from edgevl.engine.float32_packing import PAYS_AT, STREAM_ROWS, TRIAL_ROWS, PackedLinear, Trial
 from edgevl.engine.loading import load_model
 
@@ -106,8 +106,20 @@ def test_a_load_follows_its_trial(test_model_dir: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(float32_packing, "trial", timed)
     monkeypatch.setattr(cpuinfo, "last_level_cache_bytes", lambda: 1024)
-    lm = load_model(str(test_model_dir), "float32")
+    converting: list[int] = []
+    convert = loading.convert_linear
+
+    def counted(*args: object) -> None:
+        converting.append(torch.get_num_threads())
+        convert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loading, "convert_linear", counted)
+    lm = load_model(str(test_model_dir), "float32", threads=2)
     assert seen == [shape]
+    # The layers are loaded one per core, each converted on one thread; the answers get their threads back.
+    assert converting
+    assert set(converting) == {1}
+    assert torch.get_num_threads() == lm.threads == 2
     gate = lm.model.model.language_model.layers[0].mlp.gate_proj
     assert type(gate) is (PackedLinear if faster else nn.Linear)
     assert lm.model.lm_head.transposed is faster
