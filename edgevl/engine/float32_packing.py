@@ -5,8 +5,8 @@ CPU's vendor and instruction sets: 2-core hosts of one name disagreed (``edgevl 
 On AMD EPYCs with AVX-512 the packed kernel was far faster; on Intel Xeons with AVX-512 as fast at one row and up
 to 20% faster at 256; on one AVX2 EPYC ``F.linear`` was faster at both, on another the packed kernel 1.1x as fast at
 one row, 2x at four to 32 rows (the stream mode's decode steps) and 1.07x at 256.  Reordering the weights costs a
-float32 start about three seconds, so a worker decides by timing both kernels on matrices of its model's own shape
-before it loads (``trial``), and packs only where that pays.
+float32 start one to three seconds on 2 cores, so a worker decides by timing both kernels on matrices of its model's
+own shape before it loads (``trial``, under a second), and packs only where that pays.
 """
 
 from __future__ import annotations
@@ -149,13 +149,17 @@ def decide(shape: tuple[int, int], available: int) -> Trial | None:
     """The trial for a model whose largest float32 matrices have ``shape`` (``available`` of them), once per
     process; None where oneDNN's packing is missing or the model's matrices all fit in the last-level cache,
     where they stay ``nn.Linear`` without a trial (a test model: nothing to gain, and the same kernels at every
-    start)."""
+    start), and where the trial fails."""
     if not packing_available():
         return None
     cache_bytes = cpuinfo.last_level_cache_bytes()
     if shape[0] * shape[1] * 4 * available <= (cache_bytes or 32 << 20):
         return None
-    result = trial(shape, trial_matrices(shape, available, cache_bytes))
+    try:
+        result = trial(shape, trial_matrices(shape, available, cache_bytes))
+    except (RuntimeError, MemoryError) as exc:  # a trial that cannot run never stops a load: F.linear serves
+        log.warning("float32 stays on F.linear: timing oneDNN's packed kernel failed (%s)", exc)
+        return None
     log.info("float32 %s, its output head multiplies several rows %s: %s (%.2fx)",
              "packs its weights for oneDNN" if result.pays else "stays on F.linear",
              "transposed" if result.transposed_pays else "by F.linear", result.describe(), result.speedup)

@@ -88,6 +88,18 @@ def test_without_onednn_packing_nothing_is_tried(monkeypatch: pytest.MonkeyPatch
     assert float32_packing.decide((6144, 2048), 84) is None
 
 
+def test_a_trial_that_fails_leaves_the_load_on_f_linear(test_model_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(shape: tuple[int, int], matrices: int) -> Trial:
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(float32_packing, "trial", fails)
+    monkeypatch.setattr(cpuinfo, "last_level_cache_bytes", lambda: 1024)
+    lm = load_model(str(test_model_dir), "float32")
+    assert not any(isinstance(m, PackedLinear) for m in lm.model.modules())
+    assert float32_packing.trial_for(lm.config) is None
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_a_load_follows_its_trial(test_model_dir: Path, monkeypatch: pytest.MonkeyPatch, faster: bool) -> None:
     # With a cache smaller than the test model, the load times both kernels on its MLP's shape and takes the
