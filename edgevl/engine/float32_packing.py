@@ -29,12 +29,14 @@ from edgevl import cpuinfo
 log = logging.getLogger(__name__)
 
 # A decode step of one frame, of eight frames together (the stream mode), and a prefill.
-TRIAL_ROWS = (1, 8, 256)
 STREAM_ROWS = 8
+TRIAL_ROWS = (1, STREAM_ROWS, 256)
 # Packing pays where it multiplies this much faster over the trial's row counts (their times' geometric mean).
 PAYS_AT = 1.1
 # Matrices timed at most: their bytes should exceed the cache, as the model's do.
 _MOST_MATRICES = 8
+# The last-level cache assumed where the kernel does not tell its size: a 2-core host's share of a server CPU's.
+_CACHE_UNKNOWN = 32 << 20
 
 
 class PackedLinear(nn.Module):
@@ -112,7 +114,7 @@ def trial_matrices(shape: tuple[int, int], available: int, cache_bytes: int | No
     """How many matrices of ``shape`` the trial times: enough to fill twice the last-level cache (as a model's
     weights do), at least two, at most the model's own ``available`` and ``_MOST_MATRICES``."""
     each = shape[0] * shape[1] * 4
-    wanted = math.ceil(2 * (cache_bytes or 32 << 20) / each)
+    wanted = math.ceil(2 * (cache_bytes or _CACHE_UNKNOWN) / each)
     return max(1, min(available, _MOST_MATRICES, max(2, wanted)))
 
 
@@ -153,7 +155,7 @@ def decide(shape: tuple[int, int], available: int) -> Trial | None:
     if not packing_available():
         return None
     cache_bytes = cpuinfo.last_level_cache_bytes()
-    if shape[0] * shape[1] * 4 * available <= (cache_bytes or 32 << 20):
+    if shape[0] * shape[1] * 4 * available <= (cache_bytes or _CACHE_UNKNOWN):
         return None
     try:
         result = trial(shape, trial_matrices(shape, available, cache_bytes))

@@ -245,17 +245,22 @@ class ChunkedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, self.in_features).t() if self.transposed else x
+        if self.transposed:
+            return self._transposed(x)
         parts = []
         for start in range(0, self.out_features, self.CHUNK):
             bias = None if self.bias is None else self.bias[start: start + self.CHUNK]
-            if self.transposed:
-                part = torch.mm(self.weight[start: start + self.CHUNK], flat).t()
-                parts.append(part if bias is None else part + bias)
-            else:
-                parts.append(F.linear(x, self.weight[start: start + self.CHUNK], bias))
+            parts.append(F.linear(x, self.weight[start: start + self.CHUNK], bias))
+        return torch.cat(parts, dim=-1)
+
+    def _transposed(self, x: torch.Tensor) -> torch.Tensor:
+        columns = x.reshape(-1, self.in_features).t()
+        parts = [torch.mm(self.weight[start: start + self.CHUNK], columns).t()
+                 for start in range(0, self.out_features, self.CHUNK)]
         out = torch.cat(parts, dim=-1)
-        return out.reshape(*x.shape[:-1], self.out_features) if self.transposed else out
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, chunk={self.CHUNK}, "
