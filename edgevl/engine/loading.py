@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -32,25 +31,19 @@ from edgevl.engine import kernels
 from edgevl.engine.activations import use_in_place_vision_activation
 from edgevl.engine.attention import use_bfloat16_vision_attention, use_grouped_attention
 from edgevl.engine.float32_packing import head_transposed, packing_pays
-from edgevl.engine.int8_layers import Int8Rows, finish_int8, int8_linears
+from edgevl.engine.int8_layers import EMBEDDING, Int8Rows, finish_int8, int8_linears
 from edgevl.engine.kernels import ChunkedLinear, convert_linear, convert_linears, fbgemm_int8_available, int_mm_fast
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.engine.packing import Deferred, Packer
 from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
 from edgevl.engine.tuning import usable_cores
+from edgevl.engine.weight_reading import Scratch, packed_at_once, read_converted
 from edgevl.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 
 _LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks|deepstack_merger_list)\.\d+)\.")
-# Tensors larger than this are read in row chunks, so that the file's dtype and
-# the target dtype never both hold the whole tensor (the 2B embedding is 1.2 GB
-# in float32).
-_CHUNK_BYTES = 64 << 20
-# Pieces a weight is read in when it goes straight into a float32 scratch buffer: smaller than the mmap
-# threshold set while loading (``_LOAD_MMAP_THRESHOLD``), so each piece reuses the heap's warm memory.
-_PIECE_BYTES = 512 << 10
 # While loading, allocations above 1 MiB get their own mapping and go back to
 # the system when freed; otherwise glibc keeps the freed load-time buffers and
 # the resident size stays at its loading peak.  Afterwards the threshold goes
@@ -119,20 +112,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _read(f: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor from an open safetensors file, converted to ``dtype``, without a full-size temporary."""
-    piece = f.get_slice(key)
-    shape = piece.get_shape()
-    numel = math.prod(shape)
-    if not shape or numel * 4 <= _CHUNK_BYTES:
-        return f.get_tensor(key).to(dtype, copy=True)  # type: ignore[no-any-return]
-    out = torch.empty(shape, dtype=dtype)
-    step = max(1, shape[0] * _CHUNK_BYTES // (numel * 4))
-    for start in range(0, shape[0], step):
-        out[start : start + step] = piece[start : start + step].to(dtype)
-    return out
-
-
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     try:
@@ -150,43 +129,6 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-class _Scratch(threading.local):
-    """One float32 buffer per loading thread, for weights that oneDNN reorders as soon as they are read.
-
-    Fresh memory is faulted in page by page, and while loading every large allocation is fresh (see
-    ``_LOAD_MMAP_THRESHOLD``): converting each weight into memory of its own and then reordering it into more
-    faulted in 17.6 GB for the 2B model, at about 1 GB/s on a 2-core virtual machine.  A weight read into the
-    thread's buffer, in pieces small enough for the heap's warm memory, is faulted in once, by the reorder.
-    """
-
-    buffer: torch.Tensor | None = None
-
-    def read(self, f: Any, key: str) -> torch.Tensor:
-        piece = f.get_slice(key)
-        shape = piece.get_shape()
-        numel = math.prod(shape)
-        if self.buffer is None or self.buffer.numel() < numel:
-            self.buffer = None
-            self.buffer = torch.empty(numel, dtype=torch.float32)
-        out = self.buffer[:numel].view(shape)
-        row_bytes = max(1, numel // shape[0]) * 4
-        step = max(1, _PIECE_BYTES // row_bytes)
-        for start in range(0, shape[0], step):
-            out[start: start + step].copy_(piece[start: start + step])
-        return out
-
-
-def _packed_at_once(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` is the weight of a Linear that can be reordered as soon as it is read (its bias, if any,
-    is already loaded)."""
-    module_name, _, attr = key.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return False
-    return attr == "weight" and isinstance(module, nn.Linear) and (module.bias is None or not module.bias.is_meta)
-
-
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision,
                     source: Int8Rows, packs: bool) -> set[str]:
     from safetensors import safe_open
@@ -199,7 +141,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
         match = _LAYER_RE.match(key)
         groups[match.group(1) if match else key.rpartition(".")[0].rpartition(".")[0]].append(key)
     owners = frozenset(groups)
-    scratch = _Scratch()
+    scratch = Scratch()
 
     def load(owner: str) -> None:
         keys = groups[owner]
@@ -208,14 +150,14 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                 for key in (key for key in keys if files[key] == file):
                     if source.has(key):
                         continue  # its int8 rows are prepared: the file's weights are not read at all
-                    if packs and _packed_at_once(model, key):
+                    if packs and packed_at_once(model, key):
                         _assign(model, key, scratch.read(f, key))
                         # Reordered into memory of its own: the scratch is free for the next weight.
                         convert_linear(model, key.rpartition(".")[0], precision, packs)
                         continue
                     # int8 quantizes the token embedding from the file's rows (see Int8Embedding).
-                    target = torch.bfloat16 if precision == "int8" and key.endswith("embed_tokens.weight") else dtype
-                    _assign(model, key, _read(f, key, target))
+                    target = torch.bfloat16 if precision == "int8" and key == EMBEDDING else dtype
+                    _assign(model, key, read_converted(f, key, target))
         if precision == "int8":  # its own modules: each group's owner is another thread's
             int8_linears(model.get_submodule(owner), owner, source, owners - {owner})
         else:  # only the group's own layers: another thread may be filling the rest of the model
@@ -223,10 +165,10 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                 convert_linear(model, name, precision, packs)
 
     # float32: converting a layer into fresh memory, and reordering it for oneDNN where that pays, keeps about
-    # one core busy (both ran at about 1 GB/s with one thread or two), so the layers are loaded one per core.
-    # So does int8 from prepared rows where each layer is packed for fbgemm as it is mapped (one thread packed
-    # 12 matrices of 6144x2048 in 1.4-1.5 s on a 2-core host, two in 0.75-0.85 s).  A first int8 start writes
-    # its prepared file in this order, one layer after the other; bfloat16 only reads.
+    # one core busy (both ran at about 1 GB/s with one thread or two), so the layers are loaded one per core, as
+    # are int8's prepared rows, each packed for fbgemm as it is mapped (one thread packed 12 matrices of 6144x2048
+    # in 1.4-1.5 s on a 2-core host, two 0.75-0.85 s).  A first int8 start writes its prepared file in this
+    # order; bfloat16 only reads.
     if not (precision == "float32" or (precision == "int8" and source.reader is not None)):
         for owner in sorted(groups):
             load(owner)
@@ -237,7 +179,9 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if precision == "float32" else threads)
     with ThreadPoolExecutor(usable_cores()) as pool:
-        futures = [pool.submit(load, owner) for owner in sorted(groups)]
+        # int8's tied head is its largest matrix to pack: first, so that it ends with the layers, not after them.
+        futures = [pool.submit(source.pack_tied_head)] if precision == "int8" and "lm_head.weight" not in files else []
+        futures += [pool.submit(load, owner) for owner in sorted(groups)]
         try:
             for future in futures:
                 future.result()

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 
 from edgevl.engine import prepared as prepared_module
 from edgevl.engine.engine import Engine
+from edgevl.engine.int8_layers import Int8Rows
+from edgevl.engine.kernels import FbgemmLinear, Int8Embedding, IntMatmulLinear, fbgemm_int8_available
 from edgevl.engine.loading import load_model
 from edgevl.questions import Question
 from tests.harness.disks import fill
@@ -142,3 +145,31 @@ def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_
     # tensors is in no tensor: the start reads the file as it is.
     assert _answers(test_model_dir, prepared_dir) == ("written" if cut or in_a_tensor else "read", plain)
     assert _answers(test_model_dir, prepared_dir) == ("read", plain)
+
+
+def test_a_later_start_packs_the_tied_head_in_a_loading_thread_beside_the_layers(
+        tmp_path: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prepared = tmp_path / "prepared"
+    _, plain = _answers(test_model_dir, prepared)  # written: the embedding is quantized once the file is read
+    calls: list[tuple[str, bool]] = []
+    pack = Int8Rows.pack_tied_head
+
+    def recorded(self: Int8Rows) -> None:
+        pack(self)
+        calls.append((threading.current_thread().name, self.tied_head is not None))
+
+    monkeypatch.setattr(Int8Rows, "pack_tied_head", recorded)
+    lm = load_model(str(test_model_dir), "int8", 1, prepared)
+    assert lm.prepared == "read"
+    [(thread, packed)] = calls
+    assert thread != threading.main_thread().name, "packed by a loading thread"
+    assert packed, "from the prepared rows"
+    head, embedding = lm.model.lm_head, lm.model.model.language_model.embed_tokens
+    assert isinstance(embedding, Int8Embedding)
+    if lm.packer is None:  # packed at load: fbgemm's kernel on the embedding's own rows
+        assert isinstance(head, FbgemmLinear if fbgemm_int8_available() else IntMatmulLinear)
+    else:
+        assert lm.packer.wait(60)
+        assert lm.packer.failed is None
+    answered = Engine(lm).answer(noise_image(96, 80, seed=3), QUESTIONS, 96 * 96)
+    assert (answered.tokens, answered.scores) == plain
