@@ -109,7 +109,7 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
     print(f"  schema mask: median {grammar['median_us']:.0f} µs, p99 {grammar['p99_us']:.0f} µs per token"
           f" ({grammar['vocab']:.0f}-token vocabulary)", file=sys.stderr)
     if write_doc is not None:
-        targets = target_lines(results, kernels, params, float32_packs(results))
+        targets = target_lines(results, kernels, params, float32_packs(results), threads)
         write_doc.write_text(render_doc(results, kernels, threads, grammar, targets))
         print(f"wrote {write_doc}", file=sys.stderr)
     return 0
@@ -357,6 +357,10 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         f"SDPA, 2,048 tokens, 16 heads of 64, as in a vision layer): {kernels['attention_gflops']} GFLOP/s"
         + (f"; in bfloat16, as an int8 vision tower attends on this host: {kernels['attention_bf16_gflops']} GFLOP/s."
            if "attention_bf16_gflops" in kernels else "; an int8 vision tower attends in float32 on this host."),
+        "",
+        f"A start's work on its weights, one thread: fresh memory made resident at {kernels['fault_in_gbs']} GB/s"
+        + (f"; int8 rows packed for fbgemm at {kernels['fbgemm_pack_mbs']} MB/s" if "fbgemm_pack_mbs" in kernels
+           else "") + " (the ready floors of the Targets table).",
         "",
         "## Answers held to a schema",
         "",

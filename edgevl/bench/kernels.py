@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from edgevl.engine import onednn_int8
 from edgevl.engine.float32_packing import PackedLinear
 from edgevl.engine.kernels import (
+    FbgemmLinear,
     bfloat16_attention_fast,
     fbgemm_int8_available,
     int8_linear,
@@ -89,6 +90,9 @@ def kernel_rates(threads: int) -> dict[str, float]:
             seconds = _seconds_per_call(fns, x, 7) if rows == 1 else _seconds_per_busy_call(fns[:4], x)
             rates[f"{name}_m{rows}"] = round(2 * rows * IN * OUT / seconds / 1e9, 1)
     rates["read_gbs"] = read_bandwidth()
+    rates["fault_in_gbs"] = fault_in_rate()
+    if fbgemm_int8_available():
+        rates["fbgemm_pack_mbs"] = packing_rate()
     rates["attention_gflops"] = attention_rate()
     if bfloat16_attention_fast():  # the rate an int8 vision tower attends at here
         rates["attention_bf16_gflops"] = attention_rate(torch.bfloat16)
@@ -174,3 +178,42 @@ def read_bandwidth() -> float:
         data.sum()
         best = min(best, time.perf_counter() - t)
     return round(data.numel() * 4 / best / 1e9, 1)
+
+
+def _one_thread(measure: Callable[[], float]) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fault_in_rate() -> float:
+    """GB/s at which one thread makes fresh memory resident (256 MiB, written once), the best of three: what a
+    start pays for the weights it makes in memory of its own (float32's converted or reordered weights) beside
+    reading them.  Each round's memory is the system's afresh: glibc maps an allocation this large on its own
+    and unmaps it when freed."""
+    def measure() -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.empty(1 << 26).fill_(1.0)
+            best = min(best, time.perf_counter() - started)
+        return round((1 << 28) / best / 1e9, 2)
+    return _one_thread(measure)
+
+
+def packing_rate() -> float:
+    """MB/s of int8 rows (one 6144x2048 matrix) one thread packs into fbgemm's layout, the best of three: the
+    work of an int8 start that packs its layers as it maps them (``edgevl.engine.loading``)."""
+    q, scales = quantize_rows(torch.randn(OUT, IN))
+
+    def measure() -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            FbgemmLinear(q, scales, None)
+            best = min(best, time.perf_counter() - started)
+        return round(q.numel() / best / 1e6, 1)
+    return _one_thread(measure)

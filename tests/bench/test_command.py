@@ -39,4 +39,6 @@ def test_bench_reports_w4_wdoc_and_ready_and_writes_the_document(tmp_path: Path,
                     "## Targets", "| W4x8 speedup | float32 |",
                     "## Memory", "## Kernels", "## Answers held to a schema", "| 151,646 |"):
         assert section in text, section
+    (work,) = [line for line in text.splitlines() if line.startswith("A start's work on its weights, one thread:")]
+    assert "fresh memory made resident at" in work
     assert (tmp_path / "qwen-sized-tokenizer.json").is_file()

@@ -15,7 +15,17 @@ from typing import Any
 import pytest
 import torch
 
-from edgevl.bench.kernels import IN, OUT, Int4Linear, _seconds_per_busy_call, int4_rows, read_rate, weight_bytes
+from edgevl.bench.kernels import (
+    IN,
+    OUT,
+    Int4Linear,
+    _seconds_per_busy_call,
+    fault_in_rate,
+    int4_rows,
+    packing_rate,
+    read_rate,
+    weight_bytes,
+)
 from edgevl.engine.kernels import fbgemm_int8_available, int_mm_fast
 
 
@@ -108,3 +118,16 @@ def test_the_bench_times_a_later_int8_start_to_ready_first_answer_and_full_speed
     # The kernel's CPU time for all the process's threads: within its cores' time since it started.
     assert 0 <= later["ready_system_cpu_seconds"] <= ready * (os.cpu_count() or 1)
     assert later["ready_faulted_bytes"] > 10e6
+
+
+def test_a_starts_rates_are_measured_and_give_the_threads_back() -> None:
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    fault_in = fault_in_rate()
+    seen.append(torch.get_num_threads())
+    assert 0.01 < fault_in < 1000  # GB/s: a 256 MiB allocation written once in well under a minute
+    if fbgemm_int8_available():
+        packing = packing_rate()
+        seen.append(torch.get_num_threads())
+        assert 0.1 < packing < 1e6  # MB/s of one 12.6 MB matrix
+    assert set(seen) == {2}

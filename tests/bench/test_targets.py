@@ -70,7 +70,7 @@ def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> 
                        w4x8_speedup_bound=2.06, wdoc_seconds_per_page=74.5, ready_seconds=8.5, estimated_bytes=9.81e9,
                        peak_rss_bytes=9.17e9, w4x8_estimated_bytes=11.14e9, w4x8_peak_rss_bytes=10.82e9),
                _result("int8")]
-    lines = target_lines(results, RATES, params, packs=True)
+    lines = target_lines(results, RATES, params, packs=True, threads=2)
     rows = _rows(lines)
     w4 = rows[("W4 s / frame", "int8")]
     assert w4[:3] == ["5.33", "≤ 3.5", "NO"]
@@ -84,13 +84,13 @@ def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> 
     assert decode[3] == ("its products alone take 0.059 s at the 29.1 GB/s `int8` reads one row at (57.0 GB/s by a"
                          " sum); the other 0.038 s of a step is its attention over the cache, norms and Python")
     # A kernel reading slower than the target allows: out of its reach, said so.
-    slow = _rows(target_lines(results, {**RATES, "int8_m1": 40.0}, params, packs=True))
+    slow = _rows(target_lines(results, {**RATES, "int8_m1": 40.0}, params, packs=True, threads=2))
     assert slow[("decode s / token", "int8")][3] == (
         "its products alone take 0.086 s at the 20.0 GB/s `int8` reads one row at (57.0 GB/s by a sum), above the"
         " target")
     # Where fbgemm reads one row faster (as on a quieter run), the floor is within reach, and the rest is named.
     quiet = {**RATES, "int8_m1": 94.2}
-    rows = _rows(target_lines(results, quiet, params, packs=True))
+    rows = _rows(target_lines(results, quiet, params, packs=True, threads=2))
     floor = kernel_floor(params, W4, quiet, _result("int8"), packs=True)
     assert floor is not None
     assert floor < 3.5
@@ -112,13 +112,45 @@ def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> 
     # A slow start says where its seconds went.
     slow = _rows(target_lines([_result("float32", ready_seconds=11.2, ready_import_seconds=3.1,
                                        ready_system_cpu_seconds=6.8, ready_faulted_bytes=10.5e9)],
-                              RATES, params, packs=True))
+                              RATES, params, packs=True, threads=2))
     assert slow[("ready s after a later start", "float32")][2:] == [
         "NO", "the interpreter and imports took 3.1 s, loading the weights the other 8.1 s, in which the kernel"
         " spent 6.8 s of CPU time (its threads together) faulting in 10.5 GB of fresh pages"]
     assert rows[("memory estimate against the peak, one frame", "int8")][:3] == ["+12.2%", "covers it, within 15%",
                                                                                  "yes"]
     # An estimate under the peak is a miss however close: the cap would stop a worker the daemon let start.
-    under = target_lines([_result("int8", w4x8_estimated_bytes=4.0e9)], RATES, params, packs=True)
+    under = target_lines([_result("int8", w4x8_estimated_bytes=4.0e9)], RATES, params, packs=True, threads=2)
     assert _rows(under)[("memory estimate against the peak, eight frames", "int8")] == [
         "-8.3%", "covers it, within 15%", "NO", "under the peak"]
+
+
+def test_a_missed_ready_target_names_its_floor_from_the_imports_and_the_rates_of_the_work_on_the_weights(
+        tmp_path: Path) -> None:
+    params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
+    matrices = params.vision + params.text + params.head
+    rates = {**RATES, "fbgemm_pack_mbs": 150.0, "fault_in_gbs": 1.5}
+    start = {"ready_import_seconds": 6.4, "ready_system_cpu_seconds": 3.7, "ready_faulted_bytes": 4.7e9}
+    results = [_result("int8", ready_seconds=13.9, packed_behind=False, **start),
+               _result("float32", ready_seconds=16.3, **start)]
+    rows = _rows(target_lines(results, rates, params, packs=True, threads=2))
+    packing = matrices / 300e6  # two threads at 150 MB/s
+    assert packing > 5  # the 2B model's 2.1 GB of rows
+    int8 = rows[("ready s after a later start", "int8")]
+    assert int8[:3] == ["13.9", "≤ 5", "NO"]
+    assert int8[3].startswith(
+        f"its floor here is {6.4 + packing:.1f} s: the interpreter and imports' 6.4 s and packing"
+        f" {matrices / 1e9:.1f} GB of int8 rows for fbgemm at 150.0 MB/s a thread on 2 ({packing:.1f} s), above the"
+        " target: out of reach on this host; the interpreter and imports took 6.4 s, loading the weights the other"
+        " 7.5 s")
+    resident = 4 * matrices / 3e9
+    assert 6.4 + resident < 10
+    float32 = rows[("ready s after a later start", "float32")]
+    assert float32[2] == "NO"
+    assert float32[3].startswith(
+        f"its floor here is {6.4 + resident:.1f} s: the interpreter and imports' 6.4 s and making"
+        f" {4 * matrices / 1e9:.1f} GB of float32 weights resident at 1.5 GB/s a thread on 2 ({resident:.1f} s);"
+        " the interpreter")  # within reach: no "out of reach"
+    # int8 packed behind its answers (a CPU with VNNI) is ready before its packing: no packing floor is claimed.
+    behind = _rows(target_lines([_result("int8", ready_seconds=7.0, packed_behind=True, **start)], rates, params,
+                                packs=True, threads=2))
+    assert behind[("ready s after a later start", "int8")][3].startswith("the interpreter and imports took 6.4 s")
