@@ -37,6 +37,9 @@ DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 ENV_PREFIX = "EDGEVL_"  # EDGEVL_MODEL__PRECISION=int8 overrides [model] precision
 Precision = Literal["float32", "bfloat16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
+# Whose weights a first start prepares under state_dir for the next (edgevl.engine.prepared); bfloat16 maps the
+# checkpoint's own.
+PREPARED: tuple[Precision, ...] = ("int8", "float32")
 Enforcement = Literal["auto", "cgroup", "rss"]
 # What an image is resized to at most before encoding: 448x448 keeps a frame to
 # a few seconds on two cores (the processor's own default is ~16 M pixels).

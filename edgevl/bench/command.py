@@ -56,7 +56,7 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
     results: list[dict[str, Any]] = []
     for precision in dict.fromkeys(precisions):
         print(f"bench: {precision}, engine and naive generate() …", file=sys.stderr)
-        # The first start of an int8 worker prepares its weights; the ready figure is a later start's.
+        # The first start of an int8 or float32 worker prepares its weights; the ready figure is a later start's.
         shutil.rmtree(path.parent / "prepared", ignore_errors=True)
         result = _child(path, precision, threads)
         print(f"bench: {precision}, a second start …", file=sys.stderr)
@@ -192,8 +192,9 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "the engine process's high-water mark, loading included, before the naive runs. Seconds per image",
         "are the median of four frames after a warm-up frame. Ready is the time from a worker process's start",
         "(interpreter and imports included) until its first answer is possible, with the checkpoint in the",
-        "page cache: at the first start (which, for int8, prepares the quantized weights) and at a later one",
-        "(int8: from the prepared weights).",
+        "page cache: at the first start (which prepares the weights: int8's quantized rows as it loads, float32's",
+        "behind its answers, the workloads timed once that is done) and at a later one (from the prepared",
+        "weights).",
         "",
         "| precision | s / image | naive s / image | speedup vs naive | stock s / image | speedup vs stock |"
         " speedup vs float32 | peak RSS | prefill (vision + prefix) s | decode s / token | ready s, first start |"
@@ -250,13 +251,14 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "## Ready after a start",
         "",
-        "A later start of the worker process (int8: from its prepared weights), with the checkpoint and the",
-        "prepared file in the page cache: ready (its first answer possible), W4's first frame answered, and",
+        "A later start of the worker process (int8 and float32: from their prepared weights), with the checkpoint",
+        "and the prepared file in the page cache: ready (its first answer possible), W4's first frame answered, and",
         "full speed. On a CPU with VNNI, int8 answers at once with `torch._int_mm` on the int8 rows mapped from",
         "the prepared file while one thread packs the layers for fbgemm (edgevl.engine.packing; the answers use",
         "one thread fewer meanwhile), and full speed is when the last is packed; elsewhere it packs each layer",
-        "as it maps it, and is at full speed when ready. Peak RSS is that process's high-water mark through its",
-        "first answer and the packing.",
+        "as it maps it, and is at full speed when ready. float32 answers at once with `F.linear` on its mapped",
+        "float32 weights, and where its trial chose oneDNN's packed kernel one thread packs them behind the answers",
+        "in the same way. Peak RSS is that process's high-water mark through its first answer and the packing.",
         "",
         "| precision | ready s | first W4 frame answered at s | full speed at s | packed behind answers | peak RSS |",
         "|---|---|---|---|---|---|",

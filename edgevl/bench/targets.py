@@ -68,8 +68,8 @@ def ready_floor(result: dict[str, Any], rates: dict[str, float], params: LinearP
     """The least a later start of ``result``'s precision could take on this host, and what it is made of: its
     interpreter and imports as measured, and the work on its weights that such a start cannot skip, at this
     run's one-thread rates on all ``threads``: int8 packing every row for fbgemm (where it packs as it maps
-    them, not behind the answers); float32 making its weights resident in memory of its own.  Reading the
-    files, the checksums and the model's skeleton are not counted."""
+    them, not behind the answers); float32 making its weights resident in memory of its own (where it has no
+    prepared file to map).  Reading the files, the checksums and the model's skeleton are not counted."""
     if "ready_import_seconds" not in result:
         return None
     matrices = params.vision + params.text + params.head
@@ -77,7 +77,7 @@ def ready_floor(result: dict[str, Any], rates: dict[str, float], params: LinearP
         rate = rates["fbgemm_pack_mbs"]
         work = matrices / (rate * 1e6 * threads)
         what = f"packing {matrices / 1e9:.1f} GB of int8 rows for fbgemm at {rate} MB/s a thread"
-    elif result["precision"] == "float32" and "fault_in_gbs" in rates:
+    elif result["precision"] == "float32" and result.get("prepared") != "read" and "fault_in_gbs" in rates:
         rate = rates["fault_in_gbs"]
         work = 4 * matrices / (rate * 1e9 * threads)
         what = f"making {4 * matrices / 1e9:.1f} GB of float32 weights resident at {rate} GB/s a thread"

@@ -186,3 +186,15 @@ def head_transposed(config: Any) -> bool:
     (``edgevl.engine.kernels.ChunkedLinear``)."""
     found = trial_for(config)
     return found is not None and found.transposed_pays
+
+
+@dataclass
+class Unpacked:
+    """A float32 Linear answering with ``F.linear`` on weights mapped from a prepared file until the packer
+    (``edgevl.engine.packing``) swaps in its oneDNN-packed copy; the mapping goes with this module."""
+
+    path: str
+    linear: nn.Linear
+
+    def packed(self, prefill_copy: bool) -> nn.Module:
+        return PackedLinear(self.linear)

@@ -26,18 +26,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgevl.config import PRECISIONS, Precision
+from edgevl.config import PRECISIONS, PREPARED, Precision
 from edgevl.engine import kernels
 from edgevl.engine.activations import use_in_place_vision_activation
 from edgevl.engine.attention import use_bfloat16_vision_attention, use_grouped_attention
 from edgevl.engine.float32_packing import head_transposed, packing_pays
+from edgevl.engine.float32_preparing import Preparer
 from edgevl.engine.int8_layers import EMBEDDING, Int8Rows, finish_int8, int8_linears
 from edgevl.engine.kernels import ChunkedLinear, convert_linear, convert_linears, fbgemm_int8_available, int_mm_fast
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
-from edgevl.engine.packing import Deferred, Packer
-from edgevl.engine.prepared import PreparedCorrupt, PreparedReader, PreparedWriter, location
+from edgevl.engine.packing import Packer, Pending
+from edgevl.engine.prepared import (
+    PreparedCorrupt,
+    PreparedReader,
+    PreparedWriter,
+    location,
+    prepared_bytes,
+    room_for,
+)
 from edgevl.engine.tuning import usable_cores
-from edgevl.engine.weight_reading import Scratch, packed_at_once, read_converted
+from edgevl.engine.weight_reading import Float32Weights, Scratch, packed_at_once, read_converted
 from edgevl.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -68,11 +76,13 @@ class LoadedModel:
     image_token_id: int
     vision_end_id: int
     load_seconds: float
-    # int8: whether its weights came from a prepared file ("read"), were prepared by this load ("written"),
-    # or were quantized without one ("none").
+    # int8, float32: whether its weights came from a prepared file ("read"), were prepared by this load
+    # ("written"; float32: "preparing", by ``preparer``), or were made without one ("none").
     prepared: str = "none"
-    # int8 from prepared weights: packs the layers for fbgemm while the model already answers.
+    # From prepared weights: packs the layers (int8's for fbgemm, float32's for oneDNN) while the model answers.
     packer: Packer | None = None
+    # float32 without prepared weights: writes them for the next start while the model answers ("preparing").
+    preparer: Preparer | None = None
     threads: int = 1  # the answers' threads, all the cores the worker may use
 
     @property
@@ -130,7 +140,7 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision: Precision,
-                    source: Int8Rows, packs: bool) -> set[str]:
+                    source: Int8Rows, packs: bool, kept: Float32Weights) -> set[str]:
     from safetensors import safe_open
 
     files = {info.name: info.file for info in read_tensor_infos(path)}
@@ -150,6 +160,10 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                 for key in (key for key in keys if files[key] == file):
                     if source.has(key):
                         continue  # its int8 rows are prepared: the file's weights are not read at all
+                    mapped = kept.take(key)
+                    if mapped is not None:  # float32, prepared: mapped as it is, packed behind the answers if at all
+                        _assign(model, key, mapped)
+                        continue
                     if packs and packed_at_once(model, key):
                         _assign(model, key, scratch.read(f, key))
                         # Reordered into memory of its own: the scratch is free for the next weight.
@@ -162,7 +176,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
             int8_linears(model.get_submodule(owner), owner, source, owners - {owner})
         else:  # only the group's own layers: another thread may be filling the rest of the model
             for name in dict.fromkeys(key.rpartition(".")[0] for key in keys):
-                convert_linear(model, name, precision, packs)
+                convert_linear(model, name, precision, packs and not kept.deferring)
 
     # float32: converting a layer into fresh memory, and reordering it for oneDNN where that pays, keeps about
     # one core busy (both ran at about 1 GB/s with one thread or two), so the layers are loaded one per core, as
@@ -194,7 +208,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     return set(files)
 
 
-def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> Any:
+def _build(config: Any, path: Path, precision: Precision, source: Int8Rows, kept: Float32Weights) -> Any:
     """The model with its weights streamed in and converted to ``precision``'s kernels."""
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -207,9 +221,10 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> A
         use_bfloat16_vision_attention(model)
     _rebuild_meta_buffers(model)
     packs = precision == "float32" and packing_pays(config)  # timed before the load takes both cores
+    kept.defers = packs
     _set_mmap_threshold(_LOAD_MMAP_THRESHOLD)
     try:
-        loaded = _stream_weights(model, path, dtype, precision, source, packs)
+        loaded = _stream_weights(model, path, dtype, precision, source, packs, kept)
         if "lm_head.weight" not in loaded:
             # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
@@ -218,7 +233,10 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> A
         else:
             # Mergers and other loose Linear layers; a tied output head stays a dense
             # nn.Linear because packing it would duplicate the embedding matrix.
-            convert_linears(model if "lm_head.weight" in loaded else model.model, precision, packs)
+            if kept.deferring:
+                kept.defer_all(model, "" if "lm_head.weight" in loaded else "model")
+            else:
+                convert_linears(model if "lm_head.weight" in loaded else model.model, precision, packs)
             if "lm_head.weight" not in loaded and precision == "float32":
                 model.lm_head = ChunkedLinear(model.lm_head, head_transposed(config))
     finally:
@@ -230,43 +248,58 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows) -> A
     return model
 
 
-def _prepared_source(prepared_dir: Path, path: Path, prefill_copy: bool) -> tuple[Int8Rows, Path]:
-    base = location(prepared_dir, path, "int8")
+def _prepared_sources(precision: Precision, prepared_dir: Path, path: Path,
+                      prefill_copy: bool) -> tuple[Int8Rows, Float32Weights, Path]:
+    """Where a load's int8 rows or float32 weights come from (a prepared file), and int8's go to (a new one, where
+    there is room for it: ``prepared.room_for``); float32's are written after the load (``Preparer``)."""
+    base = location(prepared_dir, path, precision)
     reader = PreparedReader.open(base)
-    if reader is not None:
-        # Mapped rows answer at once where fbgemm will take over, if _int_mm is fast here (otherwise each layer is
-        # packed as it is mapped: an answer at _int_mm's rate would come after the packing anyway); without
-        # fbgemm they are the kernel's for good.
-        defer = fbgemm_int8_available() and int_mm_fast()
-        return Int8Rows(reader, None, [] if defer else None, prefill_copy), base
+    if precision == "float32":
+        return Int8Rows(None, None, None, prefill_copy), Float32Weights(reader), base
+    writer = None
+    if reader is None and room_for(prepared_dir, prepared_bytes(path, precision)):
+        try:
+            writer = PreparedWriter(base)
+        except OSError as exc:
+            log.warning("cannot prepare the int8 weights in %s: %s", prepared_dir, exc.strerror or exc)
+    # Mapped rows answer at once where fbgemm will take over, if _int_mm is fast here (otherwise each layer is
+    # packed as it is mapped: an answer at _int_mm's rate would come after the packing anyway); without fbgemm
+    # they are the kernel's for good.
+    defer = reader is not None and fbgemm_int8_available() and int_mm_fast()
+    return Int8Rows(reader, writer, [] if defer else None, prefill_copy), Float32Weights(), base
+
+
+def _build_prepared(config: Any, path: Path, precision: Precision, prepared_dir: Path,
+                    prefill_copy: bool) -> tuple[Any, str, list[Pending], Path]:
+    """The int8 or float32 model from its prepared weights (int8: or preparing them); a damaged file is rebuilt,
+    never used.  Also the layers whose packing is left to a ``Packer``, and the prepared file's name."""
+    source, kept, base = _prepared_sources(precision, prepared_dir, path, prefill_copy)
+    reader = source.reader or kept.reader
     try:
-        return Int8Rows(None, PreparedWriter(base), None, prefill_copy), base
-    except OSError as exc:
-        log.warning("cannot prepare the int8 weights in %s: %s", prepared_dir, exc.strerror or exc)
-        return Int8Rows(None, None, None, prefill_copy), base
-
-
-def _build_int8(config: Any, path: Path, prepared_dir: Path, prefill_copy: bool) -> tuple[Any, str, list[Deferred]]:
-    """The int8 model from its prepared rows (or preparing them); a damaged file is rebuilt, never used.
-
-    Also the layers whose packing for fbgemm is left to a ``Packer``.
-    """
-    source, base = _prepared_source(prepared_dir, path, prefill_copy)
-    try:
-        model = _build(config, path, "int8", source)
+        model = _build(config, path, precision, source, kept)
     except PreparedCorrupt as exc:
-        log.warning("the prepared int8 weights %s are damaged (%s): they are made again from the model", base, exc)
-        assert source.reader is not None
-        source.reader.discard()
-        source, _ = _prepared_source(prepared_dir, path, prefill_copy)
-        model = _build(config, path, "int8", source)
+        log.warning("the prepared %s weights %s are damaged (%s): they are made again from the model", precision,
+                    base, exc)
+        assert reader is not None
+        reader.discard()
+        source, kept, _ = _prepared_sources(precision, prepared_dir, path, prefill_copy)
+        reader = None
+        model = _build(config, path, precision, source, kept)
     except BaseException:
         if source.writer is not None:
             source.writer.abort()
         raise
-    if source.reader is not None:
-        return model, "read", source.deferred or []
-    return model, "written" if source.writer is not None and source.writer.commit() else "none", []
+    if reader is not None:
+        return model, "read", [*(source.deferred or []), *kept.deferred], base
+    written = source.writer is not None and source.writer.commit()
+    return model, "written" if written else "none", [], base
+
+
+def _preparer(precision: Precision, prepared: str, path: Path, prepared_dir: Path, base: Path) -> Preparer | None:
+    """A float32 load without prepared weights: the writer of them for the next start, where there is room."""
+    if precision != "float32" or prepared != "none" or not room_for(prepared_dir, prepared_bytes(path, precision)):
+        return None
+    return Preparer(path, base)
 
 
 def load_model(model_id: str, precision: Precision = "float32", threads: int = 0,
@@ -276,9 +309,10 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
 
     ``prefill_copy`` (int8): whether a second packed copy for the prefill may be kept (``onednn_int8.ByRows``).
 
-    ``prepared_dir`` (int8): where the quantized rows are kept between starts (see ``edgevl.engine.prepared``).
-    A start from them returns before fbgemm's packing is done (``LoadedModel.packer``, started here; with
-    ``pack_gate``, once that is set).
+    ``prepared_dir`` (int8, float32): where the quantized rows or the float32 weights are kept between starts (see
+    ``edgevl.engine.prepared``).  A start from them may return before its packing is done (int8's for fbgemm where
+    ``_int_mm`` answers meanwhile, float32's for oneDNN where its trial chose it: ``LoadedModel.packer``, started
+    here; with ``pack_gate``, once that is set).
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -294,13 +328,16 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
         raise ModelError(f"{model_id} is a {config.model_type} model; edgevl runs Qwen3-VL", "model_unsupported")
     prepared = "none"
     packer: Packer | None = None
-    if precision == "int8" and prepared_dir is not None:
-        model, prepared, deferred = _build_int8(config, path, prepared_dir, prefill_copy)
+    preparer: Preparer | None = None
+    if precision in PREPARED and prepared_dir is not None:
+        model, prepared, deferred, base = _build_prepared(config, path, precision, prepared_dir, prefill_copy)
         if deferred:
             packer = Packer(model, deferred, pack_gate, prefill_copy)
             packer.start()
+        preparer = _preparer(precision, prepared, path, prepared_dir, base)
+        prepared = "preparing" if preparer is not None else prepared
     else:
-        model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy))
+        model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy), Float32Weights())
     model.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -322,9 +359,12 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     seconds = time.monotonic() - started
+    if preparer is not None:  # once the model can answer: a load that fails prepares nothing
+        preparer.start()
     log.info("loaded %s (%s) in %.1f s%s", model_id, precision, seconds,
-             {"read": " from its prepared int8 weights", "written": "; its int8 weights are prepared for the next "
-              "start"}.get(prepared, ""))
+             {"read": f" from its prepared {precision} weights",
+              "written": f"; its {precision} weights are prepared for the next start",
+              "preparing": f"; its {precision} weights are being prepared for the next start"}.get(prepared, ""))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -339,5 +379,6 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
         load_seconds=seconds,
         prepared=prepared,
         packer=packer,
+        preparer=preparer,
         threads=threads,
     )

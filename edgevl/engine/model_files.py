@@ -81,6 +81,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path  # the safetensors file holding it
+    offset: int = 0  # where its bytes start in the file
 
     @property
     def numel(self) -> int:
@@ -104,7 +105,8 @@ def read_tensor_infos(path: Path) -> list[TensorInfo]:
             raise ModelError(f"{file} is not a readable safetensors file: {exc}", "model_unsupported") from None
         for name, entry in header.items():
             if name != "__metadata__":
-                infos.append(TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), file))
+                infos.append(TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), file,
+                                        8 + size + int(entry.get("data_offsets", [0])[0])))
     return infos
 
 

@@ -1,4 +1,4 @@
-"""int8 layers packed for fbgemm in the background while the model already answers.
+"""Layers packed in the background while the model already answers: int8's for fbgemm, float32's for oneDNN.
 
 fbgemm's int8 Linear wants its weights in a layout of its own, and packing the
 2B model's 2.1 GB of int8 rows is most of an int8 start (``edgevl bench``
@@ -18,6 +18,10 @@ answers are the ``_int_mm`` kernel's, which quantizes activations per row and
 symmetrically where fbgemm quantizes them per call with a zero point: the same
 int8 weights, answers within int8 rounding of each other
 (tests/engine/test_kernels.py, tests/engine/test_packing.py).
+
+A float32 start from prepared weights (``edgevl.engine.prepared``) answers the same way with ``F.linear`` on the
+mapped float32 weights where its trial chose oneDNN's packed kernel (``edgevl.engine.float32_packing``), and the
+same thread reorders each Linear into it: the same float32 products, summed in the packed kernel's order.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from edgevl.engine import onednn_int8
 
@@ -46,8 +51,19 @@ class Deferred:
     scales: torch.Tensor  # float64, as fbgemm takes them
     bias: torch.Tensor | None
 
+    def packed(self, prefill_copy: bool) -> nn.Module:
+        return onednn_int8.packed(self.path, self.q, self.scales, self.bias, prefill_copy)
 
-def _order(item: Deferred) -> int:
+
+class Pending(Protocol):
+    """A layer that answers unpacked until the packer swaps in ``packed(prefill_copy)``."""
+
+    path: str
+
+    def packed(self, prefill_copy: bool) -> nn.Module: ...
+
+
+def _order(item: Pending) -> int:
     if item.path.startswith("model.language_model."):
         return 0
     return 1 if item.path == "lm_head" else 2
@@ -61,7 +77,7 @@ class Packer:
     unpacked).
     """
 
-    def __init__(self, model: Any, deferred: list[Deferred], gate: threading.Event | None = None,
+    def __init__(self, model: Any, deferred: list[Pending], gate: threading.Event | None = None,
                  prefill_copy: bool = False) -> None:
         self.model = model
         self.prefill_copy = prefill_copy  # the language model's layers packed for oneDNN's prefill as well
@@ -83,7 +99,7 @@ class Packer:
         atexit.register(self.stop)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the layer being packed; the layers not yet packed keep answering with ``_int_mm``."""
+        """Stop after the layer being packed; the layers not yet packed keep answering unpacked."""
         self._stopping.set()
         if self._gate is not None:
             self._gate.set()
@@ -104,21 +120,21 @@ class Packer:
                 self.packed += 1
         except Exception as exc:  # MemoryError included: every layer not yet swapped keeps answering
             self.failed = f"{type(exc).__name__}: {exc}"
-            log.exception("packing the int8 layers stopped after %d of %d; the rest answer with _int_mm",
-                          self.packed, self.total)
+            log.exception("packing the layers stopped after %d of %d; the rest answer unpacked", self.packed,
+                          self.total)
         finally:
             self.seconds = time.monotonic() - started
             if self.failed is None and not self._deferred:
-                log.info("int8 layers packed for fbgemm in %.1f s", self.seconds)
+                log.info("%d layers packed behind the answers in %.1f s", self.total, self.seconds)
             self._deferred.clear()
             atexit.unregister(self.stop)  # nothing left to stop; and the model is not kept alive by it
             self.done.set()
 
-    def _swap(self, item: Deferred) -> None:
+    def _swap(self, item: Pending) -> None:
         parent, _, name = item.path.rpartition(".")
         owner = self.model.get_submodule(parent) if parent else self.model
-        # The mapped rows go with the unpacked module, its last holder once this item is dropped.
-        setattr(owner, name, onednn_int8.packed(item.path, item.q, item.scales, item.bias, self.prefill_copy))
+        # The mapped weights go with the unpacked module, its last holder once this item is dropped.
+        setattr(owner, name, item.packed(self.prefill_copy))
 
 
 def answer_threads(packer: Packer | None, threads: int) -> int:

@@ -1,9 +1,11 @@
-"""int8 weights prepared once and read back at every start.
+"""int8 and float32 weights prepared once and read back at every start.
 
 Quantizing the 2B model's matrices (reading bfloat16, scaling every row to
-int8) is most of an int8 worker's start.  The first start writes the int8 rows
-and their scales to ``<state_dir>/prepared/``; later starts read them one
-matrix at a time and hand them to the kernels as they are.  The file's name is a key of the
+int8) is most of an int8 worker's start, and making its float32 weights
+resident (8.5 GB converted from the checkpoint's bfloat16 into fresh memory)
+most of a float32 worker's.  The first start writes the int8 rows and their
+scales, or the float32 tensors, to ``<state_dir>/prepared/``; later starts
+read them one matrix at a time and hand them to the kernels as they are.  The file's name is a key of the
 model's files (names, sizes, modification times), the precision, torch's
 version and this format's, so a replaced model or an upgraded torch never meets
 an old file.  Every tensor carries a CRC-32 that is checked as it is taken: a
@@ -25,9 +27,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import threading
 import zlib
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgevl.engine.model_files import model_version
+from edgevl.engine.model_files import model_version, read_tensor_infos
 from edgevl.engine.tuning import usable_cores
 from edgevl.fsutil import atomic_write
 
@@ -43,7 +48,11 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: a decoder layer's projections of one input are one tensor (edgevl.engine.fusion)
 _ALIGN = 64  # every tensor starts at a multiple of this: any dtype's view is aligned
-_DTYPES = {"int8": np.int8, "float64": np.float64}
+_DTYPES = {"int8": np.int8, "float32": np.float32, "float64": np.float64}
+_KINDS = {torch.int8: "int8", torch.float32: "float32", torch.float64: "float64"}
+# Left free on the file system after a prepared file is written: the daemon's spool, outbox and results share it.
+_KEEP_FREE_FRACTION = 0.05
+_KEEP_FREE_BYTES = 1 << 30
 
 
 class PreparedCorrupt(Exception):
@@ -54,6 +63,32 @@ def location(directory: Path, model_dir: Path, precision: str) -> Path:
     """Where the prepared weights of this model, precision and torch live (without suffix)."""
     key = json.dumps([FORMAT, precision, torch.__version__, str(model_dir.resolve()), model_version(model_dir)])
     return directory / f"{precision}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+
+
+def prepared_bytes(model_dir: Path, precision: str) -> int:
+    """About the bytes of ``precision``'s prepared file for the model (int8: a byte a weight, scales aside)."""
+    return sum(info.numel for info in read_tensor_infos(model_dir)) * (4 if precision == "float32" else 1)
+
+
+def room_for(directory: Path, size: int) -> bool:
+    """Whether ``size`` more bytes in ``directory`` leave a twentieth of its file system free, and a GiB at least.
+
+    A full disk only costs the preparing (``PreparedWriter.add``), but a float32 file is 8.5 GB for the 2B
+    model: written until the disk is full at every start, it would take the room the daemon's spool and
+    results need, and the time of every start."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return False
+    left = usage.free - size
+    if left >= max(_KEEP_FREE_FRACTION * usage.total, _KEEP_FREE_BYTES):
+        return True
+    log.warning("not preparing %.1f GB of weights in %s: %.1f GB free of %.1f GB", size / 1e9, directory,
+                usage.free / 1e9, usage.total / 1e9)
+    return False
 
 
 def _index(base: Path) -> Path:
@@ -152,26 +187,35 @@ class PreparedWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``; a write that fails (a full disk) ends the writing, never the load."""
+        self.add_pieces(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def add_pieces(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                   pieces: Iterable[torch.Tensor]) -> None:
+        """Append one tensor of ``dtype`` and ``shape`` made of ``pieces`` (its rows in order), each written as it
+        comes: a tensor larger than the memory it may take is never whole in memory."""
         if self.failed is not None:
             return
         try:
-            self._add(name, tensor)
+            self._add(name, dtype, shape, pieces)
         except OSError as exc:
             self.failed = exc
             self.abort()
-            log.warning("cannot prepare the int8 weights in %s: %s; this start quantizes them, as will the next",
+            log.warning("cannot prepare the weights in %s: %s; the next start makes them from the model again",
                         self.base.parent, exc.strerror or exc)
 
-    def _add(self, name: str, tensor: torch.Tensor) -> None:
-        array = tensor.detach().contiguous().numpy()
+    def _add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> None:
         pad = -self.offset % _ALIGN
         self.file.write(b"\0" * pad)
         self.offset += pad
-        self.file.write(array.data.cast("B"))
-        kind = {torch.int8: "int8", torch.float64: "float64"}[tensor.dtype]
-        self.entries[name] = {"dtype": kind, "shape": list(tensor.shape), "offset": self.offset,
-                              "crc32": zlib.crc32(array.data)}
-        self.offset += array.nbytes
+        crc, size = 0, 0
+        for piece in pieces:
+            data = piece.detach().contiguous().numpy().data.cast("B")
+            self.file.write(data)
+            crc, size = zlib.crc32(data, crc), size + len(data)
+        if size != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{name}: {size} bytes written for a {dtype} tensor of shape {shape}")
+        self.entries[name] = {"dtype": _KINDS[dtype], "shape": list(shape), "offset": self.offset, "crc32": crc}
+        self.offset += size
 
     def commit(self) -> bool:
         """Data on disk first, then the index that makes it complete; older prepared files are removed."""
@@ -181,7 +225,7 @@ class PreparedWriter:
             self._commit()
         except OSError as exc:
             self.abort()
-            log.warning("cannot prepare the int8 weights in %s: %s", self.base.parent, exc.strerror or exc)
+            log.warning("cannot prepare the weights in %s: %s", self.base.parent, exc.strerror or exc)
             return False
         return True
 

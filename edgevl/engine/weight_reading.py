@@ -1,4 +1,5 @@
-"""Reading a checkpoint's tensors from an open safetensors file into the precision a load wants.
+"""Reading a checkpoint's tensors from an open safetensors file into the precision a load wants, or a float32
+load's from its prepared file.
 
 Without a full-size temporary: a large tensor is converted in row chunks, and a float32 weight that oneDNN
 reorders at once goes through a scratch buffer of its loading thread (``edgevl.engine.loading``).
@@ -12,6 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from edgevl.engine.float32_packing import Unpacked
+from edgevl.engine.prepared import PreparedReader
 
 # Tensors larger than this are read in row chunks, so that the file's dtype and
 # the target dtype never both hold the whole tensor (the 2B embedding is 1.2 GB
@@ -71,3 +75,37 @@ def packed_at_once(model: nn.Module, key: str) -> bool:
     except AttributeError:
         return False
     return attr == "weight" and isinstance(module, nn.Linear) and (module.bias is None or not module.bias.is_meta)
+
+
+class Float32Weights:
+    """Where a float32 load's tensors come from: a prepared file (``reader``; written behind the answers of the
+    first start, ``edgevl.engine.float32_preparing``), or the checkpoint.
+
+    Converting the checkpoint's bfloat16 into float32 makes 8.5 GB of fresh memory resident for the 2B model,
+    most of a float32 start (``edgevl bench``, Targets).  A later start maps the float32 tensors from the file
+    instead: the pages are the page cache's, already resident.  Where the load packs for oneDNN (``defers``, its
+    trial's choice), the mapped Linears answer with ``F.linear`` at once and are noted in ``deferred`` for the
+    packer (``edgevl.engine.packing``): a file that holds every tensor the load takes maps every Linear.
+    """
+
+    def __init__(self, reader: PreparedReader | None = None) -> None:
+        self.reader = reader
+        self.defers = False
+        self.deferred: list[Unpacked] = []
+
+    def take(self, key: str) -> torch.Tensor | None:
+        """The prepared tensor of ``key``, mapped; None where there is none."""
+        if self.reader is None or key not in self.reader:
+            return None
+        return self.reader.take(key)
+
+    @property
+    def deferring(self) -> bool:
+        """Whether this load leaves its Linears' packing to the packer: mapped, and packing pays."""
+        return self.defers and self.reader is not None
+
+    def defer_all(self, model: nn.Module, root: str) -> None:
+        """Note every Linear below the module ``root`` of ``model`` in ``deferred``."""
+        for name, linear in model.get_submodule(root).named_modules(prefix=root):
+            if isinstance(linear, nn.Linear):
+                self.deferred.append(Unpacked(name, linear))

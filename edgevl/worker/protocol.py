@@ -39,7 +39,7 @@ class Load:
     max_pixels: int
     procs_file: str | None  # the cgroup to join before anything is allocated
     log_level: str = "info"  # the daemon's, which the worker follows
-    prepared_dir: str | None = None  # int8: where its quantized weights are kept between starts
+    prepared_dir: str | None = None  # int8, float32: where its prepared weights are kept between starts
     prefill_copy: bool = False  # int8: may keep a second copy of the language model for its prefill
 
 

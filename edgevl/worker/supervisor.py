@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edgevl.config import DEFAULT_MAX_PIXELS, Config
+from edgevl.config import DEFAULT_MAX_PIXELS, PREPARED, Config
 from edgevl.engine.model_files import resolve_model_path
 from edgevl.errors import ConfigError, ModelError
 from edgevl.records import Job, Record
@@ -157,7 +157,7 @@ class WorkerSupervisor:
         self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
                              model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None,
                              logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
-                             str(self.config.state_dir / "prepared") if model.precision == "int8" else None,
+                             str(self.config.state_dir / "prepared") if model.precision in PREPARED else None,
                              prefill_copy)
         self._start()
         self._sampler = threading.Thread(target=self._sample, name="worker-rss", daemon=True)

@@ -150,7 +150,10 @@ def test_a_missed_ready_target_names_its_floor_from_the_imports_and_the_rates_of
         f"its floor here is {6.4 + resident:.1f} s: the interpreter and imports' 6.4 s and making"
         f" {4 * matrices / 1e9:.1f} GB of float32 weights resident at 1.5 GB/s a thread on 2 ({resident:.1f} s);"
         " the interpreter")  # within reach: no "out of reach"
-    # int8 packed behind its answers (a CPU with VNNI) is ready before its packing: no packing floor is claimed.
-    behind = _rows(target_lines([_result("int8", ready_seconds=7.0, packed_behind=True, **start)], rates, params,
+    # int8 packed behind its answers (a CPU with VNNI) is ready before its packing, and float32 from its prepared
+    # file maps its weights: no floor from the work they skip is claimed.
+    behind = _rows(target_lines([_result("int8", ready_seconds=7.0, packed_behind=True, **start),
+                                 _result("float32", ready_seconds=11.0, prepared="read", **start)], rates, params,
                                 packs=True, threads=2))
     assert behind[("ready s after a later start", "int8")][3].startswith("the interpreter and imports took 6.4 s")
+    assert behind[("ready s after a later start", "float32")][3].startswith("the interpreter and imports took 6.4 s")

@@ -1,5 +1,5 @@
-"""int8 weights prepared once: read back at the next start with the very same answers, made again when the
-model changes or the file is damaged, and never a reason for a start to fail."""
+"""int8 and float32 weights prepared once: read back at the next start with the very same answers, made again
+when the model changes or the file is damaged, and never a reason for a start to fail."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgevl.engine import loading
 from edgevl.engine import prepared as prepared_module
 from edgevl.engine.engine import Engine
 from edgevl.engine.int8_layers import Int8Rows
@@ -31,39 +32,46 @@ QUESTIONS = [
 ]
 
 
-def _answers(model_dir: Path, prepared_dir: Path | None) -> tuple[str, object]:
-    lm = load_model(str(model_dir), "int8", 1, prepared_dir)
+def _answers(model_dir: Path, prepared_dir: Path | None, precision: str = "int8") -> tuple[str, object]:
+    lm = load_model(str(model_dir), precision, 1, prepared_dir)  # type: ignore[arg-type]
+    state = lm.prepared
+    if lm.preparer is not None:  # float32 writes its prepared weights behind its answers
+        assert state == "preparing"
+        assert lm.preparer.wait(60)
+        state = "written" if lm.preparer.written else "none"
     if lm.packer is not None:  # answers compared exactly: those of the model at full speed
         assert lm.packer.wait(60)
         assert lm.packer.failed is None
     answered = Engine(lm).answer(noise_image(96, 80, seed=3), QUESTIONS, 96 * 96)
-    return lm.prepared, (answered.tokens, answered.scores)
+    return state, (answered.tokens, answered.scores)
 
 
 def _files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-def test_written_read_and_rebuilt_with_the_answers_of_a_load_without_them(tmp_path: Path,
-                                                                           test_model_dir: Path) -> None:
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_written_read_and_rebuilt_with_the_answers_of_a_load_without_them(tmp_path: Path, test_model_dir: Path,
+                                                                           precision: str) -> None:
     prepared = tmp_path / "prepared"
-    _, plain = _answers(test_model_dir, None)
-    assert _answers(test_model_dir, prepared) == ("written", plain)
+    _, plain = _answers(test_model_dir, None, precision)
+    assert _answers(test_model_dir, prepared, precision) == ("written", plain)
     names = _files(prepared)
     assert [n.rsplit(".", 1)[1] for n in names] == ["bin", "json"]
-    assert _answers(test_model_dir, prepared) == ("read", plain)
+    assert names[0].startswith(f"{precision}-")
+    assert _answers(test_model_dir, prepared, precision) == ("read", plain)
 
     data = next(prepared.glob("*.bin"))
     damaged = bytearray(data.read_bytes())
     damaged[len(damaged) // 3] ^= 0x10
     data.write_bytes(damaged)
-    assert _answers(test_model_dir, prepared) == ("written", plain), "made again, not trusted"
+    assert _answers(test_model_dir, prepared, precision) == ("written", plain), "made again, not trusted"
     assert _files(prepared) == names
-    assert _answers(test_model_dir, prepared) == ("read", plain)
+    assert _answers(test_model_dir, prepared, precision) == ("read", plain)
 
     data.write_bytes(data.read_bytes()[: len(damaged) // 2])  # cut short: its index names bytes it lacks
-    assert _answers(test_model_dir, prepared) == ("written", plain), "made again, not trusted"
-    assert _answers(test_model_dir, prepared) == ("read", plain)
+    assert _answers(test_model_dir, prepared, precision) == ("written", plain), "made again, not trusted"
+    assert _answers(test_model_dir, prepared, precision) == ("read", plain)
 
 
 def test_a_start_killed_while_preparing_leaves_nothing_that_is_read(tmp_path: Path, test_model_dir: Path) -> None:
@@ -91,19 +99,35 @@ def test_a_changed_model_gets_its_own_prepared_weights_and_the_old_ones_go(tmp_p
     assert set(after).isdisjoint(before)
 
 
-def test_a_full_disk_costs_the_preparing_not_the_start(small_tmpfs: Path, test_model_dir: Path) -> None:
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_a_disk_that_fills_while_preparing_costs_the_preparing_not_the_start(
+        small_tmpfs: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+    monkeypatch.setattr(loading, "room_for", lambda directory, size: True)  # the disk fills after the check
     prepared = small_tmpfs / "prepared"
     prepared.mkdir()
     fill(small_tmpfs)
-    state, answers = _answers(test_model_dir, prepared)
+    state, answers = _answers(test_model_dir, prepared, precision)
     assert state == "none"
-    assert answers == _answers(test_model_dir, None)[1]
+    assert answers == _answers(test_model_dir, None, precision)[1]
     assert not list(prepared.iterdir()), "no partial file left behind"
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_only_int8_is_prepared(tmp_path: Path, test_model_dir: Path, precision: str) -> None:
-    lm = load_model(str(test_model_dir), precision, 1, tmp_path / "prepared")  # type: ignore[arg-type]
+def test_no_file_is_prepared_that_would_leave_its_disk_short_of_room(
+        small_tmpfs: Path, test_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A 1 MiB file system is short of the GiB kept free for the daemon's spool and results, whatever the size.
+    prepared = small_tmpfs / "prepared"
+    assert not prepared_module.room_for(prepared, 1)
+    assert prepared_module.room_for(Path(os.sep) / "nonexistent" / "prepared", 0) == prepared_module.room_for(
+        Path(os.sep), 0), "a folder not made yet is judged by the file system it would be made on"
+    state, answers = _answers(test_model_dir, prepared, "float32")
+    assert state == "none"
+    assert answers == _answers(test_model_dir, None, "float32")[1]
+    assert not prepared.exists()
+    assert "not preparing" in caplog.text
+
+
+def test_bfloat16_is_not_prepared(tmp_path: Path, test_model_dir: Path) -> None:
+    lm = load_model(str(test_model_dir), "bfloat16", 1, tmp_path / "prepared")
     assert lm.prepared == "none"
     assert not (tmp_path / "prepared").exists()
 
@@ -139,7 +163,7 @@ def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_
         damaged[at] ^= flip
     data.write_bytes(damaged)
     tensors = json.loads(next(prepared_dir.glob("*.json")).read_text())["tensors"].values()
-    sizes = {"int8": 1, "float64": 8}
+    sizes = {"int8": 1, "float32": 4, "float64": 8}
     in_a_tensor = any(t["offset"] <= at < t["offset"] + sizes[t["dtype"]] * math.prod(t["shape"]) for t in tensors)
     # A damaged tensor is never used: the start makes the file again.  A byte of the padding between
     # tensors is in no tensor: the start reads the file as it is.
