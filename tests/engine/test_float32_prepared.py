@@ -18,27 +18,10 @@ import torch
 from torch import nn
 
 from edgevl.engine import loading
-from edgevl.engine.engine import Engine
 from edgevl.engine.float32_packing import PackedLinear, packing_available
 from edgevl.engine.float32_preparing import Preparer
-from edgevl.engine.loading import LoadedModel, load_model
-from edgevl.questions import Question
-from tests.harness.images import noise_image
-
-QUESTIONS = [
-    Question(id="d", ask="Is there a defect?", type="yes_no"),
-    Question(id="c", ask="Which type?", type="choice", options=("A", "B", "C")),
-    Question(id="t", ask="Read the label.", max_tokens=6),
-]
-
-
-def _answer(lm: LoadedModel) -> tuple[object, object]:
-    answered = Engine(lm).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
-    return answered.tokens, answered.scores
-
-
-def _mapped_ranges(path: Path) -> int:
-    return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+from edgevl.engine.loading import load_model
+from tests.harness.prepared import answer, mapped_ranges
 
 
 def _prepare(model_dir: Path, prepared: Path) -> None:
@@ -57,9 +40,9 @@ def _packs(monkeypatch: pytest.MonkeyPatch, packs: bool) -> None:
 def test_a_later_start_answers_on_its_mapped_weights_and_ends_as_a_start_that_packed_first(
         tmp_path: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _packs(monkeypatch, False)
-    dense = _answer(load_model(str(test_model_dir), "float32", 1))
+    dense = answer(load_model(str(test_model_dir), "float32", 1))
     _packs(monkeypatch, True)
-    packed = _answer(load_model(str(test_model_dir), "float32", 1))  # packed as it loads, nothing mapped
+    packed = answer(load_model(str(test_model_dir), "float32", 1))  # packed as it loads, nothing mapped
     prepared = tmp_path / "prepared"
     first = load_model(str(test_model_dir), "float32", 1, prepared)
     assert first.prepared == "preparing"
@@ -67,7 +50,7 @@ def test_a_later_start_answers_on_its_mapped_weights_and_ends_as_a_start_that_pa
     assert first.preparer is not None
     assert first.preparer.wait(60)
     assert first.preparer.written
-    assert _answer(first) == packed
+    assert answer(first) == packed
     del first
 
     gate = threading.Event()
@@ -78,9 +61,9 @@ def test_a_later_start_answers_on_its_mapped_weights_and_ends_as_a_start_that_pa
     assert len(unpacked) == lm.packer.total > 0
     assert not any(isinstance(m, PackedLinear) for m in lm.model.modules())
     data = next(prepared.glob("*.bin"))
-    before = _mapped_ranges(data)
+    before = mapped_ranges(data)
     assert before > lm.packer.total, "every weight is mapped, not read"
-    assert _answer(lm) == dense, "F.linear on the mapped weights: the products of a start that does not pack"
+    assert answer(lm) == dense, "F.linear on the mapped weights: the products of a start that does not pack"
 
     del unpacked
     gate.set()
@@ -88,13 +71,13 @@ def test_a_later_start_answers_on_its_mapped_weights_and_ends_as_a_start_that_pa
     assert lm.packer.failed is None
     assert lm.packer.packed == lm.packer.total
     assert not any(type(m) is nn.Linear for m in lm.model.modules())
-    assert _answer(lm) == packed, "packed behind the answers: the same model"
+    assert answer(lm) == packed, "packed behind the answers: the same model"
     # Each packed matrix's mapping, and its bias's, is gone; the norms, the embedding and the tied head's stay.
     index = json.loads(next(prepared.glob("*.json")).read_text())["tensors"]
     packed_paths = {name for name, m in lm.model.named_modules() if isinstance(m, PackedLinear)}
     kept = [key for key in index if key.rpartition(".")[0] not in packed_paths]
     assert 0 < len(kept) < len(index)
-    assert _mapped_ranges(data) == len(kept)
+    assert mapped_ranges(data) == len(kept)
 
 
 def test_a_later_start_where_packing_does_not_pay_answers_on_its_mapped_weights_for_good(
@@ -106,13 +89,13 @@ def test_a_later_start_where_packing_does_not_pay_answers_on_its_mapped_weights_
     assert lm.prepared == "read"
     assert lm.packer is None
     index = json.loads(next(prepared.glob("*.json")).read_text())["tensors"]
-    assert _mapped_ranges(next(prepared.glob("*.bin"))) == len(index), "every tensor stays mapped"
-    assert _answer(lm) == _answer(load_model(str(test_model_dir), "float32", 1))
+    assert mapped_ranges(next(prepared.glob("*.bin"))) == len(index), "every tensor stays mapped"
+    assert answer(lm) == answer(load_model(str(test_model_dir), "float32", 1))
 
 
 def test_the_first_start_answers_while_it_prepares_and_its_answers_do_not_wait_for_the_disk(
         tmp_path: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plain = _answer(load_model(str(test_model_dir), "float32", 1))
+    plain = answer(load_model(str(test_model_dir), "float32", 1))
     held = threading.Event()
     pieces = Preparer._pieces
 
@@ -124,7 +107,7 @@ def test_the_first_start_answers_while_it_prepares_and_its_answers_do_not_wait_f
     prepared = tmp_path / "prepared"
     lm = load_model(str(test_model_dir), "float32", 1, prepared)
     assert lm.preparer is not None
-    assert _answer(lm) == plain
+    assert answer(lm) == plain
     assert not lm.preparer.done.is_set()
     assert not list(prepared.glob("*.json")), "nothing complete before the writing is"
     held.set()

@@ -15,26 +15,11 @@ import torch
 from edgevl.engine import loading, onednn_int8, packing
 from edgevl.engine.engine import Engine
 from edgevl.engine.kernels import IntMatmulLinear, RowSlices, fbgemm_int8_available
-from edgevl.engine.loading import LoadedModel, load_model
-from edgevl.questions import Question
+from edgevl.engine.loading import load_model
 from tests.harness.images import noise_image
+from tests.harness.prepared import QUESTIONS, answer, mapped_ranges
 
 pytestmark = pytest.mark.skipif(not fbgemm_int8_available(), reason="packing is for fbgemm's int8 Linear")
-
-QUESTIONS = [
-    Question(id="d", ask="Is there a defect?", type="yes_no"),
-    Question(id="c", ask="Which type?", type="choice", options=("A", "B", "C")),
-    Question(id="t", ask="Read the label.", max_tokens=6),
-]
-
-
-def _answer(lm: LoadedModel) -> tuple[object, object]:
-    answered = Engine(lm).answer(noise_image(96, 80, seed=4), QUESTIONS, 96 * 96)
-    return answered.tokens, answered.scores
-
-
-def _mapped_ranges(path: Path) -> int:
-    return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +40,7 @@ def prepared(tmp_path: Path, test_model_dir: Path) -> Path:
 
 def test_a_later_start_answers_before_packing_and_ends_as_a_start_that_packed_first(
         prepared: Path, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = _answer(load_model(str(test_model_dir), "int8", 1))  # packed as it loads, nothing mapped
+    reference = answer(load_model(str(test_model_dir), "int8", 1))  # packed as it loads, nothing mapped
     monkeypatch.setattr(RowSlices, "ROWS", 128)  # the test model's 566-row head is packed in slices too
     gate = threading.Event()
     lm = load_model(str(test_model_dir), "int8", 1, prepared, pack_gate=gate)
@@ -65,9 +50,9 @@ def test_a_later_start_answers_before_packing_and_ends_as_a_start_that_packed_fi
     assert len(unpacked) == lm.packer.total > 0
     assert isinstance(lm.model.lm_head, IntMatmulLinear)
     data = next(prepared.glob("*.bin"))
-    assert _mapped_ranges(data) > lm.packer.total, "each matrix's rows and scales are mapped, not read"
+    assert mapped_ranges(data) > lm.packer.total, "each matrix's rows and scales are mapped, not read"
 
-    _, early_scores = _answer(lm)  # every layer still on _int_mm
+    _, early_scores = answer(lm)  # every layer still on _int_mm
     _, late_scores = reference
     assert isinstance(early_scores, dict)
     assert isinstance(late_scores, dict)
@@ -83,9 +68,9 @@ def test_a_later_start_answers_before_packing_and_ends_as_a_start_that_packed_fi
     assert not any(isinstance(m, IntMatmulLinear) for m in lm.model.modules())
     assert isinstance(lm.model.lm_head, RowSlices)
     assert len(lm.model.lm_head.slices) == 5
-    assert _answer(lm) == reference, "packed behind the answers, sliced head included: the same model"
+    assert answer(lm) == reference, "packed behind the answers, sliced head included: the same model"
     # What stays mapped is the embedding table's rows alone; every packed matrix's mapping is gone.
-    assert _mapped_ranges(data) == 1
+    assert mapped_ranges(data) == 1
 
 
 def test_a_packing_that_fails_leaves_the_rest_answering_unpacked(prepared: Path, test_model_dir: Path,
@@ -162,12 +147,12 @@ def test_where_int_mm_is_slow_a_later_start_packs_as_it_maps(prepared: Path, tes
     # Without VNNI, _int_mm ran at a tenth of fbgemm's rate: an answer from unpacked layers would come after the
     # packing anyway, so the start packs each layer from its mapped rows and is then at full speed.
     monkeypatch.setattr(loading, "int_mm_fast", lambda: False)
-    reference = _answer(load_model(str(test_model_dir), "int8", 1))
+    reference = answer(load_model(str(test_model_dir), "int8", 1))
     lm = load_model(str(test_model_dir), "int8", 1, prepared)
     assert lm.prepared == "read"
     assert lm.packer is None
     assert not any(isinstance(m, IntMatmulLinear) for m in lm.model.modules())
-    assert _answer(lm) == reference
+    assert answer(lm) == reference
 
 
 def test_the_answers_leave_the_packer_a_core_until_it_is_done(prepared: Path, test_model_dir: Path) -> None:
@@ -180,13 +165,13 @@ def test_the_answers_leave_the_packer_a_core_until_it_is_done(prepared: Path, te
     seen: list[int] = []
     hooks = [module.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
              for module in (lm.model.model.visual, lm.model.model.language_model)]
-    _answer(lm)
+    answer(lm)
     assert seen
     assert set(seen) == {1}
     gate.set()
     assert lm.packer.wait(60)
     seen.clear()
-    _answer(lm)
+    answer(lm)
     assert set(seen) == {2}
     for hook in hooks:
         hook.remove()
