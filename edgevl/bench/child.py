@@ -240,7 +240,8 @@ def main() -> int:
         "decode_seconds_per_token": round(decode_seconds / max(steps, 1), 4),
         "load_seconds": round(lm.load_seconds, 1),
         "first_ready_seconds": round(ready, 1),
-        "prepared": "written" if lm.preparer is not None and lm.preparer.written else lm.prepared,
+        # A first float32 start's file is written behind its answers: what became of it, now that it is done.
+        "prepared": lm.prepared if lm.preparer is None else "written" if lm.preparer.written else "none",
         "preparing_seconds": round(lm.preparer.seconds, 1) if lm.preparer is not None else None,
         "w4_work": w4_work,
         **stream,

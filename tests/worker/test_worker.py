@@ -150,9 +150,31 @@ def test_an_int8_worker_prepares_its_weights_once_and_its_replacement_reads_them
         (record,) = d.wait_records(1)
         assert record["model"]["precision"] == "int8"
         if int_mm_fast():
-            d.wait_log("int8 layers packed for fbgemm")  # behind the answers, in the replacement worker
+            d.wait_log("layers packed behind the answers")  # in the replacement worker
         else:  # a CPU without VNNI packs each layer as it maps it, before the worker is ready
-            assert "int8 layers packed for fbgemm" not in d.log()
+            assert "layers packed behind the answers" not in d.log()
+        assert sorted(p.name for p in (d.state / "prepared").iterdir()) == prepared
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_float32_worker_prepares_its_weights_behind_its_answers_and_its_replacement_maps_them(
+        tmp_path: Path, test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir, env={"EDGEVL_MODEL__PRECISION": "float32"})
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        assert "its float32 weights are being prepared for the next start" in d.log()
+        d.wait_log("float32 weights prepared for the next start")
+        prepared = sorted(p.name for p in (d.state / "prepared").iterdir())
+        assert [name.rsplit(".", 1)[1] for name in prepared] == ["bin", "json"]
+        assert prepared[0].startswith("float32-")
+        os.kill(d.worker()[0], signal.SIGKILL)
+        d.wait_worker("ready", restarts=1)
+        d.wait_log("from its prepared float32 weights")
+        (d.inbox / "a.jpg").write_bytes(_jpeg(2))
+        (record,) = d.wait_records(1)
+        assert record["model"]["precision"] == "float32"
         assert sorted(p.name for p in (d.state / "prepared").iterdir()) == prepared
     finally:
         assert d.stop() == 0
