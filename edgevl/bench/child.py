@@ -241,7 +241,7 @@ def main() -> int:
         "load_seconds": round(lm.load_seconds, 1),
         "first_ready_seconds": round(ready, 1),
         # A first float32 start's file is written behind its answers: what became of it, now that it is done.
-        "prepared": lm.prepared if lm.preparer is None else "written" if lm.preparer.written else "none",
+        "prepared": lm.prepared if lm.preparer is None else lm.preparer.outcome,
         "preparing_seconds": round(lm.preparer.seconds, 1) if lm.preparer is not None else None,
         "w4_work": w4_work,
         **stream,

@@ -11,7 +11,6 @@ float32 as the load does (bfloat16 to float32 is exact: the same values) and app
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import math
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgevl.engine.background import BehindTheAnswers
 from edgevl.engine.model_files import TensorInfo, read_tensor_infos
 from edgevl.engine.prepared import PreparedWriter
 
@@ -38,33 +38,27 @@ class _Stopped(Exception):
     pass
 
 
-class Preparer:
+class Preparer(BehindTheAnswers):
     """Writes the float32 weights of the model at ``model_dir`` to the prepared file ``base`` in one background
-    thread; ``done`` is set when it ends, ``written`` says whether the file is complete."""
+    thread; ``done`` is set when it ends, ``written`` says whether the file is complete.  Stopped (an exit), it
+    stops between two pieces and removes what it wrote."""
 
     def __init__(self, model_dir: Path, base: Path) -> None:
+        super().__init__("edgevl-prepare")
         self.model_dir = model_dir
         self.base = base
         self.written = False
         self.seconds = 0.0
-        self.done = threading.Event()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgevl-prepare", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-        atexit.register(self.stop)  # an exit stops the writing between two pieces, and removes what it wrote
+    @property
+    def outcome(self) -> str:
+        """What a load reports of its prepared weights: "preparing" until the writing ends, then "written" or
+        "none" (failed or stopped)."""
+        if not self.done.is_set():
+            return "preparing"
+        return "written" if self.written else "none"
 
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Whether the writing has ended (complete, failed or stopped) within ``timeout``."""
-        return self.done.wait(timeout)
-
-    def _run(self) -> None:
+    def _work(self) -> None:
         with contextlib.suppress(OSError):  # a thread's own niceness (Linux); elsewhere the same priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         started = time.monotonic()
@@ -83,8 +77,6 @@ class Preparer:
             self.seconds = time.monotonic() - started
             if self.written:
                 log.info("float32 weights prepared for the next start in %.1f s", self.seconds)
-            atexit.unregister(self.stop)
-            self.done.set()
 
     def _write(self, writer: PreparedWriter) -> None:
         for info in read_tensor_infos(self.model_dir):

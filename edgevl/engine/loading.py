@@ -176,7 +176,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
             int8_linears(model.get_submodule(owner), owner, source, owners - {owner})
         else:  # only the group's own layers: another thread may be filling the rest of the model
             for name in dict.fromkeys(key.rpartition(".")[0] for key in keys):
-                convert_linear(model, name, precision, packs and not kept.deferring)
+                convert_linear(model, name, precision, packs)
 
     # float32: converting a layer into fresh memory, and reordering it for oneDNN where that pays, keeps about
     # one core busy (both ran at about 1 GB/s with one thread or two), so the layers are loaded one per core, as
@@ -221,19 +221,19 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows, kept
         use_bfloat16_vision_attention(model)
     _rebuild_meta_buffers(model)
     packs = precision == "float32" and packing_pays(config)  # timed before the load takes both cores
-    kept.defers = packs
+    behind = packs and kept.reader is not None  # mapped weights answer at once, and are packed behind the answers
     _set_mmap_threshold(_LOAD_MMAP_THRESHOLD)
     try:
-        loaded = _stream_weights(model, path, dtype, precision, source, packs, kept)
+        loaded = _stream_weights(model, path, dtype, precision, source, packs and not behind, kept)
         if "lm_head.weight" not in loaded:
             # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         if precision == "int8":
             finish_int8(model, source)
         else:
-            # Mergers and other loose Linear layers; a tied output head stays a dense
-            # nn.Linear because packing it would duplicate the embedding matrix.
-            if kept.deferring:
+            # Mergers and other loose Linear layers (behind the answers: every Linear, noted for the packer); a
+            # tied output head stays a dense nn.Linear because packing it would duplicate the embedding matrix.
+            if behind:
                 kept.defer_all(model, "" if "lm_head.weight" in loaded else "model")
             else:
                 convert_linears(model if "lm_head.weight" in loaded else model.model, precision, packs)
@@ -335,7 +335,7 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
             packer = Packer(model, deferred, pack_gate, prefill_copy)
             packer.start()
         preparer = _preparer(precision, prepared, path, prepared_dir, base)
-        prepared = "preparing" if preparer is not None else prepared
+        prepared = preparer.outcome if preparer is not None else prepared
     else:
         model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy), Float32Weights())
     model.eval()

@@ -26,7 +26,6 @@ same thread reorders each Linear into it: the same float32 products, summed in t
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 import time
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from edgevl.engine import onednn_int8
+from edgevl.engine.background import BehindTheAnswers
 
 log = logging.getLogger(__name__)
 
@@ -69,48 +69,33 @@ def _order(item: Pending) -> int:
     return 1 if item.path == "lm_head" else 2
 
 
-class Packer:
+class Packer(BehindTheAnswers):
     """Packs the deferred layers of ``model`` in one background thread; ``done`` is set when it ends.
 
     The packer owns ``deferred`` (sorted in place, emptied as it packs): a layer's mapped rows are held by
     no list once it is swapped.  ``gate``: packing waits until it is set (tests answer with the layers still
-    unpacked).
+    unpacked).  Stopped (an exit), it stops after the layer being packed; the layers not yet packed keep
+    answering unpacked.
     """
 
     def __init__(self, model: Any, deferred: list[Pending], gate: threading.Event | None = None,
                  prefill_copy: bool = False) -> None:
+        super().__init__("edgevl-pack")
         self.model = model
         self.prefill_copy = prefill_copy  # the language model's layers packed for oneDNN's prefill as well
         self.total = len(deferred)
         self.packed = 0
         self.seconds = 0.0
         self.failed: str | None = None
-        self.done = threading.Event()
         deferred.sort(key=_order)
         self._deferred = deferred
         self._gate = gate
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgevl-pack", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-        # A process that exits while fbgemm packs in this thread is aborted by the C++ runtime ("terminate
-        # called without an active exception"): every exit first stops the packing between two layers.
-        atexit.register(self.stop)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the layer being packed; the layers not yet packed keep answering unpacked."""
-        self._stopping.set()
+    def _release(self) -> None:
         if self._gate is not None:
             self._gate.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Whether packing has ended (all packed, or stopped by an error) within ``timeout``."""
-        return self.done.wait(timeout)
-
-    def _run(self) -> None:
+    def _work(self) -> None:
         if self._gate is not None:
             self._gate.wait()
         started = time.monotonic()
@@ -127,8 +112,6 @@ class Packer:
             if self.failed is None and not self._deferred:
                 log.info("%d layers packed behind the answers in %.1f s", self.total, self.seconds)
             self._deferred.clear()
-            atexit.unregister(self.stop)  # nothing left to stop; and the model is not kept alive by it
-            self.done.set()
 
     def _swap(self, item: Pending) -> None:
         parent, _, name = item.path.rpartition(".")

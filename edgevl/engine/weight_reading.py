@@ -83,14 +83,13 @@ class Float32Weights:
 
     Converting the checkpoint's bfloat16 into float32 makes 8.5 GB of fresh memory resident for the 2B model,
     most of a float32 start (``edgevl bench``, Targets).  A later start maps the float32 tensors from the file
-    instead: the pages are the page cache's, already resident.  Where the load packs for oneDNN (``defers``, its
-    trial's choice), the mapped Linears answer with ``F.linear`` at once and are noted in ``deferred`` for the
-    packer (``edgevl.engine.packing``): a file that holds every tensor the load takes maps every Linear.
+    instead: the pages are the page cache's, already resident.  Where the load packs for oneDNN (its trial's
+    choice), the mapped Linears answer with ``F.linear`` at once and are noted in ``deferred`` for the packer
+    (``edgevl.engine.packing``): a file that holds every tensor the load takes maps every Linear.
     """
 
     def __init__(self, reader: PreparedReader | None = None) -> None:
         self.reader = reader
-        self.defers = False
         self.deferred: list[Unpacked] = []
 
     def take(self, key: str) -> torch.Tensor | None:
@@ -98,11 +97,6 @@ class Float32Weights:
         if self.reader is None or key not in self.reader:
             return None
         return self.reader.take(key)
-
-    @property
-    def deferring(self) -> bool:
-        """Whether this load leaves its Linears' packing to the packer: mapped, and packing pays."""
-        return self.defers and self.reader is not None
 
     def defer_all(self, model: nn.Module, root: str) -> None:
         """Note every Linear below the module ``root`` of ``model`` in ``deferred``."""

@@ -39,7 +39,7 @@ def _answers(model_dir: Path, prepared_dir: Path | None, precision: str = "int8"
     if lm.preparer is not None:  # float32 writes its prepared weights behind its answers
         assert state == "preparing"
         assert lm.preparer.wait(60)
-        state = "written" if lm.preparer.written else "none"
+        state = lm.preparer.outcome
     if lm.packer is not None:  # answers compared exactly: those of the model at full speed
         assert lm.packer.wait(60)
         assert lm.packer.failed is None
