@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgevl.engine import loading, onednn_int8
-from edgevl.engine.engine import Engine
+from edgevl.engine.engine import Answered, Engine
 from edgevl.engine.kernels import IntMatmulLinear, int8_dot_products, int8_kernel, int8_linear, quantize_rows
 from edgevl.engine.loading import load_model
 from edgevl.engine.onednn_int8 import ByRows, OnednnInt8Linear, quantize_activations
@@ -119,10 +119,12 @@ def test_a_layer_with_a_prefill_copy_multiplies_few_rows_with_fbgemm_and_many_wi
 def test_the_language_model_keeps_a_prefill_copy_where_allowed_and_amx_is_there(
         copy: bool, test_model_dir: Path, fp32_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(onednn_int8, "pays", lambda: True)
-    image = noise_image(96, 80, seed=4)
-    exact = Engine(fp32_model).answer(image, QUESTIONS, 96 * 96)
-    reference = Engine(load_model(str(test_model_dir), "int8", 1, prefill_copy=False)).answer(
-        image, QUESTIONS, 96 * 96)
+    # Eight images: the drift of one image's four scores is as much chance as kernel (on one host oneDNN came out
+    # 2.5x fbgemm's on one image and 0.6x over eight).
+    images = [noise_image(96, 80, seed=seed) for seed in range(1, 9)]
+    exact = [Engine(fp32_model).answer(image, QUESTIONS, 96 * 96) for image in images]
+    int8 = Engine(load_model(str(test_model_dir), "int8", 1, prefill_copy=False))
+    reference = [int8.answer(image, QUESTIONS, 96 * 96) for image in images]
     monkeypatch.setattr(onednn_int8, "PREFILL_ROWS", 2)  # the test model's prompts are short: every pass prefills
     lm = load_model(str(test_model_dir), "int8", 1, prefill_copy=copy)
     layers = lm.model.model.language_model.layers
@@ -130,16 +132,18 @@ def test_the_language_model_keeps_a_prefill_copy_where_allowed_and_amx_is_there(
         + [layer.mlp.gate_up_proj.linear for layer in layers] + [layer.mlp.down_proj for layer in layers]
     assert {isinstance(k, ByRows) for k in kernels} == {copy}  # every decoder projection, or none
     assert not isinstance(lm.model.lm_head, ByRows)  # a prefill's logits are a few rows: fbgemm's
-    answered = Engine(lm).answer(image, QUESTIONS, 96 * 96)
+    engine = Engine(lm)
+    answered = [engine.answer(image, QUESTIONS, 96 * 96) for image in images]
     if not copy:
-        assert (answered.tokens, answered.scores) == (reference.tokens, reference.scores)
+        assert [(a.tokens, a.scores) for a in answered] == [(r.tokens, r.scores) for r in reference]
     elif int8_dot_products():  # oneDNN's activations in 256 levels: no further from float32's than fbgemm's
-        assert answered.scores != reference.scores
+        assert [a.scores for a in answered] != [r.scores for r in reference]
 
-        def drift(scores: dict[str, list[float]]) -> float:
-            return sum(abs(a - b) for key in exact.scores for a, b in zip(scores[key], exact.scores[key], strict=True))
+        def drift(got: list[Answered]) -> float:
+            return sum(abs(a - b) for one, float32 in zip(got, exact, strict=True) for key in float32.scores
+                       for a, b in zip(one.scores[key], float32.scores[key], strict=True))
 
-        assert drift(answered.scores) <= 1.25 * drift(reference.scores)
+        assert drift(answered) <= 1.25 * drift(reference)
 
 
 def test_a_later_start_packs_the_prefill_copy_behind_the_answers(
