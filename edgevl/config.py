@@ -89,6 +89,12 @@ class ModelSettings(BaseModel):
         description='How memory_limit is enforced on the worker: "cgroup" (the kernel\'s accounting; needs a '
                     'delegated cgroup), "rss" (the daemon samples and kills), "auto" (cgroup where possible).',
     )
+    standby: bool = Field(
+        default=True,
+        description="Keep a standby beside the worker: a second process that has imported torch and the engine "
+                    "(about 0.4 GB, under memory_limit) and takes over at once when the worker is lost, so that a "
+                    "replacement starts at the weights. Left out where memory_limit has no room for it.",
+    )
     stall_timeout: float = Field(
         default=0, ge=0, description="Seconds without model progress before it counts as hung; 0 = from the work."
     )

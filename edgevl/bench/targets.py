@@ -98,6 +98,17 @@ def _ready(result: dict[str, Any], rates: dict[str, float], params: LinearParams
     return f"{floor[1]}{above}; {_start(result)}"
 
 
+def _standby(result: dict[str, Any], rates: dict[str, float], params: LinearParams, threads: int,
+             limit: float) -> str:
+    """What stops a standby's ready target: the start's floor less the imports it made before it was needed."""
+    floor = ready_floor(result, rates, params, threads)
+    if floor is None:
+        return _start(result)
+    work = floor[0] - float(result["ready_import_seconds"])
+    above = ", above the target: out of reach on this host" if work > limit else ""
+    return f"the work on its weights alone takes {work:.1f} s ({floor[1]}){above}"
+
+
 def _verdict(met: bool, otherwise: str) -> tuple[str, str]:
     return ("yes", "") if met else ("NO", otherwise)
 
@@ -148,6 +159,10 @@ def target_lines(results: list[dict[str, Any]], rates: dict[str, float], params:
         if limit is not None:
             rows.append(("ready s after a later start", r["precision"], f"{r['ready_seconds']:.1f}", f"≤ {limit:g}",
                          _verdict(r["ready_seconds"] <= limit, _ready(r, rates, params, threads, limit))))
+            if "standby_ready_seconds" in r:
+                rows.append(("ready s, a standby taking over a lost worker", r["precision"],
+                             f"{r['standby_ready_seconds']:.1f}", f"≤ {limit:g}", _verdict(
+                                 r["standby_ready_seconds"] <= limit, _standby(r, rates, params, threads, limit))))
     for r in results:
         for label, estimate, peak in (("one frame", r["estimated_bytes"], r["peak_rss_bytes"]),
                                       ("eight frames", r["w4x8_estimated_bytes"], r["w4x8_peak_rss_bytes"])):

@@ -77,7 +77,7 @@ class Status:
     def document(self) -> dict[str, Any]:
         """For /v1/status."""
         h = self.supervisor.health()
-        worker = {k: h[k] for k in ("pid", "state", "restarts", "rss", "memory_limit", "job", "job_seconds")}
+        worker = {k: h[k] for k in ("pid", "state", "restarts", "rss", "memory_limit", "job", "job_seconds", "standby")}
         worker["up_seconds"] = round(time.time() - h["up_since"], 1)
         status: dict[str, Any] = {
             "device_id": self.config.device_id, "version": __version__,
@@ -100,6 +100,8 @@ class Status:
                  f"restarts {h['restarts']}, RSS {format_bytes(h['rss'])} of {format_bytes(h['memory_limit'])}")
         if h["job"]:
             text += f", on {h['job']} for {h['job_seconds']:.0f} s"
+        if h["standby"]:
+            text += f", standby {h['standby']}"
         if self.mqtt is not None:
             text += f"; {self.mqtt.status_text()}"
         return text

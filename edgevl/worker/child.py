@@ -2,7 +2,8 @@
 
 Started as ``python -m edgevl.worker.child FD PARENT_PID`` with one end of a
 socket pair; it speaks ``edgevl.worker.protocol``. torch is imported here, in
-the capped process, and nowhere in the daemon.
+the capped process, and nowhere in the daemon. A standby is the same process
+started ahead of need: it imports, then waits for its ``Load``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from edgevl.worker.protocol import (
     Load,
     Progress,
     Ready,
+    Standby,
     Stop,
     ToWorker,
     Work,
@@ -64,16 +66,24 @@ def become_worker(parent: int) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
-def join_cgroup(load: Load, channel: Channel[FromWorker, ToWorker]) -> bool:
+def join_cgroup(procs_file: str | None, channel: Channel[FromWorker, ToWorker]) -> bool:
     """Enter the memory-capped cgroup before anything is allocated; False (and Fatal sent) when that fails."""
-    if not load.procs_file:
+    if not procs_file:
         return True
     try:
-        Path(load.procs_file).write_text(str(os.getpid()))
+        Path(procs_file).write_text(str(os.getpid()))
     except OSError as exc:
-        channel.send(Fatal("memory_cap_failed", f"cannot join {load.procs_file}: {exc.strerror or exc}"))
+        channel.send(Fatal("memory_cap_failed", f"cannot join {procs_file}: {exc.strerror or exc}"))
         return False
     return True
+
+
+def import_engine() -> None:
+    """What answering needs imported (torch, transformers, the engine): seconds of a start that a standby
+    spends before it is needed."""
+    import edgevl.engine.engine
+    import edgevl.engine.loading
+    import edgevl.engine.pipeline  # noqa: F401
 
 
 class _Progress:
@@ -106,10 +116,17 @@ def _alarm_frame(message: Work, record: Record) -> bytes | None:
 
 def serve(channel: Channel[FromWorker, ToWorker]) -> int:
     load = channel.recv()
+    if isinstance(load, Standby):
+        # A standby: inside the cap and imported, idle until the worker it stands by for is lost.
+        set_level(load.log_level)
+        if not join_cgroup(load.procs_file, channel):
+            return 1
+        import_engine()
+        load = channel.recv()
     if not isinstance(load, Load):
         raise ChannelClosed(f"expected Load, got {type(load).__name__}")
     set_level(load.log_level)
-    if not join_cgroup(load, channel):
+    if not join_cgroup(load.procs_file, channel):
         return 1
     # Heavy imports only here, inside the capped process.
     from edgevl.engine.engine import Engine

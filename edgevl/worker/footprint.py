@@ -167,6 +167,12 @@ def fit_frames(path: Path, precision: Precision, max_batch: int, max_pixels: int
     return frames, needed
 
 
+def standby_fits(needed: Footprint, limit: int) -> bool:
+    """Whether a standby (``edgevl.worker.supervisor``: a second process, in the same cap, that has imported what
+    the worker imports and holds nothing else) fits under ``limit`` beside a worker that needs ``needed``."""
+    return needed.total + int(RUNTIME_BYTES * HEADROOM) <= limit
+
+
 def plan(path: Path, precision: Precision, max_batch: int, max_pixels: int, limit: int, frames: int,
          most: int, prefill_copy: bool) -> tuple[int, Footprint, bool]:
     """The frames one batch holds (``frames`` where set, else the most up to ``most`` that fit), their footprint,

@@ -1,7 +1,9 @@
 """What the daemon and its model worker say to each other, typed both ways, and how it travels.
 
 The daemon sends ``Load`` once, then ``Work`` (one job) or ``Batch`` (several,
-answered together in the stream mode) and finally ``Stop``; the worker answers
+answered together in the stream mode) and finally ``Stop``. A standby is sent
+``Standby`` first: it joins the memory cap, imports torch and the engine, and
+waits for the ``Load`` that makes it the worker. The worker answers
 ``Ready`` once the model is loaded (or ``Fatal`` when it cannot be), ``Progress``
 while it computes, and ``Done`` with each job's record.
 
@@ -41,6 +43,14 @@ class Load:
     log_level: str = "info"  # the daemon's, which the worker follows
     prepared_dir: str | None = None  # int8, float32: where its prepared weights are kept between starts
     prefill_copy: bool = False  # int8: may keep a second copy of the language model for its prefill
+
+
+@dataclass(frozen=True)
+class Standby:
+    """Get ready to take over: join the cap and import what loading needs, then wait for ``Load``."""
+
+    procs_file: str | None
+    log_level: str = "info"
 
 
 @dataclass(frozen=True)
@@ -93,9 +103,9 @@ class Fatal:
     message: str
 
 
-ToWorker = Load | Work | Batch | Stop
+ToWorker = Standby | Load | Work | Batch | Stop
 FromWorker = Ready | Progress | Done | Fatal
-TO_WORKER = (Load, Work, Batch, Stop)
+TO_WORKER = (Standby, Load, Work, Batch, Stop)
 FROM_WORKER = (Ready, Progress, Done, Fatal)
 
 Out = TypeVar("Out")

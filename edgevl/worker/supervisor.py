@@ -1,10 +1,13 @@
 """The daemon's side of the model worker: start it, feed it, watch it, cap it and replace it.
 
-One worker process at a time. A reader thread turns the worker's messages into
-events for the daemon's loop and wakes it; a sampler thread reads the worker's
-resident size for the status and, when no cgroup caps it, kills it above the
-limit. Everything else happens on the daemon's loop: stall detection, restarts
-and their rate limit.
+One worker process at a time, and beside it, where the cap has room, a standby:
+a second process that has joined the cap and imported torch, transformers and
+the engine, and takes over the moment the worker is lost, so that a replacement
+starts at its weights, not at its imports. A reader thread per process
+(``edgevl.worker.process``) turns its messages into events for the daemon's
+loop; a sampler thread reads the worker's resident size for the status and,
+when no cgroup caps it, kills it above the limit. Everything else happens on
+the daemon's loop: stall detection, restarts and their rate limit.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import logging
 import os
 import queue
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +31,8 @@ from edgevl.errors import ConfigError, ModelError
 from edgevl.records import Job, Record
 from edgevl.rules import Rule
 from edgevl.worker import footprint, memcap, protocol
-from edgevl.worker.protocol import ChannelClosed, Done, Fatal, FromWorker, Load, Progress, Ready, Stop, Work, daemon_end
+from edgevl.worker.process import WorkerProcess
+from edgevl.worker.protocol import ChannelClosed, Done, Fatal, FromWorker, Load, Progress, Ready, Standby, Stop, Work
 
 log = logging.getLogger(__name__)
 
@@ -59,69 +61,18 @@ class Lost:
     detail: str
 
 
-class _Worker:
-    def __init__(self, command: Sequence[str], request: Load, events: queue.Queue[tuple[_Worker, FromWorker | None]],
-                 wake: threading.Event, oom_kills: int) -> None:
-        ours, theirs = socket.socketpair()
-        with theirs:
-            self.proc = subprocess.Popen(
-                [*command, str(theirs.fileno()), str(os.getpid())], pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-        self.channel = daemon_end(ours)
-        self.started = time.monotonic()
-        self.ready = False
-        self.last_progress = self.started
-        self.jobs: list[Work] = []  # in hand: sent and not yet done
-        self.job_started = 0.0
-        self.stall_timeout = 0.0
-        self.kill_reason: tuple[str, str] | None = None
-        self.stuck_since: float | None = None
-        self.oom_kills = oom_kills
-        self.rss = 0
-        self.gone = False
-        self._events = events
-        self._wake = wake
-        threading.Thread(target=self._read, name=f"worker-{self.pid}", daemon=True).start()
-        with contextlib.suppress(ChannelClosed):  # it died at once: the reader reports it
-            self.channel.send(request)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read(self) -> None:
-        while True:
-            try:
-                message: FromWorker | None = self.channel.recv()
-            except ChannelClosed:
-                # It is gone, or it spoke outside the protocol: either way it is done (and reaping
-                # a worker that still runs would block the loop).
-                message = None
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-            self._events.put((self, message))
-            self._wake.set()
-            if message is None:
-                return
-
-    def kill(self, code: str, detail: str) -> None:
-        if self.kill_reason is None:
-            self.kill_reason = (code, detail)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-
-
 class WorkerSupervisor:
     def __init__(self, config: Config, wake: threading.Event, command: Sequence[str] = WORKER_COMMAND) -> None:
         self.config = config
         self.wake = wake
         self.command = tuple(command)
-        self.worker: _Worker | None = None
+        self.worker: WorkerProcess | None = None
+        self.standby = False  # whether a standby is kept: model.standby, where it fits under the cap
+        self._standby: WorkerProcess | None = None
         self.restarts = 0
         self.up_since = 0.0  # wall clock, for the status
         self._restart_times: collections.deque[float] = collections.deque()
-        self._events: queue.Queue[tuple[_Worker, FromWorker | None]] = queue.Queue()
+        self._events: queue.Queue[tuple[WorkerProcess, FromWorker | None]] = queue.Queue()
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._sampler: threading.Thread | None = None
@@ -151,9 +102,13 @@ class WorkerSupervisor:
             self.cap = memcap.setup(limit, model.memory_enforcement)
         except memcap.CgroupUnavailable as exc:
             raise ConfigError(f'model.memory_enforcement = "cgroup", but no cgroup can be made: {exc}') from None
-        log.info("model worker: %s in %s needs ≈ %s with up to %d frames at a time%s; memory cap %s", model.id,
+        self.standby = model.standby and footprint.standby_fits(needed, limit)
+        log.info("model worker: %s in %s needs ≈ %s with up to %d frames at a time%s; %s; memory cap %s", model.id,
                  model.precision, memcap.format_bytes(needed.total), self.max_frames,
-                 " and a copy of the language model for its prefill" if prefill_copy else "", self.cap.describe())
+                 " and a copy of the language model for its prefill" if prefill_copy else "",
+                 "a standby beside it" if self.standby else
+                 "no standby (model.standby)" if not model.standby else "no standby (no room for it under the cap)",
+                 self.cap.describe())
         self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
                              model.max_pixels, str(self.cap.procs_file) if self.cap.procs_file else None,
                              logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
@@ -168,27 +123,40 @@ class WorkerSupervisor:
         self._closing.set()
         worker = self.worker
         if worker is not None:
+            grace = 0.0
             if not worker.jobs and worker.ready:
-                try:
+                with contextlib.suppress(ChannelClosed):
                     worker.channel.send(Stop())
-                    worker.proc.wait(STOP_GRACE)
-                except (ChannelClosed, subprocess.TimeoutExpired):
-                    pass
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-            worker.proc.wait()
-            worker.channel.close()
+                    grace = STOP_GRACE
+            worker.end(grace)
+        if self._standby is not None:
+            self._standby.end(0)  # it holds nothing but its imports
         if self.cap is not None:
             self.cap.close()
 
     def _start(self) -> None:
         assert self._request is not None
         assert self.cap is not None
-        worker = _Worker(self.command, self._request, self._events, self.wake, self.cap.oom_kills())
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.alive and standby.take_over(self._request, self.cap.oom_kills()):
+            worker = standby
+            log.info("model worker %d starting: the standby takes over, its imports done", worker.pid)
+        else:
+            worker = WorkerProcess(self.command, self._request, self._events, self.wake, self.cap.oom_kills())
+            log.info("model worker %d starting%s", worker.pid,
+                     f" (standby {standby.pid} could not take over)" if standby is not None else "")
         with self._lock:
             self.worker = worker
         self.up_since = time.time()
-        log.info("model worker %d starting", worker.pid)
+
+    def _stand_by(self) -> None:
+        """Start a standby for a worker that has just become ready: its imports then cost no answer a load."""
+        if not self.standby or self._standby is not None or self._closing.is_set():
+            return
+        assert self._request is not None
+        self._standby = WorkerProcess(self.command, Standby(self._request.procs_file, self._request.log_level),
+                                      self._events, self.wake, 0)
+        log.info("standby worker %d starting", self._standby.pid)
 
     def wait_ready(self, stop_requested: Any) -> bool:
         """Block until the first worker has loaded the model; False if a stop was requested first."""
@@ -236,7 +204,7 @@ class WorkerSupervisor:
             return True  # between a death and its replacement (the replacement starts at once)
         return w.stuck_since is None and self._in_time(w, now)
 
-    def _in_time(self, w: _Worker, now: float) -> bool:
+    def _in_time(self, w: WorkerProcess, now: float) -> bool:
         limit = w.stall_timeout if w.jobs else self.config.model.load_timeout
         return self.seconds_since_progress(now) < limit
 
@@ -255,6 +223,7 @@ class WorkerSupervisor:
             "jobs": [j.key for j in w.jobs] if w else [],
             "job_seconds": round(now - w.job_started, 1) if w and w.jobs else 0.0,
             "max_frames": self.max_frames,
+            "standby": self._standby.pid if self._standby is not None and self._standby.alive else None,
         }
 
     # work
@@ -307,6 +276,7 @@ class WorkerSupervisor:
                 worker.ready = True
                 worker.last_progress = now
                 log.info("model worker %d ready: model loaded in %.1f s", worker.pid, message.load_seconds)
+                self._stand_by()
             elif isinstance(message, Done):
                 worker.jobs = [j for j in worker.jobs if j.key != message.key]
                 out.append(Finished(message.key, message.record, message.alarm_jpeg))
@@ -329,10 +299,16 @@ class WorkerSupervisor:
             w.kill(*w.kill_reason or ("worker_stalled", "stuck"))
         return out
 
-    def _reap(self, worker: _Worker) -> Lost | None:
+    def _reap(self, worker: WorkerProcess) -> Lost | None:
         code = worker.proc.wait()
         worker.channel.close()
         worker.gone = True
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        if worker is self._standby and not self._closing.is_set():
+            # Not replaced until a worker is next ready: a standby that cannot start must not loop.
+            self._standby = None
+            log.warning("standby worker %d ended with %s; the next worker to be ready gets another", worker.pid, how)
+            return None
         if worker is not self.worker or self._closing.is_set():
             return None
         assert self.cap is not None
@@ -342,7 +318,6 @@ class WorkerSupervisor:
         elif self.cap.oom_kills() > worker.oom_kills:
             reason, detail = "memory_limit", f"the kernel killed it at its memory limit of {limit}"
         else:
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
             reason, detail = "worker_crashed", f"it ended with {how}"
         keys = tuple(j.key for j in worker.jobs)
         on = f" on job {keys[0]}" if len(keys) == 1 else f" on {len(keys)} jobs ({', '.join(keys)})" if keys else ""

@@ -28,6 +28,8 @@ def test_bench_reports_w4_wdoc_and_ready_and_writes_the_document(tmp_path: Path,
                 "w4x8_frames_per_minute", "w4x8_speedup", "floor_seconds_per_image", "wdoc_floor_seconds_per_page"):
         assert result[key] > 0, key
     assert result["ready_seconds"] < 120
+    # A standby made the imports before it was needed: its takeover is ready sooner than a start.
+    assert 0 <= result["standby_ready_seconds"] < result["ready_seconds"]
     # A floor counts the products alone: always below the measured time.
     assert result["floor_seconds_per_image"] < result["seconds_per_image"]
     assert result["wdoc_floor_seconds_per_page"] < result["wdoc_seconds_per_page"]
@@ -37,6 +39,7 @@ def test_bench_reports_w4_wdoc_and_ready_and_writes_the_document(tmp_path: Path,
     assert "x | 5 of 5 frames |" in text
     for section in ("| float32 |", "## W4x8: a burst (the stream mode)", "## W-doc: a document page", "## Floors",
                     "## Targets", "| W4x8 speedup | float32 |",
+                    "| ready s, a standby taking over a lost worker | float32 |",
                     "## Memory", "## Kernels", "## Answers held to a schema", "| 151,646 |"):
         assert section in text, section
     (work,) = [line for line in text.splitlines() if line.startswith("A start's work on its weights, one thread:")]

@@ -76,6 +76,9 @@ state_dir = "{self.state}"
 id = "{model_dir}"
 max_pixels = 40000
 threads = 1
+# A standby imports torch beside each test's worker, seconds of a core the test does not need; the tests of
+# the standby turn it on (EDGEVL_MODEL__STANDBY=true).
+standby = false
 [folders]
 results = "{self.results}"
 archive = "{self.archive}"
@@ -169,6 +172,19 @@ listen = "{http}"
             if found:
                 return int(found.group(1)), found.group(2), int(found.group(3))
         raise AssertionError(f"no worker status in {self.messages[-5:]}")
+
+    def wait_standby(self, timeout: float = 60) -> int:
+        """Wait until the STATUS= line names a standby worker; its pid."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.read_notify(0.2)
+            for m in reversed(self.messages):
+                if "worker " in m:
+                    found = re.search(r", standby (\d+)", m)
+                    if found:
+                        return int(found.group(1))
+                    break
+        raise AssertionError(f"no standby within {timeout} s: {self.messages[-3:]}")
 
     def wait_worker(self, state: str, restarts: int | None = None, timeout: float = 60) -> int:
         """Wait until the worker is in ``state`` (with ``restarts`` replacements so far); its pid."""

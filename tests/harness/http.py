@@ -18,7 +18,7 @@ from edgevl.rules import Rule
 
 HOST = "127.0.0.1:8080"
 IDLE_WORKER = {"pid": 1, "state": "ready", "restarts": 0, "rss": 1, "memory_limit": 2, "up_since": 0.0,
-               "job": None, "job_seconds": 0.0}
+               "job": None, "job_seconds": 0.0, "standby": None}
 
 
 def _answer_each_with_one(job: HttpJob) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from edgevl.worker.protocol import (
     Load,
     Progress,
     Ready,
+    Standby,
     Stop,
     ToWorker,
     Work,
@@ -43,7 +44,10 @@ def main(argv: list[str]) -> int:
     fd, parent = int(argv[-2]), int(argv[-1])
     become_worker(parent)
     channel = worker_end(socket.socket(fileno=fd))
-    assert isinstance(channel.recv(), Load)
+    first = channel.recv()
+    if isinstance(first, Standby):  # a standby: the real one imports here; this one has nothing to import
+        first = channel.recv()
+    assert isinstance(first, Load)
     if load_mode == "fatal":
         channel.send(Fatal("model_missing", "no model here"))
         return 1

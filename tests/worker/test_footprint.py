@@ -162,3 +162,10 @@ def test_the_prefill_copy_is_counted_and_kept_only_where_it_fits_beside_the_fram
     assert 5.00e9 <= eight_copy.total <= 5.00e9 * 1.15
     # Not asked for (a CPU without AMX): never counted.
     assert footprint.plan(path, "int8", 8, 448 * 448, 100 * GIB, 0, 8, False) == (8, eight, False)
+
+
+def test_a_standby_fits_where_the_cap_holds_its_imports_beside_the_worker(test_model_dir: Path) -> None:
+    needed = footprint.estimate(test_model_dir, "int8", 2, 40000)
+    room = needed.total + int(footprint.RUNTIME_BYTES * footprint.HEADROOM)
+    assert footprint.standby_fits(needed, room)
+    assert not footprint.standby_fits(needed, room - 1)

@@ -6,6 +6,7 @@ The real worker's kernel cap and kill -9 behaviour are tested with real processe
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -229,3 +230,75 @@ def test_a_worker_that_dies_or_hangs_while_loading_stops_the_start(
         supervise: Callable[..., WorkerSupervisor], load: str, extra: str, why: str) -> None:
     with pytest.raises(ModelError, match=why):
         _ready(supervise(load=load, extra=extra))
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_standby_takes_over_a_lost_worker_and_another_stands_by_once_it_is_ready(
+        supervise: Callable[..., WorkerSupervisor], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "edgevl.worker.supervisor")
+    supervisor = supervise()
+    assert supervisor.health()["standby"] is None, "no standby competes with the first load"
+    first = _ready(supervisor)
+    standby = supervisor.health()["standby"]
+    assert isinstance(standby, int)
+    assert standby != first
+    assert _running(standby)
+    _submit(supervisor, "poison", b"crash")
+    (lost,) = _until(supervisor, lambda e: bool(e))
+    assert lost.keys == ("poison",)
+    assert _ready(supervisor) == standby, "the standby is the replacement"
+    assert supervisor.restarts == 1
+    assert f"model worker {standby} starting: the standby takes over" in caplog.text
+    after = supervisor.health()["standby"]
+    assert isinstance(after, int)
+    assert after not in (first, standby)
+    _submit(supervisor, "next", b"answer")
+    assert isinstance(_until(supervisor, lambda e: bool(e))[0], Finished)
+    supervisor.__exit__(None, None, None)
+    assert not _running(after), "a closed supervisor leaves no standby behind"
+
+
+def test_a_standby_that_dies_costs_no_restart_and_is_replaced_by_the_next_ready_worker(
+        supervise: Callable[..., WorkerSupervisor], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "edgevl.worker.supervisor")
+    supervisor = supervise(extra="max_restarts = 0")
+    first = _ready(supervisor)
+    standby = supervisor.health()["standby"]
+    assert isinstance(standby, int)
+    os.kill(standby, signal.SIGKILL)
+    assert _until(supervisor, lambda e: supervisor.health()["standby"] is None) == []
+    assert f"standby worker {standby} ended with signal SIGKILL" in caplog.text
+    assert supervisor.gave_up is None
+    assert supervisor.restarts == 0
+    assert supervisor.ready, "the worker goes on"
+    assert supervisor.health()["pid"] == first
+    _submit(supervisor, "poison", b"crash")
+    _until(supervisor, lambda e: bool(e))
+    second = _ready(supervisor)
+    assert second not in (first, standby), "without a standby a new process starts"
+    assert supervisor.health()["standby"] not in (None, first, standby, second)
+
+
+@pytest.mark.parametrize("why", ["turned off", "no room"])
+def test_no_standby_where_it_is_turned_off_or_the_cap_has_no_room_for_it(
+        why: str, supervise: Callable[..., WorkerSupervisor], test_model_dir: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "edgevl.worker.supervisor")
+    needed = footprint.estimate(test_model_dir, "float32", 2, 40000, 1)
+    extra = ("standby = false" if why == "turned off" else
+             f"max_batch = 2\nmax_frames = 1\nmemory_limit = {needed.total + footprint.RUNTIME_BYTES}")
+    supervisor = supervise(extra=extra)
+    first = _ready(supervisor)
+    assert supervisor.health()["standby"] is None
+    assert ("no standby (model.standby)" if why == "turned off" else
+            "no standby (no room for it under the cap)") in caplog.text
+    _submit(supervisor, "poison", b"crash")
+    _until(supervisor, lambda e: bool(e))
+    assert _ready(supervisor) != first
+    assert supervisor.health()["standby"] is None

@@ -133,6 +133,37 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_answered(tmp_path: Path
     assert _gone(replacement), "a clean stop ends the worker too"
 
 
+def test_a_standby_imported_in_the_cap_takes_over_a_killed_worker_mid_job(tmp_path: Path,
+                                                                         test_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, test_model_dir, env={"EDGEVL_MODEL__STANDBY": "true"})
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        worker = d.wait_worker("ready")
+        standby = d.wait_standby()
+        assert standby != worker
+        # It joins the worker's cap (a cgroup where one can be made), then imports torch and the engine.
+        assert Path(f"/proc/{standby}/cgroup").read_text() == Path(f"/proc/{worker}/cgroup").read_text()
+        deadline = time.monotonic() + 60
+        while "libtorch" not in _maps(standby):
+            assert time.monotonic() < deadline, "the standby never imported torch"
+            time.sleep(0.1)
+        d.freeze_worker()
+        (d.inbox / "a.jpg").write_bytes(_jpeg(1))
+        assert d.wait_worker("busy") == worker
+        os.kill(worker, signal.SIGKILL)
+        (record,) = d.wait_records(1)  # the same job, answered by the standby that took over
+        assert record["schema"] == "edgevl.result/2"
+        assert d.wait_worker("ready", restarts=1) == standby
+        assert f"model worker {standby} starting: the standby takes over" in d.log()
+        assert d.wait_standby() not in (worker, standby), "the new worker gets a standby of its own"
+        last = d.wait_standby()
+    finally:
+        assert d.stop() == 0
+    assert _gone(standby)
+    assert _gone(last), "a clean stop ends the standby too"
+
+
 def test_an_int8_worker_prepares_its_weights_once_and_its_replacement_reads_them(tmp_path: Path,
                                                                                  test_model_dir: Path) -> None:
     d = DaemonProcess(tmp_path, test_model_dir, env={"EDGEVL_MODEL__PRECISION": "int8"})
