@@ -148,13 +148,14 @@ def test_a_file_system_that_cannot_map_files_has_the_prepared_weights_read(tmp_p
     assert mapped_ranges(data) == 0
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, max_examples=15)
-@given(where=st.floats(0, 1, exclude_max=True), flip=st.integers(1, 255), cut=st.booleans())
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, max_examples=20)
+@given(precision=st.sampled_from(["int8", "float32"]), where=st.floats(0, 1, exclude_max=True),
+       flip=st.integers(1, 255), cut=st.booleans())
 def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_factory: pytest.TempPathFactory,
-                                                                     test_model_dir: Path, where: float, flip: int,
-                                                                     cut: bool) -> None:
+                                                                     test_model_dir: Path, precision: str,
+                                                                     where: float, flip: int, cut: bool) -> None:
     prepared_dir = tmp_path_factory.mktemp("prepared")
-    _, plain = _answers(test_model_dir, prepared_dir)
+    _, plain = _answers(test_model_dir, prepared_dir, precision)
     data = next(prepared_dir.glob("*.bin"))
     damaged = bytearray(data.read_bytes())
     at = int(where * len(damaged))
@@ -168,8 +169,8 @@ def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_
     in_a_tensor = any(t["offset"] <= at < t["offset"] + sizes[t["dtype"]] * math.prod(t["shape"]) for t in tensors)
     # A damaged tensor is never used: the start makes the file again.  A byte of the padding between
     # tensors is in no tensor: the start reads the file as it is.
-    assert _answers(test_model_dir, prepared_dir) == ("written" if cut or in_a_tensor else "read", plain)
-    assert _answers(test_model_dir, prepared_dir) == ("read", plain)
+    assert _answers(test_model_dir, prepared_dir, precision) == ("written" if cut or in_a_tensor else "read", plain)
+    assert _answers(test_model_dir, prepared_dir, precision) == ("read", plain)
 
 
 def test_a_later_start_packs_the_tied_head_in_a_loading_thread_beside_the_layers(
