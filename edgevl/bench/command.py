@@ -20,7 +20,7 @@ from typing import Any
 
 from edgevl.bench.floor import attention_seconds, best_read, decode_read, floor_seconds, linear_params
 from edgevl.bench.host import machine
-from edgevl.bench.kernels import INT4_GROUP, ROWS, kernel_rates, read_rate
+from edgevl.bench.kernels import INT4_GROUP, ROWS, kernel_rates, read_rate, weight_bytes
 from edgevl.bench.targets import target_lines
 from edgevl.bench.workload import W4X8_FRAMES
 from edgevl.config import DEFAULT_MAX_PIXELS
@@ -131,18 +131,21 @@ def _int4_verdict(kernels: dict[str, float]) -> list[str]:
     int8 = "int8" if "int8_m1" in kernels else "int8_int_mm"
     speed = kernels["int4_m1"] / kernels[f"{int8}_m1"]
     int4_read, int8_read = read_rate(kernels, "int4"), read_rate(kernels, int8)
-    # The sum over 1 GiB is one way of reading; fbgemm's int8 kernel has read faster than it on some hosts, so
-    # int4 is set against the faster of the two.
-    reach = max(kernels["read_gbs"], int8_read)
+    memory = kernels["read_gbs"]
     bound = ("int4 reads well below that: its kernel is bound by its arithmetic (unpacking four-bit values), not by"
-             " reading" if int4_read < 0.7 * reach else "int4 reads near that")
+             " reading" if int4_read < 0.7 * memory else "int4 reads near that")
+    cached = (" (int8 reads faster than the memory from the bench's matrices, which this host's cache holds; a"
+              " decode step's weights are in no cache)" if int8_read > memory else "")
+    # A decode step reads each kernel's weights at its one-row read, and no faster than the memory.
+    step = (weight_bytes("int4") / min(int4_read, memory)) / (weight_bytes(int8) / min(int8_read, memory))
     return [
         f"int4 against int8 (`{int8}`), same run: {speed:.2f}x the one-row rate, "
         f"{kernels['int4_m256'] / kernels[f'{int8}_m256']:.2f}x the 256-row rate.",
         f"At one row int4 reads its weights at {int4_read} GB/s and int8 at {int8_read} GB/s, against"
-        f" {kernels['read_gbs']} GB/s of memory read by a sum: {bound}.",
-        f"A decode step's products on int4 weights would take {1 / speed:.2f}x the time of int8's (an int4 precision"
-        " is worth having at 1/1.6 = 0.62x or less), and its prefill would run at the 256-row ratio.",
+        f" {memory} GB/s of memory read by a sum: {bound}{cached}.",
+        f"A decode step's products on int4 weights (about half the bytes, read at {min(int4_read, memory)} GB/s against"
+        f" int8's {min(int8_read, memory)}) would take {step:.2f}x the time of int8's (an int4 precision is worth"
+        " having at 1/1.6 = 0.62x or less), and its prefill would run at the 256-row ratio.",
     ]
 
 

@@ -5,7 +5,8 @@ rows (a frame's prompt) and at 1,024 rows (a frame's patches, a page's prompt). 
 take turns, so that a one-row product reads its weights from memory, as a decode step does, where the cache
 is smaller than they are.  One 2-core host had a 300 MB last-level cache, which held eight int8 (100 MB) and
 int4 (50 MB) matrices alike: there the one-row rates compare the kernels with each other, not with memory,
-and the floors take the memory's read from the sum and from the engine's own decode steps.
+and a decode step, whose gigabytes no cache holds, is taken at its kernel's one-row read only up to the
+memory's (the sum's, or the engine's own decode steps').
 
 int4 is measured here, not offered as a precision: torch's CPU kernel for group-wise 4-bit weights
 (``_weight_int4pack_mm_for_cpu``, bfloat16 activations; its float32 path is some thirty times slower) is the

@@ -64,6 +64,22 @@ def test_a_kernel_floor_takes_each_decode_step_at_the_kernels_read(tmp_path: Pat
     assert floor < steps["seconds_per_image"]
 
 
+def test_a_decode_step_reads_no_faster_than_the_memory_where_the_cache_held_the_kernels_matrices(
+        tmp_path: Path) -> None:
+    params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
+    cached = {**RATES, "int8_m1": 180.0}  # the bench's matrices in a large cache: 90 GB/s, above the memory's 57
+    assert read_rate(cached, "int8") > cached["read_gbs"]
+    assert kernel_read(params, cached, _result("int8"), "int8") == cached["read_gbs"]
+    assert kernel_floor(params, W4, cached, _result("int8"), packs=False) == pytest.approx(
+        floor_seconds(params, W4, cached, "int8"))
+    rows = _rows(target_lines([_result("int8")], cached, params, packs=False, threads=2))
+    step = step_bytes(params, "int8") / 57e9
+    assert rows[("decode s / token", "int8")][3] == (
+        f"its products alone take {step:.3f} s at the 57.0 GB/s the memory reads at (`int8` reads one row at"
+        f" {read_rate(cached, 'int8')} GB/s from matrices the cache holds); the other {0.097 - step:.3f} s of a step"
+        " is its attention over the cache, norms and Python")
+
+
 def test_targets_say_which_are_met_and_what_stops_the_others(tmp_path: Path) -> None:
     params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
     results = [_result("float32", seconds_per_image=16.8, decode_seconds_per_token=0.376, w4x8_speedup=1.82,
