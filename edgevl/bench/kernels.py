@@ -158,6 +158,29 @@ def read_rate(rates: dict[str, float], kernel: str) -> float:
     return round(weight_bytes(kernel) / seconds / 1e9, 1)
 
 
+def int4_verdict(kernels: dict[str, float]) -> list[str]:
+    """What the int4 kernel's measured rates say of an int4 precision."""
+    int8 = "int8" if "int8_m1" in kernels else "int8_int_mm"
+    speed = kernels["int4_m1"] / kernels[f"{int8}_m1"]
+    int4_read, int8_read = read_rate(kernels, "int4"), read_rate(kernels, int8)
+    memory = kernels["read_gbs"]
+    bound = ("int4 reads well below that: its kernel is bound by its arithmetic (unpacking four-bit values), not by"
+             " reading" if int4_read < 0.7 * memory else "int4 reads near that")
+    cached = (" (int8 reads faster than the memory from the bench's matrices, which this host's cache holds; a"
+              " decode step's weights are in no cache)" if int8_read > memory else "")
+    # A decode step reads each kernel's weights at its one-row read, and no faster than the memory.
+    step = (weight_bytes("int4") / min(int4_read, memory)) / (weight_bytes(int8) / min(int8_read, memory))
+    return [
+        f"int4 against int8 (`{int8}`), same run: {speed:.2f}x the one-row rate, "
+        f"{kernels['int4_m256'] / kernels[f'{int8}_m256']:.2f}x the 256-row rate.",
+        f"At one row int4 reads its weights at {int4_read} GB/s and int8 at {int8_read} GB/s, against"
+        f" {memory} GB/s of memory read by a sum: {bound}{cached}.",
+        f"A decode step's products on int4 weights (about half the bytes, read at {min(int4_read, memory)} GB/s against"
+        f" int8's {min(int8_read, memory)}) would take {step:.2f}x the time of int8's (an int4 precision is worth"
+        " having at 1/1.6 = 0.62x or less), and its prefill would run at the 256-row ratio.",
+    ]
+
+
 def attention_rate(dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of attention (SDPA) in ``dtype`` over 2,048 tokens of 16 heads of 64: a vision tower's layer."""
     q, k, v = (torch.randn(1, 16, 2048, 64, dtype=dtype) for _ in range(3))

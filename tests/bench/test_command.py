@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgevl.bench.command import _int4_verdict
-from edgevl.bench.kernels import read_rate, weight_bytes
+from edgevl.bench.kernels import int4_verdict, read_rate, weight_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +54,7 @@ def test_the_int4_verdict_sets_each_kernels_decode_read_against_the_memory() -> 
     # a sum over 1 GiB at 27, int4's kernel at 16 (its arithmetic).
     kernels = {"int8_m1": 90.6, "int8_m256": 944.3, "int4_m1": 61.8, "int4_m256": 134.6, "read_gbs": 26.7}
     assert read_rate(kernels, "int8") > kernels["read_gbs"] > read_rate(kernels, "int4")
-    rows, reads, step = _int4_verdict(kernels)
+    rows, reads, step = int4_verdict(kernels)
     assert rows.startswith("int4 against int8 (`int8`), same run: 0.68x the one-row rate")
     assert "its kernel is bound by its arithmetic" in reads
     assert "which this host's cache holds" in reads
@@ -66,4 +65,4 @@ def test_the_int4_verdict_sets_each_kernels_decode_read_against_the_memory() -> 
     int8_read = read_rate({"int8_m1": 40.0}, "int8")
     assert int8_read < kernels["read_gbs"]
     ratio = (weight_bytes("int4") / read_rate(kernels, "int4")) / (weight_bytes("int8") / int8_read)
-    assert f"would take {ratio:.2f}x the time of int8's" in _int4_verdict({**kernels, "int8_m1": 40.0})[2]
+    assert f"would take {ratio:.2f}x the time of int8's" in int4_verdict({**kernels, "int8_m1": 40.0})[2]
