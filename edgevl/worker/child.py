@@ -78,6 +78,18 @@ def join_cgroup(procs_file: str | None, channel: Channel[FromWorker, ToWorker]) 
     return True
 
 
+def _oom_score(adjust: str) -> str | None:
+    """Set this process's OOM score adjustment; the one it had, or None where that cannot be done. A process
+    may raise its own and lower it again to what it inherited, without privileges."""
+    path = Path("/proc/self/oom_score_adj")
+    try:
+        before = path.read_text().strip()
+        path.write_text(adjust)
+    except OSError:
+        return None
+    return before
+
+
 def import_engine() -> None:
     """What answering needs imported (torch, transformers, the engine): seconds of a start that a standby
     spends before it is needed."""
@@ -121,8 +133,11 @@ def serve(channel: Channel[FromWorker, ToWorker]) -> int:
         set_level(load.log_level)
         if not join_cgroup(load.procs_file, channel):
             return 1
+        score = _oom_score("1000")  # should the cap's cgroup run out, the kernel's choice falls on the standby
         import_engine()
         load = channel.recv()
+        if score is not None:  # a worker now: as likely to go as the one it replaces
+            _oom_score(score)
     if not isinstance(load, Load):
         raise ChannelClosed(f"expected Load, got {type(load).__name__}")
     set_level(load.log_level)

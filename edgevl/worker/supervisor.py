@@ -307,7 +307,9 @@ class WorkerSupervisor:
         if worker is self._standby and not self._closing.is_set():
             # Not replaced until a worker is next ready: a standby that cannot start must not loop.
             self._standby = None
-            log.warning("standby worker %d ended with %s; the next worker to be ready gets another", worker.pid, how)
+            why = f" ({worker.kill_reason[1]})" if worker.kill_reason else ""
+            log.warning("standby worker %d ended with %s%s; the next worker to be ready gets another", worker.pid,
+                        how, why)
             return None
         if worker is not self.worker or self._closing.is_set():
             return None
@@ -360,10 +362,18 @@ class WorkerSupervisor:
             # The high-water mark, not only the size now: a spike shorter than the sampling period
             # went over the ceiling all the same.
             peak = max(rss, memcap.peak_rss_bytes(w.pid) or 0)
+            limit = memcap.format_bytes(self.cap.limit)
+            standby = self._standby
             if peak > self.cap.limit:
                 w.kill("memory_limit", f"its resident size reached {memcap.format_bytes(peak)}, over the limit "
-                                       f"of {memcap.format_bytes(self.cap.limit)}")
+                                       f"of {limit}")
                 self.wake.set()
+            elif standby is not None and not standby.gone and standby.kill_reason is None:
+                # The limit holds the standby too, as a cgroup would; it holds nothing, so it goes first.
+                beside = memcap.rss_bytes(standby.pid) or 0
+                if peak + beside > self.cap.limit:
+                    standby.kill("memory_limit", f"beside the worker's {memcap.format_bytes(peak)} it went over "
+                                                 f"the limit of {limit}")
 
 
 def _defaults() -> tuple[int, int]:

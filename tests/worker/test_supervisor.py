@@ -21,7 +21,7 @@ from edgevl.config import Config, load_config
 from edgevl.errors import ModelError
 from edgevl.records import Job, Source
 from edgevl.rules import Rule
-from edgevl.worker import footprint
+from edgevl.worker import footprint, memcap
 from edgevl.worker.protocol import Work
 from edgevl.worker.supervisor import Finished, Lost, WorkerSupervisor
 
@@ -302,3 +302,24 @@ def test_no_standby_where_it_is_turned_off_or_the_cap_has_no_room_for_it(
     _until(supervisor, lambda e: bool(e))
     assert _ready(supervisor) != first
     assert supervisor.health()["standby"] is None
+
+
+def test_the_memory_limit_holds_the_standby_too_and_takes_it_before_the_worker(
+        supervise: Callable[..., WorkerSupervisor], test_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "edgevl.worker.supervisor")
+    needed = footprint.estimate(test_model_dir, "float32", 2, 40000, 1)
+    limit = needed.total + int(footprint.RUNTIME_BYTES * footprint.HEADROOM)  # room for a standby, just
+    # Sampled: no cgroup in these tests.
+    supervisor = supervise(extra=f"max_batch = 2\nmax_frames = 1\nmemory_limit = {limit}")
+    worker = _ready(supervisor)
+    standby = supervisor.health()["standby"]
+    assert isinstance(standby, int)
+    worker_rss, standby_rss = memcap.rss_bytes(worker), memcap.rss_bytes(standby)
+    assert worker_rss is not None
+    assert standby_rss is not None
+    # The worker grows to half its standby's size short of the limit: alone it fits, the two do not.
+    _submit(supervisor, "big", f"grow:{(limit - worker_rss - standby_rss // 2) >> 20}".encode())
+    _until(supervisor, lambda e: supervisor.health()["standby"] is None, timeout=15)
+    assert f"standby worker {standby} ended with signal SIGKILL (beside the worker's" in caplog.text
+    assert supervisor.busy, "the worker goes on with its job"
+    assert supervisor.health()["pid"] == worker

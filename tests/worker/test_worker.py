@@ -148,6 +148,9 @@ def test_a_standby_imported_in_the_cap_takes_over_a_killed_worker_mid_job(tmp_pa
         while "libtorch" not in _maps(standby):
             assert time.monotonic() < deadline, "the standby never imported torch"
             time.sleep(0.1)
+        # Should the cap run out, the kernel takes the standby first; once it takes over, it is a worker like any.
+        score = Path(f"/proc/{worker}/oom_score_adj").read_text()
+        assert Path(f"/proc/{standby}/oom_score_adj").read_text() == "1000\n"
         d.freeze_worker()
         (d.inbox / "a.jpg").write_bytes(_jpeg(1))
         assert d.wait_worker("busy") == worker
@@ -155,6 +158,7 @@ def test_a_standby_imported_in_the_cap_takes_over_a_killed_worker_mid_job(tmp_pa
         (record,) = d.wait_records(1)  # the same job, answered by the standby that took over
         assert record["schema"] == "edgevl.result/2"
         assert d.wait_worker("ready", restarts=1) == standby
+        assert Path(f"/proc/{standby}/oom_score_adj").read_text() == score
         assert f"model worker {standby} starting: the standby takes over" in d.log()
         assert d.wait_standby() not in (worker, standby), "the new worker gets a standby of its own"
         last = d.wait_standby()
