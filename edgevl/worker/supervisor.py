@@ -67,7 +67,7 @@ class WorkerSupervisor:
         self.wake = wake
         self.command = tuple(command)
         self.worker: WorkerProcess | None = None
-        self.standby = False  # whether a standby is kept: model.standby, where it fits under the cap
+        self.keeps_standby = False  # model.standby, where it fits under the cap
         self._standby: WorkerProcess | None = None
         self.restarts = 0
         self.up_since = 0.0  # wall clock, for the status
@@ -102,11 +102,11 @@ class WorkerSupervisor:
             self.cap = memcap.setup(limit, model.memory_enforcement)
         except memcap.CgroupUnavailable as exc:
             raise ConfigError(f'model.memory_enforcement = "cgroup", but no cgroup can be made: {exc}') from None
-        self.standby = model.standby and footprint.standby_fits(needed, limit)
+        self.keeps_standby = model.standby and footprint.standby_fits(needed, limit)
         log.info("model worker: %s in %s needs ≈ %s with up to %d frames at a time%s; %s; memory cap %s", model.id,
                  model.precision, memcap.format_bytes(needed.total), self.max_frames,
                  " and a copy of the language model for its prefill" if prefill_copy else "",
-                 "a standby beside it" if self.standby else
+                 "a standby beside it" if self.keeps_standby else
                  "no standby (model.standby)" if not model.standby else "no standby (no room for it under the cap)",
                  self.cap.describe())
         self._request = Load(str(path), model.id, model.precision, model.threads, model.max_batch,
@@ -151,7 +151,7 @@ class WorkerSupervisor:
 
     def _stand_by(self) -> None:
         """Start a standby for a worker that has just become ready: its imports then cost no answer a load."""
-        if not self.standby or self._standby is not None or self._closing.is_set():
+        if not self.keeps_standby or self._standby is not None or self._closing.is_set():
             return
         assert self._request is not None
         self._standby = WorkerProcess(self.command, Standby(self._request.procs_file, self._request.log_level),
@@ -303,7 +303,7 @@ class WorkerSupervisor:
         code = worker.proc.wait()
         worker.channel.close()
         worker.gone = True
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        how = _ending(code)
         if worker is self._standby and not self._closing.is_set():
             # Not replaced until a worker is next ready: a standby that cannot start must not loop.
             self._standby = None
@@ -368,12 +368,22 @@ class WorkerSupervisor:
                 w.kill("memory_limit", f"its resident size reached {memcap.format_bytes(peak)}, over the limit "
                                        f"of {limit}")
                 self.wake.set()
-            elif standby is not None and not standby.gone and standby.kill_reason is None:
+            elif standby is not None and standby is self._standby and not standby.gone and standby.kill_reason is None:
                 # The limit holds the standby too, as a cgroup would; it holds nothing, so it goes first.
                 beside = memcap.rss_bytes(standby.pid) or 0
                 if peak + beside > self.cap.limit:
                     standby.kill("memory_limit", f"beside the worker's {memcap.format_bytes(peak)} it went over "
                                                  f"the limit of {limit}")
+
+
+def _ending(code: int) -> str:
+    """How a process ended, from its exit code (a signal without a name, such as a real-time one, by number)."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def _defaults() -> tuple[int, int]:

@@ -323,3 +323,14 @@ def test_the_memory_limit_holds_the_standby_too_and_takes_it_before_the_worker(
     assert f"standby worker {standby} ended with signal SIGKILL (beside the worker's" in caplog.text
     assert supervisor.busy, "the worker goes on with its job"
     assert supervisor.health()["pid"] == worker
+
+
+def test_a_worker_ended_by_a_signal_without_a_name_is_reported_by_its_number(
+        supervise: Callable[..., WorkerSupervisor]) -> None:
+    supervisor = supervise()
+    worker = _ready(supervisor)
+    _submit(supervisor, "job", b"slow:30")
+    os.kill(worker, signal.SIGRTMIN + 3)  # a real-time signal, whose default is to end the process
+    (lost,) = _until(supervisor, lambda e: bool(e))
+    assert lost == Lost(("job",), "worker_crashed", f"it ended with signal {signal.SIGRTMIN + 3}")
+    _ready(supervisor)
