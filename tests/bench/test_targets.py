@@ -21,6 +21,11 @@ RATES = {"packed_m1": 14.0, "packed_m256": 212.0, "float32_m1": 8.7, "float32_m2
          "decode_read_gbs": 17.8, "attention_gflops": 150.0}
 
 
+# A start's rates and where its seconds went (edgevl.bench.child.start_costs), as on a 2-core AMD EPYC.
+START_RATES = {**RATES, "fbgemm_pack_mbs": 150.0, "fault_in_gbs": 1.5}
+START = {"ready_import_seconds": 6.4, "ready_system_cpu_seconds": 3.7, "ready_faulted_bytes": 4.7e9}
+
+
 def _result(precision: str, **figures: Any) -> dict[str, Any]:
     base = {"precision": precision, "seconds_per_image": 5.33, "decode_seconds_per_token": 0.097,
             "w4x8_speedup": 1.27, "w4x8_speedup_bound": 1.72, "wdoc_seconds_per_page": 37.5, "ready_seconds": 4.9,
@@ -144,8 +149,7 @@ def test_a_missed_ready_target_names_its_floor_from_the_imports_and_the_rates_of
         tmp_path: Path) -> None:
     params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
     matrices = params.vision + params.text + params.head
-    rates = {**RATES, "fbgemm_pack_mbs": 150.0, "fault_in_gbs": 1.5}
-    start = {"ready_import_seconds": 6.4, "ready_system_cpu_seconds": 3.7, "ready_faulted_bytes": 4.7e9}
+    rates, start = START_RATES, START
     results = [_result("int8", ready_seconds=13.9, packed_behind=False, **start),
                _result("float32", ready_seconds=16.3, **start)]
     rows = _rows(target_lines(results, rates, params, packs=True, threads=2))
@@ -179,8 +183,7 @@ def test_a_standby_taking_over_is_held_to_the_ready_target_without_the_imports_i
         tmp_path: Path) -> None:
     params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
     matrices = params.vision + params.text + params.head
-    rates = {**RATES, "fbgemm_pack_mbs": 150.0, "fault_in_gbs": 1.5}
-    start = {"ready_import_seconds": 6.4, "ready_system_cpu_seconds": 3.7, "ready_faulted_bytes": 4.7e9}
+    rates, start = START_RATES, START
     results = [_result("int8", ready_seconds=13.9, standby_ready_seconds=7.5, packed_behind=False, **start),
                _result("float32", ready_seconds=11.0, standby_ready_seconds=4.6, prepared="read", **start)]
     rows = _rows(target_lines(results, rates, params, packs=True, threads=2))
