@@ -122,7 +122,8 @@ def test_the_language_model_keeps_a_prefill_copy_where_allowed_and_amx_is_there(
     # Eight images: the drift of one image's four scores is as much chance as kernel (on one host oneDNN came out
     # 2.5x fbgemm's on one image and 0.6x over eight).
     images = [noise_image(96, 80, seed=seed) for seed in range(1, 9)]
-    exact = [Engine(fp32_model).answer(image, QUESTIONS, 96 * 96) for image in images]
+    fp32 = Engine(fp32_model)
+    exact = [fp32.answer(image, QUESTIONS, 96 * 96) for image in images]
     int8 = Engine(load_model(str(test_model_dir), "int8", 1, prefill_copy=False))
     reference = [int8.answer(image, QUESTIONS, 96 * 96) for image in images]
     monkeypatch.setattr(onednn_int8, "PREFILL_ROWS", 2)  # the test model's prompts are short: every pass prefills
