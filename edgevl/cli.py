@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure workloads W4 and W-doc on a random checkpoint with the real 2B "
                                         "shapes")
     bench.add_argument("--precision", action="append", choices=PRECISIONS, dest="precisions",
-                       help="a precision to measure (repeatable; default: float32 and int8)")
+                       help="a precision to measure (repeatable; default: float32, int8 and int4)")
     bench.add_argument("--json", action="store_true", help="one JSON object per precision on stdout")
     bench.add_argument("--checkpoint", type=Path, default=None, help="where the random checkpoint is cached")
     bench.add_argument("--write-doc", type=Path, default=None, help="write the results as Markdown to this file")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from edgevl.bench.command import run_bench
 
-            return run_bench(args.precisions or ["float32", "int8"], args.json, args.checkpoint,
+            return run_bench(args.precisions or ["float32", "int8", "int4"], args.json, args.checkpoint,
                              args.write_doc, args.threads)
     except EdgevlError as exc:
         print(f"edgevl: {exc.message}", file=sys.stderr)

@@ -35,11 +35,14 @@ from edgevl.errors import ConfigError, format_validation_error
 DEFAULT_CONFIG = Path("/etc/edgevl/edgevl.toml")
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 ENV_PREFIX = "EDGEVL_"  # EDGEVL_MODEL__PRECISION=int8 overrides [model] precision
-Precision = Literal["float32", "bfloat16", "int8"]
-PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
+Precision = Literal["float32", "bfloat16", "int8", "int4"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8", "int4")
 # Whose weights a first start prepares under state_dir for the next (edgevl.engine.prepared); bfloat16 maps the
 # checkpoint's own.
-PREPARED: tuple[Precision, ...] = ("int8", "float32")
+PREPARED: tuple[Precision, ...] = ("int8", "int4", "float32")
+# The precisions built on int8 rows: int4 is int8's model with four-bit copies of the language model's layers for
+# its decode steps (edgevl.engine.int4_kernel).
+INT8_ROWS: tuple[Precision, ...] = ("int8", "int4")
 Enforcement = Literal["auto", "cgroup", "rss"]
 # What an image is resized to at most before encoding: 448x448 keeps a frame to
 # a few seconds on two cores (the processor's own default is ~16 M pixels).
@@ -71,7 +74,11 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(default=DEFAULT_MODEL, description="Hugging Face repo id (local cache only) or a model directory.")
-    precision: Precision = Field(default="float32", description="float32 | bfloat16 | int8.")
+    precision: Precision = Field(
+        default="float32",
+        description="float32 | bfloat16 | int8 | int4. int4 is int8 with four-bit copies of the language model's "
+                    "layers for decoding: faster answers for more memory; it builds a small C kernel at its first "
+                    "start, so it needs a C compiler (cc).")
     threads: int = Field(default=0, ge=0, le=256, description="Compute threads; 0 = one per usable core.")
     max_batch: int = Field(default=0, ge=0, le=256, description="Answers decoded together; 0 = from the core count.")
     max_frames: int = Field(

@@ -33,6 +33,16 @@ def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def grouped_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen3-VL whose language model's matrices have whole int4 groups (128 inputs), unlike
+    the test model's (64): the int4 precision's layers exist in it."""
+    from edgevl.bench.checkpoints import build_checkpoint
+    from tests.harness.int4 import GROUPED
+
+    return build_checkpoint(tmp_path_factory.mktemp("grouped-model"), GROUPED)
+
+
+@pytest.fixture(scope="session")
 def fp32_model(test_model_dir: Path):  # type: ignore[no-untyped-def]
     from edgevl.engine.loading import load_model
 

@@ -71,6 +71,9 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
         estimate = footprint.estimate(path, precision, result["max_batch"], DEFAULT_MAX_PIXELS,  # type: ignore[arg-type]
                                       prefill_copy=copy)
         result["estimated_bytes"] = estimate.total
+        if copy:  # what a worker whose cap leaves no room for the prefill copy would need
+            result["estimated_bytes_without_copy"] = footprint.estimate(
+                path, precision, result["max_batch"], DEFAULT_MAX_PIXELS).total  # type: ignore[arg-type]
         result["w4x8_estimated_bytes"] = footprint.estimate(
             path, precision, result["max_batch"], DEFAULT_MAX_PIXELS, W4X8_FRAMES, copy).total  # type: ignore[arg-type]
         results.append(result)
@@ -336,8 +339,9 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "GFLOP/s of one 2048x6144 projection (a Qwen3-VL-2B MLP matrix), measured by the same command:",
         "",
-        "| kernel | 1 row (decode) | 256 rows (a frame's prompt) | 1,024 rows (a frame's patches) |",
-        "|---|---|---|---|",
+        "| kernel | 1 row (decode) | 8 rows (a burst's decode step) | 256 rows (a frame's prompt) | 1,024 rows (a"
+        " frame's patches) |",
+        "|---|---|---|---|---|",
         _kernel_row(kernels, "float32", f"float32 `F.linear` (stock{'' if packs else '; the engine on this host'})"),
         _kernel_row(kernels, "packed", "float32 oneDNN packed weights (the engine "
                     f"{'on this host' if packs else f'where its trial at load finds it {PAYS_AT}x as fast'}{trial})"),
@@ -346,8 +350,10 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
                     "has no fbgemm Linear)"),
         _kernel_row(kernels, "int8_onednn", "int8 oneDNN, activations per call (the vision tower and the "
                     f"language model's prefill {'on this host' if onednn_int8.pays() else 'where the CPU has AMX'})"),
-        _kernel_row(kernels, "int4", f"int4 `torch._weight_int4pack_mm_for_cpu`, groups of {INT4_GROUP}, bfloat16 "
-                    "activations (measured, not offered)"),
+        _kernel_row(kernels, "int4", f"int4 edgevl (`int4.c`), groups of {INT4_GROUP}, int8 activations per row (the"
+                    " decode steps of precision int4)"),
+        _kernel_row(kernels, "int4_torch", f"int4 `torch._weight_int4pack_mm_for_cpu`, groups of {INT4_GROUP},"
+                    " bfloat16 activations (measured, not used)"),
         "",
         *int4_verdict(kernels),
         "",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgevl.config import INT8_ROWS
 from edgevl.engine.model_files import read_config, read_tensor_infos
 
 
@@ -81,14 +82,17 @@ def attention_seconds(params: LinearParams, work: dict[str, int], rates: dict[st
     """The prefill's attention at the rates of the attention the engine runs: an int8 vision tower attends in
     bfloat16 where the bench measured that rate (``kernels.bfloat16_attention_fast``), all else in float32."""
     vision_rate = rates["attention_gflops"]
-    if precision == "int8" and "attention_bf16_gflops" in rates:
+    if precision in INT8_ROWS and "attention_bf16_gflops" in rates:
         vision_rate = rates["attention_bf16_gflops"]
     return (vision_attention_flops(params, work) / (vision_rate * 1e9)
             + text_attention_flops(params, work) / (rates["attention_gflops"] * 1e9))
 
 
 def step_bytes(params: LinearParams, precision: str) -> int:
-    """The weights a decode step reads: the language model's and the output head's."""
+    """The weights a decode step reads: the language model's and the output head's (int4: the language model's in
+    four-bit groups, half a byte a weight and a byte's step a group of 128; the head's int8 rows)."""
+    if precision == "int4":
+        return params.text // 2 + params.text // 128 + params.head
     return (params.text + params.head) * (4 if precision == "float32" else 1)
 
 
@@ -100,7 +104,7 @@ def steps_read(params: LinearParams, result: dict[str, Any]) -> float:
 def decode_read(params: LinearParams, results: Sequence[dict[str, Any]]) -> float:
     """GB/s at which the engine's decode steps read their weights: the fastest of the precisions measured."""
     rates = [steps_read(params, r) for r in results
-             if r["precision"] in ("float32", "int8") and r.get("decode_seconds_per_token")]
+             if r["precision"] in ("float32", "int8", "int4") and r.get("decode_seconds_per_token")]
     return round(max(rates, default=0.0), 1)
 
 
@@ -116,7 +120,9 @@ def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, f
     # The prefill at the fastest rate (256 or 1,024 rows) of the precision's kernels measured in this run, and
     # every decode step at the fastest read: which is fastest differs between hosts, and a floor is never above
     # what the host's best kernel would do.
-    kernels = {"float32": ("packed", "float32"), "int8": ("int8", "int8_int_mm", "int8_onednn")}.get(precision, ())
+    # int4 prefills on int8's kernels (edgevl.engine.onednn_int8.packed).
+    int8 = ("int8", "int8_int_mm", "int8_onednn")
+    kernels = {"float32": ("packed", "float32"), "int8": int8, "int4": int8}.get(precision, ())
     measured = [rates[f"{k}_m{rows}"] for k in kernels for rows in (256, 1024) if f"{k}_m{rows}" in rates]
     if not measured:
         return None

@@ -8,11 +8,13 @@ int4 (50 MB) matrices alike: there the one-row rates compare the kernels with ea
 and a decode step, whose gigabytes no cache holds, is taken at its kernel's one-row read only up to the
 memory's (the sum's, or the engine's own decode steps').
 
-int4 is measured here, not offered as a precision: torch's CPU kernel for group-wise 4-bit weights
-(``_weight_int4pack_mm_for_cpu``, bfloat16 activations; its float32 path is some thirty times slower) is the
-one this torch build has, and the one Inductor's and torchao's CPU int4 layouts call.  The Kernels table
-sets its one-row rate against fbgemm int8's: a precision whose weights are half the bytes is worth having
-only if its kernel reads them at something near the memory's bandwidth.
+int4 is measured twice: the engine's own kernel (``edgevl.engine.int4_kernel``, the decode steps of precision
+int4), and torch's CPU kernel for group-wise 4-bit weights (``_weight_int4pack_mm_for_cpu``, bfloat16
+activations; its float32 path is some thirty times slower), the one this torch build has and the one Inductor's
+and torchao's CPU int4 layouts call, which int4 does not use: it read its weights well below the memory's rate.
+The Kernels table sets their one-row rates against fbgemm int8's: weights of half the bytes pay only if their
+kernel reads them at something near the memory's bandwidth.  The eight-row rate is a burst's decode step (the
+stream mode's frames together), which int4 takes below ``onednn_int8.PREFILL_ROWS`` rows.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from edgevl.engine import onednn_int8
+from edgevl.engine import int4_kernel, onednn_int8
 from edgevl.engine.float32_packing import PackedLinear
 from edgevl.engine.kernels import (
     FbgemmLinear,
@@ -32,10 +34,11 @@ from edgevl.engine.kernels import (
     int8_linear,
     quantize_rows,
 )
+from edgevl.errors import ModelError
 
 MATRICES = 8  # 400 MB in float32, 100 MB in int8, 50 MB in int4
 IN, OUT = 2048, 6144
-ROWS = (1, 256, 1024)
+ROWS = (1, 8, 256, 1024)
 INT4_GROUP = 128  # the largest group the int4 goal admits: the least work per weight, int4's best case
 
 
@@ -56,8 +59,8 @@ def int4_rows(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tens
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
 
 
-class Int4Linear:
-    """A bias-free Linear on int4 weights (``int4_rows``), as the bench times it."""
+class TorchInt4Linear:
+    """A bias-free Linear on torch's int4 weights (``int4_rows``), as the bench times it."""
 
     def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP) -> None:
         self.group = group
@@ -77,8 +80,14 @@ def kernel_rates(threads: int) -> dict[str, float]:
         "float32": list(linears),
         "packed": [PackedLinear(linear) for linear in linears],
         "int8_int_mm": [int8_linear(linear, fbgemm=False) for linear in linears],
-        "int4": [Int4Linear(linear.weight.detach()) for linear in linears],
+        "int4_torch": [TorchInt4Linear(linear.weight.detach()) for linear in linears],
     }
+    try:
+        library = int4_kernel.library()
+        kernels["int4"] = [int4_kernel.Int4Linear(int4_kernel.quantize_groups(*quantize_rows(linear.weight.detach())),
+                                                  None, library) for linear in linears]
+    except ModelError:  # no C compiler here: the table says so
+        pass
     if fbgemm_int8_available():
         kernels["int8"] = [int8_linear(linear, fbgemm=True) for linear in linears]
     if onednn_int8.available():
@@ -88,7 +97,8 @@ def kernel_rates(threads: int) -> dict[str, float]:
     for rows in ROWS:
         x = torch.randn(rows, IN)
         for name, fns in kernels.items():
-            seconds = _seconds_per_call(fns, x, 7) if rows == 1 else _seconds_per_busy_call(fns[:4], x)
+            # A few rows read the weights as one does: every matrix in turn, from memory.
+            seconds = _seconds_per_call(fns, x, 7) if rows <= 8 else _seconds_per_busy_call(fns[:4], x)
             rates[f"{name}_m{rows}"] = round(2 * rows * IN * OUT / seconds / 1e9, 1)
     rates["read_gbs"] = read_bandwidth()
     rates["fault_in_gbs"] = fault_in_rate()
@@ -145,8 +155,10 @@ def _seconds_per_busy_call(fns: list[Callable[[torch.Tensor], torch.Tensor]], x:
 
 def weight_bytes(kernel: str) -> float:
     """Bytes of one projection's weights as ``kernel`` reads them (scales included)."""
-    if kernel == "int4":  # two weights a byte, a bfloat16 scale and zero point per group
-        return IN * OUT / 2 + (IN // INT4_GROUP) * OUT * 2 * 2.0
+    if kernel == "int4":  # two weights a byte, a byte's step a group, a float32 scale an output
+        return IN * OUT / 2 + (IN // INT4_GROUP) * OUT + OUT * 4.0
+    if kernel == "int4_torch":  # two weights a byte, a bfloat16 scale and zero point a group
+        return IN * OUT / 2 + (IN // INT4_GROUP) * OUT * 4.0
     if kernel in ("float32", "packed"):
         return IN * OUT * 4.0
     return IN * OUT + OUT * 4.0  # int8: a byte a weight, a float32 scale per output
@@ -159,26 +171,25 @@ def read_rate(rates: dict[str, float], kernel: str) -> float:
 
 
 def int4_verdict(kernels: dict[str, float]) -> list[str]:
-    """What the int4 kernel's measured rates say of an int4 precision."""
+    """What the int4 kernels' measured rates say of int4 decode steps against int8's."""
     int8 = "int8" if "int8_m1" in kernels else "int8_int_mm"
-    speed = kernels["int4_m1"] / kernels[f"{int8}_m1"]
-    int4_read, int8_read = read_rate(kernels, "int4"), read_rate(kernels, int8)
     memory = kernels["read_gbs"]
-    bound = ("int4 reads well below that: its kernel is bound by its arithmetic (unpacking four-bit values), not by"
-             " reading" if int4_read < 0.7 * memory else "int4 reads near that")
-    cached = (" (int8 reads faster than the memory from the bench's matrices, which this host's cache holds; a"
-              " decode step's weights are in no cache)" if int8_read > memory else "")
-    # A decode step reads each kernel's weights at its one-row read, and no faster than the memory.
-    step = (weight_bytes("int4") / min(int4_read, memory)) / (weight_bytes(int8) / min(int8_read, memory))
-    return [
-        f"int4 against int8 (`{int8}`), same run: {speed:.2f}x the one-row rate, "
-        f"{kernels['int4_m256'] / kernels[f'{int8}_m256']:.2f}x the 256-row rate.",
-        f"At one row int4 reads its weights at {int4_read} GB/s and int8 at {int8_read} GB/s, against"
-        f" {memory} GB/s of memory read by a sum: {bound}{cached}.",
-        f"A decode step's products on int4 weights (about half the bytes, read at {min(int4_read, memory)} GB/s against"
-        f" int8's {min(int8_read, memory)}) would take {step:.2f}x the time of int8's (an int4 precision is worth"
-        " having at 1/1.6 = 0.62x or less), and its prefill would run at the 256-row ratio.",
-    ]
+    int8_read = read_rate(kernels, int8)
+    lines = []
+    for name, label in (("int4", "the engine's int4 kernel"), ("int4_torch", "torch's int4 kernel")):
+        if f"{name}_m1" not in kernels:
+            lines.append(f"{label[0].upper()}{label[1:]} was not measured here (no C compiler).")
+            continue
+        read = read_rate(kernels, name)
+        # A decode step reads each kernel's weights at its one-row read, and no faster than the memory.
+        step = (weight_bytes(name) / min(read, memory)) / (weight_bytes(int8) / min(int8_read, memory))
+        lines.append(
+            f"{label[0].upper()}{label[1:]} (`{name}`) against int8 (`{int8}`), same run:"
+            f" {kernels[f'{name}_m1'] / kernels[f'{int8}_m1']:.2f}x the one-row rate,"
+            f" {kernels[f'{name}_m8'] / kernels[f'{int8}_m8']:.2f}x the eight-row rate; it reads its weights at {read}"
+            f" GB/s at one row (int8 at {int8_read}, the memory {memory} by a sum), so a decode step's products on it"
+            f" take {step:.2f}x int8's time (worth having at 1/1.6 = 0.62x or less).")
+    return lines
 
 
 def attention_rate(dtype: torch.dtype = torch.float32) -> float:

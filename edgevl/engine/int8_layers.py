@@ -10,12 +10,13 @@ multiplies with.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgevl.engine import fusion, onednn_int8
+from edgevl.engine import fusion, int4_kernel, onednn_int8
 from edgevl.engine.kernels import Int8Embedding, IntMatmulLinear, quantize_rows
 from edgevl.engine.packing import Deferred
 from edgevl.engine.prepared import PreparedReader, PreparedWriter
@@ -36,11 +37,19 @@ class Int8Rows:
     """
 
     def __init__(self, reader: PreparedReader | None, writer: PreparedWriter | None,
-                 deferred: list[Deferred] | None = None, prefill_copy: bool = False) -> None:
+                 deferred: list[Deferred] | None = None, prefill_copy: bool = False,
+                 four: ctypes.CDLL | None = None) -> None:
         self.reader = reader
         self.writer = writer
         self.deferred = deferred
         self.prefill_copy = prefill_copy
+        self.four = four  # precision int4: the kernel library of the decoder layers' int4 groups
+        # int4 without oneDNN's prefill copy: the decoder layers' int8 rows, prepared beside their groups for a start
+        # that keeps the copy, are never read then, nor mapped (their pages would count in the worker's memory).
+        self.int4_alone = four is not None and not (prefill_copy and onednn_int8.pays())
+        if self.int4_alone and reader is not None:
+            reader.leave_out(lambda name: name.endswith((".q", ".scales"))
+                             and f"{name.rpartition('.')[0]}.int4.packed" in reader)
         self.tied_head: tuple[Rows, nn.Module] | None = None  # the embedding's rows and the head packed on them
 
     def pack_tied_head(self) -> None:
@@ -57,8 +66,11 @@ class Int8Rows:
             self.tied_head = rows, self.kernel("lm_head", EMBEDDING, rows, None)
 
     def has(self, key: str) -> bool:
-        """Whether the rows of the checkpoint weight ``key`` are prepared (alone, or in a fused layer's)."""
-        return self.reader is not None and f"{fusion.fused_key(key) or key}.q" in self.reader
+        """Whether the rows of the checkpoint weight ``key`` are prepared (alone, or in a fused layer's; int8's, or
+        int4's groups)."""
+        name = fusion.fused_key(key) or key
+        return self.reader is not None and (f"{name}.q" in self.reader or f"{name}.int4.packed" in self.reader)
+
 
     def rows(self, key: str, weight: torch.Tensor | None) -> Rows:
         if self.reader is not None and self.has(key):
@@ -81,11 +93,46 @@ class Int8Rows:
         return rows
 
     def kernel(self, path: str, key: str, rows: Rows, bias: torch.Tensor | None) -> nn.Module:
-        """The int8 module for the layer at ``path`` with the rows of ``key``."""
+        """The int8 module for the layer at ``path`` with the rows of ``key`` (precision int4: a decoder layer's
+        int4 kernel, with oneDNN's int8 copy for its prefill where that is kept)."""
+        four = self._int4(path, key, rows, bias)
+        if four is not None and self.int4_alone:
+            return four  # nothing to pack: the groups are multiplied where they are
         if self.deferred is None or not self.has(key):
-            return onednn_int8.packed(path, *rows, bias, self.prefill_copy)
-        self.deferred.append(Deferred(path, *rows, bias))
-        return IntMatmulLinear(*rows, bias)
+            return onednn_int8.packed(path, *rows, bias, self.prefill_copy, four)
+        self.deferred.append(Deferred(path, *rows, bias, four))
+        return IntMatmulLinear(*rows, bias) if four is None else four  # int4 prefills until oneDNN's copy is made
+
+    def prepared_int4(self, path: str, key: str, bias: torch.Tensor | None) -> nn.Module | None:
+        """A decoder layer's int4 kernel from its prepared groups, where it needs no int8 rows (``int4_alone``);
+        None otherwise."""
+        names = self._int4_names(key)
+        if not (path.startswith(onednn_int8.LANGUAGE_MODEL) and self.int4_alone and self.reader is not None
+                and all(name in self.reader for name in names)):
+            return None
+        assert self.four is not None
+        return int4_kernel.Int4Linear(int4_kernel.Int4Rows(*(self.reader.take(name) for name in names)), bias,
+                                      self.four)
+
+    @staticmethod
+    def _int4_names(key: str) -> list[str]:
+        return [f"{key}.int4.{field}" for field in int4_kernel.Int4Rows._fields]
+
+    def _int4(self, path: str, key: str, rows: Rows, bias: torch.Tensor | None) -> nn.Module | None:
+        """The int4 kernel of a decoder layer's matrix (precision int4), its groups prepared or made from
+        ``rows``; None for every other layer, and for a matrix of a shape the kernel does not take."""
+        if self.four is None or not path.startswith(onednn_int8.LANGUAGE_MODEL) or not int4_kernel.fits(
+                *rows[0].shape):
+            return None
+        names = self._int4_names(key)
+        if self.reader is not None and all(name in self.reader for name in names):
+            groups = int4_kernel.Int4Rows(*(self.reader.take(name) for name in names))
+        else:
+            groups = int4_kernel.quantize_groups(*rows)
+            if self.writer is not None:
+                for name, tensor in zip(names, groups, strict=True):
+                    self.writer.add(name, tensor)
+        return int4_kernel.Int4Linear(groups, bias, self.four)
 
 
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
@@ -105,8 +152,8 @@ def _fuse(module: nn.Module, prefix: str, source: Int8Rows) -> None:
     weights = [linear.weight for linear in linears]  # type: ignore[union-attr]
     if not source.has(key) and any(weight.is_meta for weight in weights):
         return
-    rows = source.fused_rows(key, weights)
-    kernel = source.kernel(f"{prefix}.{name}.linear", key, rows, None)
+    path = f"{prefix}.{name}.linear"
+    kernel = source.prepared_int4(path, key, None) or source.kernel(path, key, source.fused_rows(key, weights), None)
     fusion.install(module, name, members, kernel, tuple(w.shape[0] for w in weights), weights[0].shape[1])
 
 
@@ -124,8 +171,11 @@ def int8_linears(module: nn.Module, prefix: str, source: Int8Rows, others: froze
         key = f"{full}.weight"
         if (child.bias is not None and child.bias.is_meta) or (child.weight.is_meta and not source.has(key)):
             continue
-        rows = source.rows(key, None if child.weight.is_meta else child.weight)
-        setattr(module, name, source.kernel(full, key, rows, _bias(child)))
+        kernel = source.prepared_int4(full, key, _bias(child))
+        if kernel is None:
+            kernel = source.kernel(full, key, source.rows(key, None if child.weight.is_meta else child.weight),
+                                   _bias(child))
+        setattr(module, name, kernel)
 
 
 def finish_int8(model: Any, source: Int8Rows) -> None:

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from edgevl.config import INT8_ROWS
 from edgevl.engine import spans
 
 # Slots reserved beyond what a pass needs, at least: a frame's questions and answers fit without a regrowth.
@@ -105,11 +106,11 @@ def stored_dtype(precision: str) -> torch.dtype | None:
     A decode step's attention reads every slot of every layer's keys and values, cold: the step has streamed
     the weights through the caches since.  float32 reads them at a fraction of the memory's rate (a 2-core
     AMD EPYC, one row over 1,100 slots: 1.1-1.2 ms a layer, against 0.66-0.73 ms in bfloat16), a third of a
-    long answer's decode step.  An int8 model's keys and values come from products of inputs rounded to
+    long answer's decode step.  An int8 (or int4) model's keys and values come from products of inputs rounded to
     256 levels, so bfloat16's 8-bit mantissa adds little to its rounding; float32 keeps float32, its answers
     token-identical to transformers' ``generate()``; bfloat16's already are bfloat16.
     """
-    return torch.bfloat16 if precision == "int8" else None
+    return torch.bfloat16 if precision in INT8_ROWS else None
 
 
 def new_cache(text_config: Any, dtype: torch.dtype | None = None) -> DynamicCache:

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgevl.config import PRECISIONS, PREPARED, Precision
-from edgevl.engine import kernels
+from edgevl.config import INT8_ROWS, PRECISIONS, PREPARED, Precision
+from edgevl.engine import int4_kernel, kernels
 from edgevl.engine.activations import use_in_place_vision_activation
 from edgevl.engine.attention import use_bfloat16_vision_attention, use_grouped_attention
 from edgevl.engine.float32_packing import head_transposed, packing_pays
@@ -170,9 +170,9 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
                         convert_linear(model, key.rpartition(".")[0], precision, packs)
                         continue
                     # int8 quantizes the token embedding from the file's rows (see Int8Embedding).
-                    target = torch.bfloat16 if precision == "int8" and key == EMBEDDING else dtype
+                    target = torch.bfloat16 if precision in INT8_ROWS and key == EMBEDDING else dtype
                     _assign(model, key, read_converted(f, key, target))
-        if precision == "int8":  # its own modules: each group's owner is another thread's
+        if precision in INT8_ROWS:  # its own modules: each group's owner is another thread's
             int8_linears(model.get_submodule(owner), owner, source, owners - {owner})
         else:  # only the group's own layers: another thread may be filling the rest of the model
             for name in dict.fromkeys(key.rpartition(".")[0] for key in keys):
@@ -183,7 +183,7 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     # are int8's prepared rows, each packed for fbgemm as it is mapped (one thread packed 12 matrices of 6144x2048
     # in 1.4-1.5 s on a 2-core host, two 0.75-0.85 s).  A first int8 start writes its prepared file in this
     # order; bfloat16 only reads.
-    if not (precision == "float32" or (precision == "int8" and source.reader is not None)):
+    if not (precision == "float32" or (precision in INT8_ROWS and source.reader is not None)):
         for owner in sorted(groups):
             load(owner)
         return set(files)
@@ -194,7 +194,8 @@ def _stream_weights(model: nn.Module, path: Path, dtype: torch.dtype, precision:
     torch.set_num_threads(1 if precision == "float32" else threads)
     with ThreadPoolExecutor(usable_cores()) as pool:
         # int8's tied head is its largest matrix to pack: first, so that it ends with the layers, not after them.
-        futures = [pool.submit(source.pack_tied_head)] if precision == "int8" and "lm_head.weight" not in files else []
+        futures = ([pool.submit(source.pack_tied_head)] if precision in INT8_ROWS and "lm_head.weight" not in files
+                   else [])
         futures += [pool.submit(load, owner) for owner in sorted(groups)]
         try:
             for future in futures:
@@ -217,7 +218,7 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows, kept
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     use_grouped_attention(model)
     use_in_place_vision_activation(model)
-    if precision == "int8" and kernels.bfloat16_attention_fast():
+    if precision in INT8_ROWS and kernels.bfloat16_attention_fast():
         use_bfloat16_vision_attention(model)
     _rebuild_meta_buffers(model)
     packs = precision == "float32" and packing_pays(config)  # timed before the load takes both cores
@@ -228,7 +229,7 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows, kept
         if "lm_head.weight" not in loaded:
             # Tied output head (Qwen3-VL-2B): the embedding matrix serves both.
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
-        if precision == "int8":
+        if precision in INT8_ROWS:
             finish_int8(model, source)
         else:
             # Mergers and other loose Linear layers (behind the answers: every Linear, noted for the packer); a
@@ -248,8 +249,8 @@ def _build(config: Any, path: Path, precision: Precision, source: Int8Rows, kept
     return model
 
 
-def _prepared_sources(precision: Precision, prepared_dir: Path, path: Path,
-                      prefill_copy: bool) -> tuple[Int8Rows, Float32Weights, Path]:
+def _prepared_sources(precision: Precision, prepared_dir: Path, path: Path, prefill_copy: bool,
+                      four: ctypes.CDLL | None) -> tuple[Int8Rows, Float32Weights, Path]:
     """Where a load's int8 rows or float32 weights come from (a prepared file), and int8's go to (a new one, where
     there is room for it: ``prepared.room_for``); float32's are written after the load (``Preparer``)."""
     base = location(prepared_dir, path, precision)
@@ -266,14 +267,14 @@ def _prepared_sources(precision: Precision, prepared_dir: Path, path: Path,
     # packed as it is mapped: an answer at _int_mm's rate would come after the packing anyway); without fbgemm
     # they are the kernel's for good.
     defer = reader is not None and fbgemm_int8_available() and int_mm_fast()
-    return Int8Rows(reader, writer, [] if defer else None, prefill_copy), Float32Weights(), base
+    return Int8Rows(reader, writer, [] if defer else None, prefill_copy, four), Float32Weights(), base
 
 
-def _build_prepared(config: Any, path: Path, precision: Precision, prepared_dir: Path,
-                    prefill_copy: bool) -> tuple[Any, str, list[Pending], Path]:
+def _build_prepared(config: Any, path: Path, precision: Precision, prepared_dir: Path, prefill_copy: bool,
+                    four: ctypes.CDLL | None) -> tuple[Any, str, list[Pending], Path]:
     """The int8 or float32 model from its prepared weights (int8: or preparing them); a damaged file is rebuilt,
     never used.  Also the layers whose packing is left to a ``Packer``, and the prepared file's name."""
-    source, kept, base = _prepared_sources(precision, prepared_dir, path, prefill_copy)
+    source, kept, base = _prepared_sources(precision, prepared_dir, path, prefill_copy, four)
     reader = source.reader or kept.reader
     try:
         model = _build(config, path, precision, source, kept)
@@ -282,7 +283,7 @@ def _build_prepared(config: Any, path: Path, precision: Precision, prepared_dir:
                     base, exc)
         assert reader is not None
         reader.discard()
-        source, kept, _ = _prepared_sources(precision, prepared_dir, path, prefill_copy)
+        source, kept, _ = _prepared_sources(precision, prepared_dir, path, prefill_copy, four)
         reader = None
         model = _build(config, path, precision, source, kept)
     except BaseException:
@@ -326,18 +327,21 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "qwen3_vl":
         raise ModelError(f"{model_id} is a {config.model_type} model; edgevl runs Qwen3-VL", "model_unsupported")
+    # int4's kernel is built beside the prepared weights, in the state directory.
+    kernel_dir = prepared_dir.parent / "kernels" if prepared_dir else None
+    four = int4_kernel.library(kernel_dir) if precision == "int4" else None
     prepared = "none"
     packer: Packer | None = None
     preparer: Preparer | None = None
     if precision in PREPARED and prepared_dir is not None:
-        model, prepared, deferred, base = _build_prepared(config, path, precision, prepared_dir, prefill_copy)
+        model, prepared, deferred, base = _build_prepared(config, path, precision, prepared_dir, prefill_copy, four)
         if deferred:
             packer = Packer(model, deferred, pack_gate, prefill_copy)
             packer.start()
         preparer = _preparer(precision, prepared, path, prepared_dir, base)
         prepared = preparer.outcome if preparer is not None else prepared
     else:
-        model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy), Float32Weights())
+        model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy, four), Float32Weights())
     model.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)

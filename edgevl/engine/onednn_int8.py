@@ -56,12 +56,17 @@ def for_layer(path: str) -> bool:
 
 
 def packed(path: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-           prefill_copy: bool) -> nn.Module:
+           prefill_copy: bool, four: nn.Module | None = None) -> nn.Module:
     """The packed int8 kernel for the layer at ``path`` from its rows: oneDNN's for the vision tower where that
     pays; for a language-model layer fbgemm's, with oneDNN's copy for its prefill (``ByRows``) if
-    ``prefill_copy`` is allowed and pays here; fbgemm's for the rest (``kernels.int8_kernel``)."""
+    ``prefill_copy`` is allowed and pays here; fbgemm's for the rest (``kernels.int8_kernel``).
+
+    ``four``: the layer's int4 kernel (precision int4, ``edgevl.engine.int4_kernel``), which multiplies every
+    row but a prefill's where oneDNN's copy is kept."""
     if for_layer(path):
         return OnednnInt8Linear(q, scales, bias)
+    if four is not None:
+        return ByRows(four, OnednnInt8Linear(q, scales, bias)) if prefill_copy and pays() else four
     few = kernels.int8_kernel(q, scales, bias)
     if prefill_copy and path.startswith(LANGUAGE_MODEL) and pays():
         return ByRows(few, OnednnInt8Linear(q, scales, bias))

@@ -50,9 +50,10 @@ class Deferred:
     q: torch.Tensor
     scales: torch.Tensor  # float64, as fbgemm takes them
     bias: torch.Tensor | None
+    four: nn.Module | None = None  # the layer's int4 kernel (precision int4), which needs no packing
 
     def packed(self, prefill_copy: bool) -> nn.Module:
-        return onednn_int8.packed(self.path, self.q, self.scales, self.bias, prefill_copy)
+        return onednn_int8.packed(self.path, self.q, self.scales, self.bias, prefill_copy, self.four)
 
 
 class Pending(Protocol):

@@ -32,7 +32,7 @@ import os
 import shutil
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: a decoder layer's projections of one input are one tensor (edgevl.engine.fusion)
 _ALIGN = 64  # every tensor starts at a multiple of this: any dtype's view is aligned
-_DTYPES = {"int8": np.int8, "float32": np.float32, "float64": np.float64}
-_KINDS = {torch.int8: "int8", torch.float32: "float32", torch.float64: "float64"}
+_DTYPES = {"int8": np.int8, "uint8": np.uint8, "float32": np.float32, "float64": np.float64}
+_KINDS = {torch.int8: "int8", torch.uint8: "uint8", torch.float32: "float32", torch.float64: "float64"}
 # Left free on the file system after a prepared file is written: the daemon's spool, outbox and results share it.
 _KEEP_FREE_FRACTION = 0.05
 _KEEP_FREE_BYTES = 1 << 30
@@ -66,8 +66,13 @@ def location(directory: Path, model_dir: Path, precision: str) -> Path:
 
 
 def prepared_bytes(model_dir: Path, precision: str) -> int:
-    """About the bytes of ``precision``'s prepared file for the model (int8: a byte a weight, scales aside)."""
-    return sum(info.numel for info in read_tensor_infos(model_dir)) * (4 if precision == "float32" else 1)
+    """About the bytes of ``precision``'s prepared file for the model (int8: a byte a weight, scales aside; int4:
+    that and half a byte again a weight of the language model's layers, which have int4 groups too)."""
+    infos = read_tensor_infos(model_dir)
+    size = sum(info.numel for info in infos) * (4 if precision == "float32" else 1)
+    if precision == "int4":
+        size += sum(info.numel for info in infos if info.name.startswith("model.language_model.layers.")) // 2
+    return size
 
 
 def room_for(directory: Path, size: int) -> bool:
@@ -125,6 +130,14 @@ class PreparedReader:
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
+
+    def leave_out(self, unused: Callable[[str], bool]) -> None:
+        """Never map nor check the tensors this load will not take (int4's decoder layers' int8 rows, where no
+        prefill copy needs them): mapped and checked, their pages would count in the worker's memory until the
+        load ends.  Before the first take only; a later call leaves what is already mapped as it is."""
+        with self._lock:
+            if self._checked is None:
+                self.entries = {name: entry for name, entry in self.entries.items() if not unused(name)}
 
     def take(self, name: str) -> torch.Tensor:
         """The tensor, mapped copy-on-write: its pages are the page cache's, shared until written (never, by

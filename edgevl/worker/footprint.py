@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevl.config import Precision
+from edgevl.config import INT8_ROWS, Precision
 from edgevl.cpuinfo import CPUINFO, has_flag
 from edgevl.engine.model_files import TensorInfo, read_config, read_tensor_infos
 from edgevl.worker.memcap import format_bytes
@@ -60,7 +60,7 @@ def cache_bytes(precision: Precision) -> int:
 def prefill_copy_pays(precision: Precision, cpuinfo: Path = CPUINFO) -> bool:
     """Whether an int8 worker here would keep its language model's prefill copy: a CPU with AMX's int8 tiles
     (``edgevl.engine.onednn_int8.pays``, which asks torch; the daemon reads the same flag from the kernel)."""
-    return precision == "int8" and has_flag("amx_int8", cpuinfo)
+    return precision in INT8_ROWS and has_flag("amx_int8", cpuinfo)
 
 
 def _prefill_copy_bytes(info: TensorInfo) -> int:
@@ -70,6 +70,21 @@ def _prefill_copy_bytes(info: TensorInfo) -> int:
     if len(info.shape) == 2 and info.name.startswith("model.language_model.layers."):
         return info.numel + info.shape[0] * 12
     return 0
+
+
+def int4_fits(info: TensorInfo) -> bool:
+    """Whether a decoder layer's matrix is int4's (``edgevl.engine.int4_kernel.fits``, which this module cannot
+    import, the daemon importing no torch): whole groups of 128 inputs and blocks of 16 outputs."""
+    if len(info.shape) != 2 or not info.name.startswith("model.language_model.layers."):
+        return False
+    outputs, inputs = info.shape
+    return 0 < inputs <= 65536 and inputs % 128 == 0 and outputs % 16 == 0
+
+
+def _int4_bytes(info: TensorInfo) -> int:
+    """A decoder layer's matrix in four-bit groups (precision int4, ``edgevl.engine.int4_kernel``): half a byte a
+    weight, a byte's step a group of 128, a float32 scale an output."""
+    return info.numel // 2 + info.numel // 128 + info.shape[0] * 4
 
 
 def _weight_bytes(info: TensorInfo, precision: Precision, tied: bool = False) -> int:
@@ -96,7 +111,10 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     infos = read_tensor_infos(path)
     tied = not any(info.name.endswith("lm_head.weight") for info in infos)
     weights = sum(_weight_bytes(info, precision, tied) for info in infos)
-    if prefill_copy and precision == "int8":
+    if precision == "int4":
+        # Its decoder layers in four-bit groups instead of int8 rows (beside oneDNN's int8 copy, if kept, below).
+        weights += sum(_int4_bytes(info) - _weight_bytes(info, precision) for info in infos if int4_fits(info))
+    if prefill_copy and precision in INT8_ROWS:
         weights += sum(_prefill_copy_bytes(info) for info in infos)
 
     hidden = int(text["hidden_size"])
@@ -125,12 +143,12 @@ def estimate(path: Path, precision: Precision, max_batch: int, max_pixels: int, 
     # one output, held until both halves are used; edgevl.engine.fusion), and the attention mask with its
     # float form.  Each frame's prefill leaves that much again in the heap, between the caches the frames keep
     # until they are joined (2B shapes, eight W4 frames: 12 MB a frame beside its cache in float32, 21 MB in int8).
-    intermediates = 4 if precision == "int8" else 3
+    intermediates = 4 if precision in INT8_ROWS else 3
     text_act = frames * image_tokens * int(text["intermediate_size"]) * act_bytes * intermediates + 5 * tokens * tokens
     logits = max_batch * int(text["vocab_size"]) * 4
     activations = vision_act + text_act + logits
     # int8: the token embedding is read as bfloat16 before it is quantized.
-    loading = int(text["vocab_size"]) * hidden * 2 if precision == "int8" else 0
+    loading = int(text["vocab_size"]) * hidden * 2 if precision in INT8_ROWS else 0
     return Footprint(weights, kv_cache, activations, RUNTIME_BYTES, loading)
 
 
@@ -144,7 +162,7 @@ def refusal(model_id: str, precision: Precision, needed: Footprint, limit: int,
             int8: Footprint | None = None) -> str:
     """The one message that says why the model does not fit, and what to change."""
     advice = "raise it"
-    if precision != "int8" and int8 is not None and int8.total <= limit:
+    if precision not in INT8_ROWS and int8 is not None and int8.total <= limit:
         advice += ' or use precision = "int8"'
     else:
         advice += " or lower model.max_pixels, model.max_batch and model.max_frames"

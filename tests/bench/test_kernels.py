@@ -18,7 +18,7 @@ import torch
 from edgevl.bench.kernels import (
     IN,
     OUT,
-    Int4Linear,
+    TorchInt4Linear,
     _seconds_per_busy_call,
     fault_in_rate,
     int4_rows,
@@ -29,7 +29,7 @@ from edgevl.bench.kernels import (
 from edgevl.engine.kernels import fbgemm_int8_available, int_mm_fast
 
 
-def test_the_int4_kernel_computes_the_product_of_the_weights_rounded_to_four_bits() -> None:
+def test_torchs_int4_kernel_computes_the_product_of_the_weights_rounded_to_four_bits() -> None:
     torch.manual_seed(0)
     weight = torch.randn(192, 256) * 0.05
     group = 64
@@ -40,7 +40,7 @@ def test_the_int4_kernel_computes_the_product_of_the_weights_rounded_to_four_bit
     rounded = (((grouped - low) / step).round() * step + low).reshape(192, 256)
     assert (rounded - weight).abs().max() <= step.max() / 2 + 1e-6
     x = torch.randn(5, 256)
-    got = Int4Linear(weight, group)(x).float()
+    got = TorchInt4Linear(weight, group)(x).float()
     expected = x.to(torch.bfloat16).float() @ rounded.T
     # bfloat16 activations and scales: within bfloat16's rounding of the exact product.
     assert torch.allclose(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
@@ -55,8 +55,9 @@ def test_a_one_row_rate_is_turned_into_the_bytes_the_kernel_reads() -> None:
     rates = {"int8_m1": 100.0, "int4_m1": 100.0}
     seconds = 2 * IN * OUT / 100e9
     assert read_rate(rates, "int8") == round((IN * OUT + OUT * 4) / seconds / 1e9, 1)
-    assert weight_bytes("int4") == IN * OUT / 2 + (IN // 128) * OUT * 4
-    assert read_rate(rates, "int4") == round((IN * OUT / 2 + (IN // 128) * OUT * 4) / seconds / 1e9, 1)
+    assert weight_bytes("int4") == IN * OUT / 2 + (IN // 128) * OUT + OUT * 4
+    assert weight_bytes("int4_torch") == IN * OUT / 2 + (IN // 128) * OUT * 4
+    assert read_rate(rates, "int4") == round((IN * OUT / 2 + (IN // 128) * OUT + OUT * 4) / seconds / 1e9, 1)
     assert read_rate(rates, "int4") < read_rate(rates, "int8") / 1.8, "half the bytes, and its groups' scales"
 
 

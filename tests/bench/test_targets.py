@@ -200,3 +200,32 @@ def test_a_standby_taking_over_is_held_to_the_ready_target_without_the_imports_i
     # A run without the figure (an older child) has no such row.
     assert ("ready s, a standby taking over a lost worker", "int8") not in _rows(target_lines(
         [_result("int8", ready_seconds=4.0)], rates, params, packs=True, threads=2))
+
+
+def test_int4_is_held_to_its_own_speed_and_memory_targets(tmp_path: Path) -> None:
+    params = linear_params(_shapes_only_checkpoint(tmp_path / "2b"))
+    rates = {**RATES, "int4_m1": 110.0}  # the engine's int4 kernel: one row at 28 GB/s of its bytes
+    assert decode_kernel(rates, "int4", packs=False) == "int4"
+    # Its decode step reads the decoder layers' groups and the int8 head: a little over half of int8's bytes.
+    assert 0.55 < step_bytes(params, "int4") / step_bytes(params, "int8") < 0.65
+    # Its prefill is int8's: the floor's prefill takes int8's kernels' rates.
+    assert floor_seconds(params, W4, rates, "int4") == pytest.approx(
+        floor_seconds(params, W4, rates, "int8") - W4["decode_steps"] * (
+            step_bytes(params, "int8") - step_bytes(params, "int4")) / (57.0 * 1e9))
+    met = _result("int4", seconds_per_image=2.9, decode_seconds_per_token=0.044, peak_rss_bytes=2.6e9,
+                  estimated_bytes=2.9e9)
+    missed = _result("int4", seconds_per_image=3.1, decode_seconds_per_token=0.05, peak_rss_bytes=3.5e9,
+                     estimated_bytes=3.9e9, estimated_bytes_without_copy=2.75e9)
+    rows = _rows(target_lines([met], rates, params, packs=False, threads=2))
+    assert rows[("W4 s / frame", "int4")][:3] == ["2.90", "≤ 3.0", "yes"]
+    assert rows[("decode s / token", "int4")][:3] == ["0.044", "≤ 0.045", "yes"]
+    assert rows[("peak RSS, W4", "int4")][:3] == ["2.60 GB", "≤ 3 GB", "yes"]
+    rows = _rows(target_lines([missed], rates, params, packs=False, threads=2))
+    assert rows[("W4 s / frame", "int4")][2] == "NO"
+    assert rows[("decode s / token", "int4")][2] == "NO"
+    assert rows[("decode s / token", "int4")][3].startswith("its products alone take")
+    assert rows[("peak RSS, W4", "int4")][2:] == [
+        "NO", "its decoder layers keep oneDNN's int8 copy for the prefill on this CPU with AMX, where the cap has"
+        " room; without it the estimate is 2.75 GB"]
+    assert ("peak RSS, W4", "int8") not in _rows(target_lines([_result("int8")], rates, params, packs=False,
+                                                               threads=2))

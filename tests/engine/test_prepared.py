@@ -1,4 +1,4 @@
-"""int8 and float32 weights prepared once: read back at the next start with the very same answers, made again
+"""int8, int4 and float32 weights prepared once: read back at the next start with the very same answers, made again
 when the model changes or the file is damaged, and never a reason for a start to fail."""
 
 from __future__ import annotations
@@ -51,15 +51,27 @@ def _files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-@pytest.mark.parametrize("precision", ["int8", "float32"])
-def test_written_read_and_rebuilt_with_the_answers_of_a_load_without_them(tmp_path: Path, test_model_dir: Path,
-                                                                           precision: str) -> None:
+def _model_of(precision: str, request: pytest.FixtureRequest) -> Path:
+    """The test model, or for int4 the one whose layers have whole int4 groups (else int4 would be int8's file)."""
+    return Path(request.getfixturevalue("grouped_model_dir" if precision == "int4" else "test_model_dir"))
+
+
+@pytest.mark.parametrize("precision", ["int8", "float32", "int4"])
+def test_written_read_and_rebuilt_with_the_answers_of_a_load_without_them(tmp_path: Path, precision: str,
+                                                                           request: pytest.FixtureRequest) -> None:
+    test_model_dir = _model_of(precision, request)
     prepared = tmp_path / "prepared"
     _, plain = _answers(test_model_dir, None, precision)
     assert _answers(test_model_dir, prepared, precision) == ("written", plain)
     names = _files(prepared)
     assert [n.rsplit(".", 1)[1] for n in names] == ["bin", "json"]
     assert names[0].startswith(f"{precision}-")
+    if precision == "int4":  # the decoder layers' four-bit groups beside their int8 rows
+        tensors = json.loads((prepared / names[1]).read_text())["tensors"]
+        kinds = {field: {t["dtype"] for name, t in tensors.items() if name.endswith(f".int4.{field}")}
+                 for field in ("packed", "steps", "scales")}
+        assert kinds == {"packed": {"uint8"}, "steps": {"int8"}, "scales": {"float32"}}
+        assert len([name for name in tensors if name.endswith(".int4.packed")]) == 8
     assert _answers(test_model_dir, prepared, precision) == ("read", plain)
 
     data = next(prepared.glob("*.bin"))
@@ -149,11 +161,12 @@ def test_a_file_system_that_cannot_map_files_has_the_prepared_weights_read(tmp_p
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, max_examples=20)
-@given(precision=st.sampled_from(["int8", "float32"]), where=st.floats(0, 1, exclude_max=True),
+@given(precision=st.sampled_from(["int8", "float32", "int4"]), where=st.floats(0, 1, exclude_max=True),
        flip=st.integers(1, 255), cut=st.booleans())
 def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_factory: pytest.TempPathFactory,
-                                                                     test_model_dir: Path, precision: str,
+                                                                     request: pytest.FixtureRequest, precision: str,
                                                                      where: float, flip: int, cut: bool) -> None:
+    test_model_dir = _model_of(precision, request)
     prepared_dir = tmp_path_factory.mktemp("prepared")
     _, plain = _answers(test_model_dir, prepared_dir, precision)
     data = next(prepared_dir.glob("*.bin"))
@@ -165,7 +178,7 @@ def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_
         damaged[at] ^= flip
     data.write_bytes(damaged)
     tensors = json.loads(next(prepared_dir.glob("*.json")).read_text())["tensors"].values()
-    sizes = {"int8": 1, "float32": 4, "float64": 8}
+    sizes = {"int8": 1, "uint8": 1, "float32": 4, "float64": 8}
     in_a_tensor = any(t["offset"] <= at < t["offset"] + sizes[t["dtype"]] * math.prod(t["shape"]) for t in tensors)
     # A damaged tensor is never used: the start makes the file again.  A byte of the padding between
     # tensors is in no tensor: the start reads the file as it is.

@@ -164,6 +164,46 @@ def test_the_prefill_copy_is_counted_and_kept_only_where_it_fits_beside_the_fram
     assert footprint.plan(path, "int8", 8, 448 * 448, 100 * GIB, 0, 8, False) == (8, eight, False)
 
 
+def test_int4_counts_its_groups_instead_of_the_decoder_layers_int8_rows(tmp_path: Path) -> None:
+    path = _shapes_only_checkpoint(tmp_path / "2b")
+    int8 = footprint.estimate(path, "int8", 8, 448 * 448)
+    int4 = footprint.estimate(path, "int4", 8, 448 * 448)
+    # The 28 decoder layers' 1.41 G weights in four-bit groups (half a byte each, a byte's step per 128) instead
+    # of int8 rows: 0.69 GB less.
+    assert 0.69e9 < int8.weights - int4.weights < 0.70e9
+    assert (int4.kv_cache, int4.activations, int4.loading) == (int8.kv_cache, int8.activations, int8.loading)
+    # With oneDNN's prefill copy, that copy is counted for both alike.
+    int8_copy = footprint.estimate(path, "int8", 8, 448 * 448, prefill_copy=True)
+    int4_copy = footprint.estimate(path, "int4", 8, 448 * 448, prefill_copy=True)
+    assert int8_copy.weights - int4_copy.weights == int8.weights - int4.weights
+    assert footprint.prefill_copy_pays("int4", _cpuinfo(tmp_path, "fpu avx2 avx512f amx_int8")) is True
+
+
+def test_int4_counts_only_the_matrices_its_kernel_takes(test_model_dir: Path, grouped_model_dir: Path) -> None:
+    """The shape rule is the kernel's own: the test model's matrices of 64 inputs stay int8 (its down projections
+    of 128 are int4's), the grouped model's are all int4's."""
+    from edgevl.engine import int4_kernel
+
+    counted = {}
+    for directory in (test_model_dir, grouped_model_dir):
+        fits = [footprint.int4_fits(info) for info in read_tensor_infos(directory)
+                if len(info.shape) == 2 and info.name.startswith("model.language_model.layers.")]
+        for info in read_tensor_infos(directory):
+            if len(info.shape) == 2 and info.name.startswith("model.language_model.layers."):
+                assert footprint.int4_fits(info) == int4_kernel.fits(*info.shape), info.name
+        counted[directory] = (sum(fits), len(fits))
+        assert footprint.estimate(directory, "int4", 2, 40000).weights < \
+            footprint.estimate(directory, "int8", 2, 40000).weights
+    assert counted[test_model_dir] == (2, 14)
+    assert counted[grouped_model_dir] == (14, 14)
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n")
+    return cpuinfo
+
+
 def test_a_standby_fits_where_the_cap_holds_its_imports_beside_the_worker(test_model_dir: Path) -> None:
     needed = footprint.estimate(test_model_dir, "int8", 2, 40000)
     room = needed.total + int(footprint.RUNTIME_BYTES * footprint.HEADROOM)

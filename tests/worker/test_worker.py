@@ -193,6 +193,29 @@ def test_an_int8_worker_prepares_its_weights_once_and_its_replacement_reads_them
         assert d.stop() == 0
 
 
+def test_an_int4_worker_builds_its_kernel_in_the_state_directory_and_answers(tmp_path: Path,
+                                                                              grouped_model_dir: Path) -> None:
+    d = DaemonProcess(tmp_path, grouped_model_dir, env={"EDGEVL_MODEL__PRECISION": "int4"})
+    d.start()
+    try:
+        d.wait_notify("READY=1")
+        (kernel,) = (d.state / "kernels").iterdir()
+        assert kernel.name.startswith("int4-")
+        assert kernel.suffix == ".so"
+        assert "its int4 weights are prepared for the next start" in d.log()
+        (d.inbox / "a.jpg").write_bytes(_jpeg(3))
+        (record,) = d.wait_records(1)
+        assert record["model"]["precision"] == "int4"
+        assert "error" not in record
+        worker = d.worker()[0]
+        os.kill(worker, signal.SIGKILL)
+        d.wait_worker("ready", restarts=1)
+        d.wait_log("from its prepared int4 weights")
+        assert [p.name for p in (d.state / "kernels").iterdir()] == [kernel.name], "built once, kept"
+    finally:
+        assert d.stop() == 0
+
+
 def test_a_float32_worker_prepares_its_weights_behind_its_answers_and_its_replacement_maps_them(
         tmp_path: Path, test_model_dir: Path) -> None:
     d = DaemonProcess(tmp_path, test_model_dir, env={"EDGEVL_MODEL__PRECISION": "float32"})
