@@ -120,9 +120,9 @@ def floor_seconds(params: LinearParams, work: dict[str, int], rates: dict[str, f
     # The prefill at the fastest rate (256 or 1,024 rows) of the precision's kernels measured in this run, and
     # every decode step at the fastest read: which is fastest differs between hosts, and a floor is never above
     # what the host's best kernel would do.
-    # int4 prefills on int8's kernels (edgevl.engine.onednn_int8.packed).
+    # int4 prefills on its own kernel, or on oneDNN's int8 copy where the CPU has AMX (onednn_int8.packed).
     int8 = ("int8", "int8_int_mm", "int8_onednn")
-    kernels = {"float32": ("packed", "float32"), "int8": int8, "int4": int8}.get(precision, ())
+    kernels = {"float32": ("packed", "float32"), "int8": int8, "int4": ("int4", *int8)}.get(precision, ())
     measured = [rates[f"{k}_m{rows}"] for k in kernels for rows in (256, 1024) if f"{k}_m{rows}" in rates]
     if not measured:
         return None

@@ -5,7 +5,7 @@ then fail or sit idle: the configuration and rules files are valid; the folders
 the rules watch exist (or the rule creates or waits for them), can be written and
 are not folders edgevl writes to; no two rules compete for the same files; the
 secrets and certificates can be read (a secret other users may read is refused);
-the model is there; the HTTP address is free. The unit runs this as
+the model is there (and, for int4, a C compiler to build its kernel); the HTTP address is free. The unit runs this as
 ``ExecStartPre=``; every problem is listed, not only the first.
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgevl.config import Config, HttpSettings, load_config
+from edgevl.engine.compiler import c_compiler
 from edgevl.engine.model_files import resolve_model_path
 from edgevl.errors import ConfigError, EdgevlError
 from edgevl.folders.layout import folder_problems, layout_problems
@@ -91,6 +92,9 @@ def check(path: Path, starting: bool = False) -> tuple[Config, RulesFile]:
         if problem:
             problems.append(problem)
     attempt(lambda: resolve_model_path(config.model.id))
+    if config.model.precision == "int4" and c_compiler() is None:
+        problems.append(f"{path}: [model] precision int4 builds its kernel with a C compiler at the worker's first"
+                        " start, and there is none (cc, gcc or $CC): install gcc, or use precision int8")
     if problems:
         raise ConfigError("\n".join(problems))
     assert rules is not None

@@ -29,7 +29,6 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from edgevl.engine.compiler import c_compiler
 from edgevl.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,6 @@ def dequantized(rows: Int4Rows) -> torch.Tensor:
     return dequantized_grid(rows).float() * rows.scales.unsqueeze(1)
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
 def _version(compiler: str) -> str:
     try:
         done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
@@ -135,7 +131,7 @@ def _default_directory() -> Path:
 
 def build(directory: Path) -> Path:
     """The compiled kernel in ``directory``, compiled there first if it is not yet (a ModelError if it cannot be)."""
-    compiler = _compiler()
+    compiler = c_compiler()
     if compiler is None:
         raise ModelError("precision int4 needs a C compiler (cc) to build its kernel; install gcc",
                          "model_unsupported")

@@ -23,8 +23,9 @@ def _setup(tmp_path: Path, model: Path, rules: str, http: str = "") -> Path:
     return config
 
 
-def _run(command: str, config: Path, drop_override: bool = False) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVL_")}
+def _run(command: str, config: Path, drop_override: bool = False,
+         env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEVL_")} | (env_extra or {})
     return subprocess.run([sys.executable, "-m", "edgevl", command, "-c", str(config)], capture_output=True,
                           text=True, timeout=120, check=False, env=env,
                           preexec_fn=_without_file_permission_override if drop_override else None)
@@ -89,6 +90,22 @@ def test_the_model_absent_and_every_problem_listed(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
     assert f"model directory {tmp_path / 'no-model'} does not exist" in proc.stderr, "not only the first problem"
+
+
+def test_int4_without_a_c_compiler_is_named_before_a_worker_starts(tmp_path: Path, test_model_dir: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = _setup(tmp_path, test_model_dir, _rule("cam", inbox))
+    config.write_text(config.read_text().replace("threads = 1\n", 'threads = 1\nprecision = "int4"\n'))
+    assert _run("check", config).returncode == 0  # this machine has a compiler
+    # A PATH with the interpreter alone: no cc, no gcc.
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    proc = _run("check", config, env_extra={"PATH": str(bare), "CC": ""})
+    assert proc.returncode == 2
+    assert (f"{config}: [model] precision int4 builds its kernel with a C compiler at the worker's first start, and"
+            " there is none (cc, gcc or $CC): install gcc, or use precision int8") in proc.stderr
 
 
 def test_a_schema_the_grammar_library_cannot_compile_is_named_by_rule_and_question(tmp_path: Path,
