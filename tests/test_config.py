@@ -62,7 +62,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     ("[folders]\nsettle_ms = -1\n", "edgevl.toml:2: folders.settle_ms: must be at least 0"),
     ("bogus = 1\n", 'edgevl.toml:1: unknown key "bogus" (keys: device_id, rules, state_dir, model,'),
     ("[model]\nmemory_limit = 'lots'\n", 'model.memory_limit: must be a size such as "10GiB"'),
-    ("[model]\nprecision = 'int3'\n", "model.precision: must be one of: float32, bfloat16 or int8"),
+    ("[model]\nprecision = 'int3'\n", "model.precision: must be one of: float32, bfloat16, int8 or int4"),
     ("[model\n", "not valid TOML"),
 ])
 def test_errors_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -140,4 +140,4 @@ def test_a_value_from_the_environment_is_named_by_its_variable(tmp_path: Path,
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert err.value.message == ("EDGEVL_MODEL__PRECISION (environment variable): must be one of: float32, "
-                                 "bfloat16 or int8")
+                                 "bfloat16, int8 or int4")
