@@ -155,17 +155,31 @@ def build(directory: Path) -> Path:
             with_partial = Path(partial)
             if with_partial.exists():
                 with_partial.unlink()
-    except OSError as exc:
+    except (OSError, subprocess.SubprocessError) as exc:  # no room, no permission, a compiler that hangs
         raise ModelError(f"cannot build the int4 kernel in {directory}: {exc}", "model_unsupported") from exc
     log.info("built the int4 kernel %s", target)
     return target
+
+
+def _loaded(directory: Path) -> ctypes.CDLL:
+    """The built library, loaded; one that will not load (damaged, or built elsewhere) is built again, once."""
+    target = build(directory)
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:
+        log.warning("the int4 kernel %s does not load (%s): it is built again", target, exc)
+        target.unlink(missing_ok=True)
+    try:
+        return ctypes.CDLL(str(build(directory)))
+    except OSError as exc:
+        raise ModelError(f"the int4 kernel built in {directory} does not load: {exc}", "model_unsupported") from exc
 
 
 @functools.cache
 def library(directory: Path | None = None) -> ctypes.CDLL:
     """The kernel's library, built in ``directory`` (default: the user's cache) where it is not yet."""
     # torch, imported by this module, has loaded its OpenMP runtime: the library's threads are torch's.
-    lib = ctypes.CDLL(str(build(directory or _default_directory())))
+    lib = _loaded(directory or _default_directory())
     lib.edgevl_int4_linear.restype = ctypes.c_int
     lib.edgevl_int4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.edgevl_int4_level.restype = ctypes.c_int

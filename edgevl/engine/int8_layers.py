@@ -71,7 +71,6 @@ class Int8Rows:
         name = fusion.fused_key(key) or key
         return self.reader is not None and (f"{name}.q" in self.reader or f"{name}.int4.packed" in self.reader)
 
-
     def rows(self, key: str, weight: torch.Tensor | None) -> Rows:
         if self.reader is not None and self.has(key):
             return self.reader.take(f"{key}.q"), self.reader.take(f"{key}.scales")

@@ -152,3 +152,11 @@ def test_a_failing_compiler_is_a_model_error(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(ModelError, match="building the int4 kernel failed"):
         int4_kernel.build(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_built_kernel_that_does_not_load_is_built_again(tmp_path: Path) -> None:
+    built = int4_kernel.build(tmp_path)
+    built.write_bytes(b"not a shared library")  # damaged on disk
+    lib = int4_kernel.library(tmp_path)
+    assert int4_kernel.level(lib) in int4_kernel.LEVELS
+    assert built.read_bytes()[:4] == b"\x7fELF"
