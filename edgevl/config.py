@@ -40,8 +40,8 @@ PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8", "int4")
 # Whose weights a first start prepares under state_dir for the next (edgevl.engine.prepared); bfloat16 maps the
 # checkpoint's own.
 PREPARED: tuple[Precision, ...] = ("int8", "int4", "float32")
-# The precisions built on int8 rows: int4 is int8's model with four-bit copies of the language model's layers for
-# its decode steps (edgevl.engine.int4_kernel).
+# The precisions built on int8 rows: int4 is int8's model with the language model's decoder layers in four-bit
+# groups made from those rows (edgevl.engine.int4_kernel).
 INT8_ROWS: tuple[Precision, ...] = ("int8", "int4")
 Enforcement = Literal["auto", "cgroup", "rss"]
 # What an image is resized to at most before encoding: 448x448 keeps a frame to
@@ -76,9 +76,9 @@ class ModelSettings(BaseModel):
     id: str = Field(default=DEFAULT_MODEL, description="Hugging Face repo id (local cache only) or a model directory.")
     precision: Precision = Field(
         default="float32",
-        description="float32 | bfloat16 | int8 | int4. int4 is int8 with four-bit copies of the language model's "
-                    "layers for decoding: faster answers for more memory; it builds a small C kernel at its first "
-                    "start, so it needs a C compiler (cc).")
+        description="float32 | bfloat16 | int8 | int4. int4 keeps the language model's layers in four-bit groups "
+                    "(the rest as int8): faster decoding in less memory than int8; it builds a small C kernel at its "
+                    "first start, so it needs a C compiler (cc).")
     threads: int = Field(default=0, ge=0, le=256, description="Compute threads; 0 = one per usable core.")
     max_batch: int = Field(default=0, ge=0, le=256, description="Answers decoded together; 0 = from the core count.")
     max_frames: int = Field(

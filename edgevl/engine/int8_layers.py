@@ -5,7 +5,8 @@ oneDNN's where the CPU has AMX, and the language model's prefill as well where t
 ``edgevl.engine.onednn_int8``); a decoder layer's
 projections of one input become one kernel (``edgevl.engine.fusion``), whose rows are prepared, and mapped
 at a later start, already end to end.  The token embedding keeps the int8 rows that a tied output head
-multiplies with.
+multiplies with.  Precision int4 makes the decoder layers' four-bit groups from the same rows
+(``edgevl.engine.int4_kernel``).
 """
 
 from __future__ import annotations
