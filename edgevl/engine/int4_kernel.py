@@ -5,11 +5,11 @@ A one-row decode step is bound by reading the weights, so half of int8's bytes i
 torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, which torchao's CPU layouts also call) unpacks to
 floating point and read its weights at 12.6 GB/s where fbgemm int8 read at 20 (``edgevl bench``, Kernels table),
 and reached 168 GFLOP/s at 256 rows against fbgemm's 694.  ``int4.c`` multiplies the four-bit levels as bytes with
-the CPU's int8 dot products, sixteen outputs side by side as fbgemm lays out its own int8 weights, so it reads at
-the memory's rate for one row and multiplies many as fast as fbgemm (measured on a 2-core Xeon with AVX-512
-VNNI, 2048x6144: 0.16 ms a row against fbgemm's 0.44-0.62; 707 GFLOP/s at 256 rows against 533-820).  So the
-decoder layers need no int8 copy beside their groups, save oneDNN's where the CPU has AMX and the memory cap
-leaves room for it (``onednn_int8.packed``).
+the CPU's int8 dot products, sixteen outputs side by side as fbgemm lays out its own int8 weights, so it reads
+one row at the memory's rate and multiplies many at close to fbgemm's (``edgevl bench``'s Kernels table on a
+2-core Xeon with AMX, 2048x6144: 118 GFLOP/s at one row against fbgemm's 46, 548 at 256 rows against 635).  So
+the decoder layers need no int8 copy beside their groups, save oneDNN's where the CPU has AMX (995 GFLOP/s at
+256 rows there) and the memory cap leaves room for it (``onednn_int8.packed``).
 
 The C file is compiled once with the system's C compiler into a shared library kept under the state directory
 (``library``), named by a hash of its source, its flags and the compiler's version, so an edited file or another
