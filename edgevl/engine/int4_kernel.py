@@ -38,22 +38,17 @@ import torch
 from torch import nn
 
 from edgevl.engine.compiler import c_compiler
+from edgevl.engine.int4_shape import GROUP as GROUP  # the kernel's shape rule
+from edgevl.engine.int4_shape import LANES as LANES
+from edgevl.engine.int4_shape import fits as fits
 from edgevl.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-GROUP = 128  # inputs sharing a step
-LANES = 16  # outputs side by side in the kernel's layout: a matrix's outputs must be a multiple
 _CHUNK_ROWS = 4096  # rows quantized at a time (a multiple of LANES): the copies of a chunk stay small
 _SOURCE = Path(__file__).with_name("int4.c")
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 LEVELS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "plain C"}
-
-
-def fits(out_features: int, in_features: int) -> bool:
-    """Whether a matrix has the kernel's shape: whole groups of inputs, whole blocks of outputs, and rows short
-    enough that their 32-bit sums cannot overflow."""
-    return 0 < in_features <= 65536 and in_features % GROUP == 0 and out_features > 0 and out_features % LANES == 0
 
 
 class Int4Rows(NamedTuple):

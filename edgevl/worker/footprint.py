@@ -14,6 +14,7 @@ from typing import Any
 
 from edgevl.config import INT8_ROWS, Precision
 from edgevl.cpuinfo import CPUINFO, has_flag
+from edgevl.engine import int4_shape
 from edgevl.engine.model_files import TensorInfo, read_config, read_tensor_infos
 from edgevl.worker.memcap import format_bytes
 
@@ -73,12 +74,9 @@ def _prefill_copy_bytes(info: TensorInfo) -> int:
 
 
 def int4_fits(info: TensorInfo) -> bool:
-    """Whether a decoder layer's matrix is int4's (``edgevl.engine.int4_kernel.fits``, which this module cannot
-    import, the daemon importing no torch): whole groups of 128 inputs and blocks of 16 outputs."""
-    if len(info.shape) != 2 or not info.name.startswith("model.language_model.layers."):
-        return False
-    outputs, inputs = info.shape
-    return 0 < inputs <= 65536 and inputs % 128 == 0 and outputs % 16 == 0
+    """Whether a decoder layer's matrix is int4's: the kernel's own shape rule (``edgevl.engine.int4_shape``)."""
+    return (len(info.shape) == 2 and info.name.startswith("model.language_model.layers.")
+            and int4_shape.fits(*info.shape))
 
 
 def _int4_bytes(info: TensorInfo) -> int:
