@@ -12,6 +12,7 @@ multiplies with.  Precision int4 makes the decoder layers' four-bit groups from 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Container
 from typing import Any
 
 import torch
@@ -26,6 +27,12 @@ from edgevl.errors import ModelError
 Rows = tuple[torch.Tensor, torch.Tensor]
 
 EMBEDDING = "model.language_model.embed_tokens.weight"
+
+
+def beside_int4_groups(name: str, names: Container[str]) -> bool:
+    """Whether the prepared tensor ``name`` is the int8 rows (or their scales) of a matrix whose int4 groups are
+    among ``names`` as well: what a start of int4 alone never reads."""
+    return name.endswith((".q", ".scales")) and f"{name.rpartition('.')[0]}.int4.packed" in names
 
 
 class Int8Rows:
@@ -49,8 +56,7 @@ class Int8Rows:
         # that keeps the copy, are never read then, nor mapped (their pages would count in the worker's memory).
         self.int4_alone = four is not None and not (prefill_copy and onednn_int8.pays())
         if self.int4_alone and reader is not None:
-            reader.leave_out(lambda name: name.endswith((".q", ".scales"))
-                             and f"{name.rpartition('.')[0]}.int4.packed" in reader)
+            reader.leave_out(lambda name: beside_int4_groups(name, reader.entries))
         self.tied_head: tuple[Rows, nn.Module] | None = None  # the embedding's rows and the head packed on them
 
     def pack_tied_head(self) -> None:
