@@ -52,6 +52,22 @@ def test_every_instruction_set_gives_the_bits_of_exact_integer_sums(lib: ctypes.
         assert torch.equal(Int4Linear(rows, None, lib, limit)(x), want), limit
 
 
+def test_the_largest_partial_sums_are_exact(lib: ctypes.CDLL) -> None:
+    """The AVX2 path sums eight byte-pair products in 16 bits before it widens them; at the extremes (levels at 15,
+    the highest q + 8, activations all at +127 or all at -127) that is 30,480 a lane, still exact."""
+    weight = torch.full((16, 2 * GROUP), 0.875)
+    weight[:, ::GROUP] = -1.0  # each group's largest value negative: step 16, the others at level 7 (q + 8 = 15)
+    weight[8:] *= -1.0  # the largest positive: step -16, the others at level 7 as well
+    rows = quantize_groups(*quantize_rows(weight))
+    grid = dequantized_grid(rows)
+    assert (int(grid[0, 1]), int(grid[0, 0]), int(grid[8, 1]), int(grid[8, 0])) == (112, -128, -112, 112)
+    for sign in (1.0, -1.0):
+        x = torch.full((3, 2 * GROUP), sign)
+        x[2, ::2] = -sign  # alternating signs: a pair's products cancel
+        want = exact(rows, x)
+        for limit in levels(lib):
+            assert torch.equal(Int4Linear(rows, None, lib, limit)(x), want), (sign, limit)
+
 def test_groups_on_the_int8_grid_hold_each_value_within_a_step() -> None:
     weight = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
     weight[0, :128] *= 0.02  # a group of small values: exact on the grid
