@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevl.bench.document import float32_packs, render_doc
-from edgevl.bench.floor import attention_seconds, decode_read, floor_seconds, linear_params
+from edgevl.bench.floor import attention_seconds, decode_read, floor_seconds, linear_params, projection_shape
 from edgevl.bench.kernels import kernel_rates
 from edgevl.bench.targets import target_lines
 from edgevl.bench.workload import W4X8_FRAMES
@@ -78,7 +78,7 @@ def run_bench(precisions: list[str], as_json: bool, checkpoint: Path | None, wri
             path, precision, result["max_batch"], DEFAULT_MAX_PIXELS, W4X8_FRAMES, copy).total  # type: ignore[arg-type]
         results.append(result)
     print("bench: kernel rates …", file=sys.stderr)
-    kernels = kernel_rates(threads)
+    kernels = kernel_rates(threads, *projection_shape(path))
     params = linear_params(path)
     kernels["decode_read_gbs"] = decode_read(params, results)
     for r in results:

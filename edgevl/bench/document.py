@@ -7,7 +7,7 @@ from typing import Any
 
 from edgevl.bench.floor import best_read
 from edgevl.bench.host import machine
-from edgevl.bench.kernels import INT4_GROUP, ROWS, int4_verdict
+from edgevl.bench.kernels import INT4_GROUP, ROWS, int4_verdict, matrix_shape
 from edgevl.engine import onednn_int8
 from edgevl.engine.float32_packing import PAYS_AT
 
@@ -24,6 +24,7 @@ def _kernel_row(kernels: dict[str, float], name: str, label: str) -> str:
 def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads: int,
                grammar: dict[str, float], targets: list[str]) -> str:
     packs = float32_packs(results)  # which float32 kernel the engine ran here
+    inputs, outputs = matrix_shape(kernels)
     speedup = next((r.get("float32_packing_speedup") for r in results if r["precision"] == "float32"), None)
     trial = "" if speedup is None else f"; its trial at load timed it {speedup:.2f}x as fast"
     lines = [
@@ -201,7 +202,8 @@ def render_doc(results: list[dict[str, Any]], kernels: dict[str, float], threads
         "",
         "## Kernels",
         "",
-        "GFLOP/s of one 2048x6144 projection (a Qwen3-VL-2B MLP matrix), measured by the same command:",
+        f"GFLOP/s of one {inputs}x{outputs} projection (the checkpoint's gate and up shape; Qwen3-VL-2B's is"
+        " 2048x6144), measured by the same command:",
         "",
         "| kernel | 1 row (decode) | 8 rows (a burst's decode step) | 256 rows (a frame's prompt) | 1,024 rows (a"
         " frame's patches) |",

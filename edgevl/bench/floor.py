@@ -46,6 +46,14 @@ def linear_params(path: Path) -> LinearParams:
                         int(t["num_hidden_layers"]) * text_width)
 
 
+def projection_shape(path: Path) -> tuple[int, int]:
+    """The inputs and outputs of the checkpoint's gate and up projections (hidden x intermediate): the matrix the
+    Kernels table measures (2048x6144 in Qwen3-VL-2B)."""
+    config = read_config(path)
+    t = config.get("text_config", config)
+    return int(t["hidden_size"]), int(t["intermediate_size"])
+
+
 def work_of(engine: Any, image: Any, questions: Sequence[Any], max_pixels: int, decode_steps: int) -> dict[str, int]:
     """What one frame asks of the products: vision patches, prefilled tokens (of which the shared prefix),
     rows whose logits are computed in the prefill, and decode steps (counted by the engine)."""

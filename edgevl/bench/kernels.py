@@ -1,7 +1,8 @@
 """The rates the bench's floors and its Kernels table rest on: matrix products, memory reads, attention.
 
-Every product is one 2048x6144 projection (a Qwen3-VL-2B MLP matrix) at one row (a decode step), at 256
-rows (a frame's prompt) and at 1,024 rows (a frame's patches, a page's prompt).  Eight different matrices
+Every product is one projection of the checkpoint's gate and up shape (hidden x intermediate: 2048x6144 in
+Qwen3-VL-2B) at one row (a decode step), at 8 (a burst's decode step), at 256 rows (a frame's prompt) and at
+1,024 rows (a frame's patches, a page's prompt).  Eight different matrices
 take turns, so that a one-row product reads its weights from memory, as a decode step does, where the cache
 is smaller than they are.  One 2-core host had a 300 MB last-level cache, which held eight int8 (100 MB) and
 int4 (50 MB) matrices alike: there the one-row rates compare the kernels with each other, not with memory,
@@ -25,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from edgevl.engine import int4_kernel, onednn_int8
+from edgevl.engine import int4_kernel, int4_shape, onednn_int8
 from edgevl.engine.float32_packing import PackedLinear
 from edgevl.engine.kernels import (
     FbgemmLinear,
@@ -36,8 +37,8 @@ from edgevl.engine.kernels import (
 )
 from edgevl.errors import ModelError
 
-MATRICES = 8  # 400 MB in float32, 100 MB in int8, 50 MB in int4
-IN, OUT = 2048, 6144
+MATRICES = 8  # 400 MB in float32, 100 MB in int8, 50 MB in int4 (2048x6144)
+IN, OUT = 2048, 6144  # Qwen3-VL-2B's gate and up projections: the shape the bench's own checkpoint has
 ROWS = (1, 8, 256, 1024)
 INT4_GROUP = 128  # the largest group the int4 goal admits: the least work per weight, int4's best case
 
@@ -72,38 +73,42 @@ class TorchInt4Linear:
         return out
 
 
-def kernel_rates(threads: int) -> dict[str, float]:
-    """GFLOP/s of each kernel at one row, 256 and 1,024 rows, and the rates the floors use."""
+def kernel_rates(threads: int, inputs: int = IN, outputs: int = OUT) -> dict[str, float]:
+    """GFLOP/s of each kernel on an ``inputs`` x ``outputs`` projection (the checkpoint's gate and up shape) at each
+    of ``ROWS``, and the rates the floors use.  A test checkpoint's small matrices take seconds where the 2B shapes
+    take minutes on one thread; the int4 kernels need whole groups of 128 inputs."""
     torch.set_num_threads(threads)
-    linears = [torch.nn.Linear(IN, OUT, bias=False) for _ in range(MATRICES)]
+    linears = [torch.nn.Linear(inputs, outputs, bias=False) for _ in range(MATRICES)]
     kernels: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
         "float32": list(linears),
         "packed": [PackedLinear(linear) for linear in linears],
         "int8_int_mm": [int8_linear(linear, fbgemm=False) for linear in linears],
-        "int4_torch": [TorchInt4Linear(linear.weight.detach()) for linear in linears],
     }
-    try:
-        library = int4_kernel.library()
-        kernels["int4"] = [int4_kernel.Int4Linear(int4_kernel.quantize_groups(*quantize_rows(linear.weight.detach())),
-                                                  None, library) for linear in linears]
-    except ModelError:  # no C compiler here: the table says so
-        pass
+    if int4_shape.fits(outputs, inputs):
+        kernels["int4_torch"] = [TorchInt4Linear(linear.weight.detach()) for linear in linears]
+        try:
+            library = int4_kernel.library()
+            kernels["int4"] = [int4_kernel.Int4Linear(
+                int4_kernel.quantize_groups(*quantize_rows(linear.weight.detach())), None, library)
+                for linear in linears]
+        except ModelError:  # no C compiler here: the table says so
+            pass
     if fbgemm_int8_available():
         kernels["int8"] = [int8_linear(linear, fbgemm=True) for linear in linears]
     if onednn_int8.available():
         kernels["int8_onednn"] = [onednn_int8.OnednnInt8Linear(*quantize_rows(linear.weight.detach()), None)
                                   for linear in linears]
-    rates: dict[str, float] = {}
+    rates: dict[str, float] = {"matrix_inputs": inputs, "matrix_outputs": outputs}
     for rows in ROWS:
-        x = torch.randn(rows, IN)
+        x = torch.randn(rows, inputs)
         for name, fns in kernels.items():
             # A few rows read the weights as one does: every matrix in turn, from memory.
             seconds = _seconds_per_call(fns, x, 7) if rows <= 8 else _seconds_per_busy_call(fns[:4], x)
-            rates[f"{name}_m{rows}"] = round(2 * rows * IN * OUT / seconds / 1e9, 1)
+            rates[f"{name}_m{rows}"] = round(2 * rows * inputs * outputs / seconds / 1e9, 1)
     rates["read_gbs"] = read_bandwidth()
     rates["fault_in_gbs"] = fault_in_rate()
     if fbgemm_int8_available():
-        rates["fbgemm_pack_mbs"] = packing_rate()
+        rates["fbgemm_pack_mbs"] = packing_rate(inputs, outputs)
     rates["attention_gflops"] = attention_rate()
     if bfloat16_attention_fast():  # the rate an int8 vision tower attends at here
         rates["attention_bf16_gflops"] = attention_rate(torch.bfloat16)
@@ -153,21 +158,27 @@ def _seconds_per_busy_call(fns: list[Callable[[torch.Tensor], torch.Tensor]], x:
         return fastest
 
 
-def weight_bytes(kernel: str) -> float:
+def weight_bytes(kernel: str, inputs: int = IN, outputs: int = OUT) -> float:
     """Bytes of one projection's weights as ``kernel`` reads them (scales included)."""
     if kernel == "int4":  # two weights a byte, a byte's step a group, a float32 scale an output
-        return IN * OUT / 2 + (IN // INT4_GROUP) * OUT + OUT * 4.0
+        return inputs * outputs / 2 + (inputs // INT4_GROUP) * outputs + outputs * 4.0
     if kernel == "int4_torch":  # two weights a byte, a bfloat16 scale and zero point a group
-        return IN * OUT / 2 + (IN // INT4_GROUP) * OUT * 4.0
+        return inputs * outputs / 2 + (inputs // INT4_GROUP) * outputs * 4.0
     if kernel in ("float32", "packed"):
-        return IN * OUT * 4.0
-    return IN * OUT + OUT * 4.0  # int8: a byte a weight, a float32 scale per output
+        return inputs * outputs * 4.0
+    return inputs * outputs + outputs * 4.0  # int8: a byte a weight, a float32 scale per output
+
+
+def matrix_shape(rates: dict[str, float]) -> tuple[int, int]:
+    """The inputs and outputs of the projection ``rates`` were measured on."""
+    return int(rates.get("matrix_inputs", IN)), int(rates.get("matrix_outputs", OUT))
 
 
 def read_rate(rates: dict[str, float], kernel: str) -> float:
     """GB/s at which ``kernel`` reads its weights at one row (its one-row GFLOP/s turned into bytes)."""
-    seconds = 2 * IN * OUT / (rates[f"{kernel}_m1"] * 1e9)
-    return round(weight_bytes(kernel) / seconds / 1e9, 1)
+    inputs, outputs = matrix_shape(rates)
+    seconds = 2 * inputs * outputs / (rates[f"{kernel}_m1"] * 1e9)
+    return round(weight_bytes(kernel, inputs, outputs) / seconds / 1e9, 1)
 
 
 def int4_verdict(kernels: dict[str, float]) -> list[str]:
@@ -175,14 +186,18 @@ def int4_verdict(kernels: dict[str, float]) -> list[str]:
     int8 = "int8" if "int8_m1" in kernels else "int8_int_mm"
     memory = kernels["read_gbs"]
     int8_read = read_rate(kernels, int8)
+    inputs, outputs = matrix_shape(kernels)
     lines = []
     for name, label in (("int4", "the engine's int4 kernel"), ("int4_torch", "torch's int4 kernel")):
         if f"{name}_m1" not in kernels:
-            lines.append(f"{label[0].upper()}{label[1:]} was not measured here (no C compiler).")
+            why = "no C compiler" if int4_shape.fits(outputs, inputs) else \
+                f"a {inputs}x{outputs} matrix has no whole groups of {INT4_GROUP}"
+            lines.append(f"{label[0].upper()}{label[1:]} was not measured here ({why}).")
             continue
         read = read_rate(kernels, name)
         # A decode step reads each kernel's weights at its one-row read, and no faster than the memory.
-        step = (weight_bytes(name) / min(read, memory)) / (weight_bytes(int8) / min(int8_read, memory))
+        step = (weight_bytes(name, inputs, outputs) / min(read, memory)) / \
+            (weight_bytes(int8, inputs, outputs) / min(int8_read, memory))
         lines.append(
             f"{label[0].upper()}{label[1:]} (`{name}`) against int8 (`{int8}`), same run:"
             f" {kernels[f'{name}_m1'] / kernels[f'{int8}_m1']:.2f}x the one-row rate,"
@@ -239,10 +254,10 @@ def fault_in_rate() -> float:
     return _one_thread(measure)
 
 
-def packing_rate() -> float:
-    """MB/s of int8 rows (one 6144x2048 matrix) one thread packs into fbgemm's layout, the best of three: the
-    work of an int8 start that packs its layers as it maps them (``edgevl.engine.loading``)."""
-    q, scales = quantize_rows(torch.randn(OUT, IN))
+def packing_rate(inputs: int = IN, outputs: int = OUT) -> float:
+    """MB/s of int8 rows (one matrix of ``outputs`` rows) one thread packs into fbgemm's layout, the best of three:
+    the work of an int8 start that packs its layers as it maps them (``edgevl.engine.loading``)."""
+    q, scales = quantize_rows(torch.randn(outputs, inputs))
 
     def measure() -> float:
         best = float("inf")

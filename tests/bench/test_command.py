@@ -44,6 +44,9 @@ def test_bench_reports_w4_wdoc_and_ready_and_writes_the_document(tmp_path: Path,
                     "| ready s, a standby taking over a lost worker | float32 |",
                     "## Memory", "## Kernels", "## Answers held to a schema", "| 151,646 |"):
         assert section in text, section
+    # The kernels are timed on the checkpoint's own gate and up shape (the test model's: 64 inputs, no int4 groups).
+    assert "GFLOP/s of one 64x128 projection (the checkpoint's gate and up shape" in text
+    assert "The engine's int4 kernel was not measured here (a 64x128 matrix has no whole groups of 128)." in text
     (work,) = [line for line in text.splitlines() if line.startswith("A start's work on its weights, one thread:")]
     assert "fresh memory made resident at" in work
     assert (tmp_path / "qwen-sized-tokenizer.json").is_file()

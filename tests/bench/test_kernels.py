@@ -18,10 +18,14 @@ import torch
 from edgevl.bench.kernels import (
     IN,
     OUT,
+    ROWS,
     TorchInt4Linear,
     _seconds_per_busy_call,
     fault_in_rate,
     int4_rows,
+    int4_verdict,
+    kernel_rates,
+    matrix_shape,
     packing_rate,
     read_rate,
     weight_bytes,
@@ -59,6 +63,24 @@ def test_a_one_row_rate_is_turned_into_the_bytes_the_kernel_reads() -> None:
     assert weight_bytes("int4_torch") == IN * OUT / 2 + (IN // 128) * OUT * 4
     assert read_rate(rates, "int4") == round((IN * OUT / 2 + (IN // 128) * OUT + OUT * 4) / seconds / 1e9, 1)
     assert read_rate(rates, "int4") < read_rate(rates, "int8") / 1.8, "half the bytes, and its groups' scales"
+
+
+def test_rates_are_measured_on_the_projection_given_and_read_with_its_bytes() -> None:
+    rates = kernel_rates(1, 128, 64)  # the smallest shape with whole int4 groups: seconds, not minutes
+    assert matrix_shape(rates) == (128, 64)
+    for name in ("float32", "packed", "int8_int_mm", "int4", "int4_torch"):
+        assert all(rates[f"{name}_m{rows}"] > 0 for rows in ROWS), name
+    assert all(rates[key] > 0 for key in ("read_gbs", "attention_gflops", "fault_in_gbs"))
+    # The one-row read counts this matrix's bytes, not the 2B shape's.
+    seconds = 2 * 128 * 64 / (rates["int8_int_mm_m1"] * 1e9)
+    assert read_rate(rates, "int8_int_mm") == round((128 * 64 + 64 * 4) / seconds / 1e9, 1)
+    assert weight_bytes("int4", 128, 64) == 128 * 64 / 2 + 64 + 64 * 4
+    # A checkpoint whose projections have no whole groups of 128 inputs has no int4 rates, and the verdict says why.
+    narrow = {key: value for key, value in rates.items() if not key.startswith("int4")} | {"matrix_inputs": 64,
+                                                                                          "matrix_outputs": 128}
+    assert int4_verdict(narrow) == [
+        "The engine's int4 kernel was not measured here (a 64x128 matrix has no whole groups of 128).",
+        "Torch's int4 kernel was not measured here (a 64x128 matrix has no whole groups of 128)."]
 
 
 def _kernel(seconds: float, calls: list[int]) -> Any:

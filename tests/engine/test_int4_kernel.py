@@ -16,6 +16,7 @@ from edgevl.engine import int4_kernel
 from edgevl.engine.int4_kernel import GROUP, Int4Linear, Int4Rows, dequantized_grid, quantize_groups
 from edgevl.engine.kernels import quantize_rows
 from edgevl.errors import ModelError
+from tests.harness.disks import fill
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,23 @@ def test_a_built_kernel_that_does_not_load_is_built_again(tmp_path: Path) -> Non
     lib = int4_kernel.library(tmp_path)
     assert int4_kernel.level(lib) in int4_kernel.LEVELS
     assert built.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_a_kernels_folder_that_cannot_be_made_is_a_model_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the state directory should be")
+    with pytest.raises(ModelError, match="cannot build the int4 kernel in") as caught:
+        int4_kernel.build(blocked / "kernels")
+    assert caught.value.code == "model_unsupported"
+
+
+def test_a_disk_that_fills_while_compiling_is_a_model_error_that_leaves_nothing(small_tmpfs: Path) -> None:
+    kernels = small_tmpfs / "kernels"
+    kernels.mkdir()
+    filler = fill(small_tmpfs)
+    with pytest.raises(ModelError, match="int4 kernel"):
+        int4_kernel.build(kernels)
+    assert list(kernels.iterdir()) == [], "no partial build left behind"
+    filler.unlink()  # space again: the next start builds it
+    built = int4_kernel.build(kernels)
+    assert [p.name for p in kernels.iterdir()] == [built.name]

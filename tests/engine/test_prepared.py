@@ -160,6 +160,9 @@ def test_a_file_system_that_cannot_map_files_has_the_prepared_weights_read(tmp_p
     assert mapped_ranges(data) == 0
 
 
+_PRISTINE: dict[str, tuple[Path, object]] = {}  # precision: its prepared folder as first written, and the answers
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, max_examples=20)
 @given(precision=st.sampled_from(["int8", "float32", "int4"]), where=st.floats(0, 1, exclude_max=True),
        flip=st.integers(1, 255), cut=st.booleans())
@@ -167,8 +170,12 @@ def test_any_damage_to_the_prepared_file_is_rebuilt_or_changes_nothing(tmp_path_
                                                                      request: pytest.FixtureRequest, precision: str,
                                                                      where: float, flip: int, cut: bool) -> None:
     test_model_dir = _model_of(precision, request)
-    prepared_dir = tmp_path_factory.mktemp("prepared")
-    _, plain = _answers(test_model_dir, prepared_dir, precision)
+    if precision not in _PRISTINE:  # written once per precision; every example damages a copy of it
+        pristine = tmp_path_factory.mktemp(f"pristine-{precision}")
+        _PRISTINE[precision] = (pristine, _answers(test_model_dir, pristine, precision)[1])
+    pristine, plain = _PRISTINE[precision]
+    prepared_dir = tmp_path_factory.mktemp("prepared") / "prepared"
+    shutil.copytree(pristine, prepared_dir)
     data = next(prepared_dir.glob("*.bin"))
     damaged = bytearray(data.read_bytes())
     at = int(where * len(damaged))
