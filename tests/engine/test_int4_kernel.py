@@ -69,6 +69,7 @@ def test_the_largest_partial_sums_are_exact(lib: ctypes.CDLL) -> None:
         for limit in levels(lib):
             assert torch.equal(Int4Linear(rows, None, lib, limit)(x), want), (sign, limit)
 
+
 def test_groups_on_the_int8_grid_hold_each_value_within_a_step() -> None:
     weight = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
     weight[0, :128] *= 0.02  # a group of small values: exact on the grid
