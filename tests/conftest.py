@@ -14,7 +14,7 @@ from tests.harness.disks import tmpfs
 pytest_plugins = ["tests.harness.browser"]
 
 # CI runs the property-based tests on a fixed set of examples (reproducible); a developer's run
-# explores new ones (HYPOTHESIS_PROFILE=explore makes it explore ten times as many).
+# explores new ones (HYPOTHESIS_PROFILE=explore makes it explore twenty times as many).
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
