@@ -10,7 +10,7 @@ them, against the 27 GB/s of a sum over 1 GiB and the 24 GB/s of the engine's ow
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from edgevl.bench.floor import LinearParams, best_read, floor_seconds, step_bytes, steps_read
 from edgevl.bench.kernels import read_rate
@@ -56,18 +56,18 @@ def _beside(seconds: float, reachable: bool) -> str:
     return f"; the other {seconds:.2f} s is work beside its products and attention (norms, activations, Python)"
 
 
-def _start(result: dict[str, Any], part: Literal["all", "loading"] = "all") -> str:
-    """Where a slow start's seconds went (``edgevl.bench.child.start_costs``): ``all`` of them, or the ``loading``
-    of the weights after the interpreter and imports."""
+def _faults(result: dict[str, Any]) -> str:
+    """What the kernel did for a start while it loaded its weights (``edgevl.bench.child.start_costs``)."""
+    return (f"in which the kernel spent {result['ready_system_cpu_seconds']:.1f} s of CPU time (its threads together)"
+            f" faulting in {result['ready_faulted_bytes'] / 1e9:.1f} GB of fresh pages")
+
+
+def _start(result: dict[str, Any]) -> str:
+    """Where a slow start's seconds went (``edgevl.bench.child.start_costs``)."""
     if "ready_import_seconds" not in result:
         return ""
-    loading = result["ready_seconds"] - result["ready_import_seconds"]
-    said = (f"loading the weights took the other {loading:.1f} s" if part == "loading" else
-            f"the interpreter and imports took {result['ready_import_seconds']:.1f} s, loading the weights the"
-            f" other {loading:.1f} s")
-    return (f"{said}, in which the kernel spent"
-            f" {result['ready_system_cpu_seconds']:.1f} s of CPU time (its threads together) faulting in"
-            f" {result['ready_faulted_bytes'] / 1e9:.1f} GB of fresh pages")
+    return (f"the interpreter and imports took {result['ready_import_seconds']:.1f} s, loading the weights the"
+            f" other {result['ready_seconds'] - result['ready_import_seconds']:.1f} s, {_faults(result)}")
 
 
 def ready_floor(result: dict[str, Any], rates: dict[str, float], params: LinearParams,
@@ -103,7 +103,8 @@ def _ready(result: dict[str, Any], rates: dict[str, float], params: LinearParams
         imports = result.get("ready_import_seconds")
         if imports is not None and imports > limit:  # no start skips its interpreter and imports
             return (f"the interpreter and imports alone took {imports:.1f} s, above the target: out of reach of a"
-                    f" start on this host (a standby makes them before it is needed); {_start(result, 'loading')}")
+                    f" start on this host (a standby makes them before it is needed); loading the weights took the"
+                    f" other {result['ready_seconds'] - imports:.1f} s, {_faults(result)}")
         return _start(result)
     above = ", above the target: out of reach on this host" if floor[0] > limit else ""
     return f"{floor[1]}{above}; {_start(result)}"
