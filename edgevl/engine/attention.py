@@ -16,7 +16,8 @@ to what int8 already rounds (tests/engine/test_attention.py sets the two against
 float32 keeps float32 attention: its answers are token-identical to transformers' ``generate()``.
 
 An int8 model's cache holds bfloat16 (``kvcache.stored_dtype``): its language model's queries are rounded to
-bfloat16 to attend over it, and the output comes back in the queries' type.
+bfloat16 to attend over it, and the output comes back in the queries' type.  An int4 model's one-row passes
+attend over it in C instead (``edgevl.engine.row_attention``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from edgevl.engine import spans
+from edgevl.engine import row_attention, spans
 
 NAME = "edgevl_sdpa"
 VISION_NAME = "edgevl_bfloat16_sdpa"
@@ -37,6 +38,15 @@ def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     if key.dtype != query.dtype:  # a cache holding bfloat16 (kvcache.stored_dtype): attends in it
+        kernel = getattr(module, row_attention.ATTRIBUTE, None)  # precision int4's one-row passes
+        if kernel is not None and kwargs.get("position_bias") is None:
+            plan = spans.of(kwargs)
+            if plan is not None and attention_mask is not None:  # each frame's rows come back here, unrounded
+                return _by_frame(module, query, key, value, attention_mask, plan, dropout, scaling,
+                                 spans.without(kwargs))
+            own = kernel(query, key, value, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
+            if own is not None:
+                return own, None
         rounded, _ = grouped_sdpa_attention(module, query.to(key.dtype), key, value, attention_mask, dropout,
                                             scaling, **kwargs)
         return rounded.to(query.dtype), None

@@ -46,7 +46,8 @@ from edgevl.errors import ModelError
 log = logging.getLogger(__name__)
 
 _CHUNK_ROWS = 4096  # rows quantized at a time (a multiple of LANES): the copies of a chunk stay small
-_SOURCE = Path(__file__).with_name("int4.c")
+# The int4 products, and the attention of a decode step over the bfloat16 cache (edgevl.engine.row_attention).
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("int4.c", "attend.c"))
 _FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 LEVELS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "plain C"}
 
@@ -130,7 +131,7 @@ def build(directory: Path) -> Path:
     if compiler is None:
         raise ModelError("precision int4 needs a C compiler (cc) to build its kernel; install gcc",
                          "model_unsupported")
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _version(compiler).encode()).hexdigest()[:16]
     target = directory / f"int4-{key}.so"
     if target.is_file():
@@ -141,8 +142,8 @@ def build(directory: Path) -> Path:
         fd, partial = tempfile.mkstemp(dir=directory, prefix=".int4-", suffix=".so")
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial], capture_output=True, text=True,
-                                  timeout=300, check=False)
+            done = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", partial], capture_output=True,
+                                  text=True, timeout=300, check=False)
             if done.returncode != 0:
                 raise ModelError(f"building the int4 kernel failed: {done.stderr.strip()[-500:]}", "model_unsupported")
             os.replace(partial, target)
@@ -179,6 +180,9 @@ def library(directory: Path | None = None) -> ctypes.CDLL:
     lib.edgevl_int4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.edgevl_int4_level.restype = ctypes.c_int
     lib.edgevl_int4_level.argtypes = [ctypes.c_int]
+    lib.edgevl_attend_rows.restype = ctypes.c_int
+    lib.edgevl_attend_rows.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+                                       + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_int] * 2)
     lib.edgevl_int4_level(2)  # the CPU's instruction sets read once, here, before any two threads can ask
     return lib
 

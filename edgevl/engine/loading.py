@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from edgevl.config import INT8_ROWS, PRECISIONS, PREPARED, Precision
-from edgevl.engine import int4_kernel, kernels
+from edgevl.engine import int4_kernel, kernels, row_attention
 from edgevl.engine.activations import use_in_place_vision_activation
 from edgevl.engine.attention import use_bfloat16_vision_attention, use_grouped_attention
 from edgevl.engine.float32_packing import head_transposed, packing_pays
@@ -343,6 +343,8 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     else:
         model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy, four), Float32Weights())
     model.eval()
+    if four is not None:
+        row_attention.install(model, four)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
