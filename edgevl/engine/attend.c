@@ -132,22 +132,40 @@ static void values_256(const rows_job *J, int64_t h, int group, const float *p, 
     }
 }
 
+/* Two query heads and 128 of the dimensions at a time, their sums in registers over every slot: each value's
+   bfloat16 is widened once for both heads, and no sum goes through memory (storing them at every slot cost the
+   pass as much as its reading). */
 __attribute__((target("avx512f")))
 static void values_512(const rows_job *J, int64_t h, int group, const float *p, float *out) {
     const int64_t whole = J->dim / 16 * 16;
-    for (int64_t j = 0; j < J->slots; j++) {
-        if (!J->mask[j]) continue;
-        const uint16_t *value = J->v + h * J->v_head + j * J->v_slot;
-        for (int64_t d = 0; d < whole; d += 16) {
-            __m512 vf = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(value + d))), 16));
-            for (int g = 0; g < group; g++) {
-                float *o = out + g * J->dim + d;
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(p[g * J->slots + j]), vf, _mm512_loadu_ps(o)));
+    for (int g0 = 0; g0 < group; g0 += 2) {
+        const int heads = group - g0 < 2 ? group - g0 : 2;
+        for (int64_t d0 = 0; d0 < whole; d0 += 128) {
+            const int count = whole - d0 < 128 ? (int)((whole - d0) / 16) : 8;
+            __m512 acc[2][8];
+            for (int g = 0; g < 2; g++)
+                for (int u = 0; u < 8; u++) acc[g][u] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < J->slots; j++) {
+                if (!J->mask[j]) continue;
+                const uint16_t *value = J->v + h * J->v_head + j * J->v_slot + d0;
+                const __m512 w0 = _mm512_set1_ps(p[g0 * J->slots + j]);
+                const __m512 w1 = _mm512_set1_ps(heads > 1 ? p[(g0 + 1) * J->slots + j] : 0.0f);
+                for (int u = 0; u < count; u++) {
+                    __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(value + 16 * u))), 16));
+                    acc[0][u] = _mm512_fmadd_ps(w0, vf, acc[0][u]);
+                    acc[1][u] = _mm512_fmadd_ps(w1, vf, acc[1][u]);
+                }
             }
+            for (int g = 0; g < heads; g++)
+                for (int u = 0; u < count; u++) _mm512_storeu_ps(out + (g0 + g) * J->dim + d0 + 16 * u, acc[g][u]);
         }
-        for (int g = 0; g < group; g++)
-            for (int64_t d = whole; d < J->dim; d++) out[g * J->dim + d] += p[g * J->slots + j] * from_bf16(value[d]);
+        for (int64_t j = 0; j < J->slots; j++) {  /* the dimensions beyond whole vectors */
+            if (!J->mask[j] || whole == J->dim) continue;
+            const uint16_t *value = J->v + h * J->v_head + j * J->v_slot;
+            for (int g = g0; g < g0 + heads; g++)
+                for (int64_t d = whole; d < J->dim; d++) out[g * J->dim + d] += p[g * J->slots + j] * from_bf16(value[d]);
+        }
     }
 }
 
