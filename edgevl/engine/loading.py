@@ -36,6 +36,7 @@ from edgevl.engine.int8_layers import EMBEDDING, Int8Rows, finish_int8, int8_lin
 from edgevl.engine.kernels import ChunkedLinear, convert_linear, convert_linears, fbgemm_int8_available, int_mm_fast
 from edgevl.engine.model_files import read_tensor_infos, resolve_model_path
 from edgevl.engine.packing import Packer, Pending
+from edgevl.engine.patches import use_matrix_patch_embedding
 from edgevl.engine.prepared import (
     PreparedCorrupt,
     PreparedReader,
@@ -343,6 +344,8 @@ def load_model(model_id: str, precision: Precision = "float32", threads: int = 0
     else:
         model = _build(config, path, precision, Int8Rows(None, None, None, prefill_copy, four), Float32Weights())
     model.eval()
+    if precision in INT8_ROWS:
+        use_matrix_patch_embedding(model)
     if four is not None:
         row_attention.install(model, four)
 
