@@ -22,11 +22,15 @@ class MatrixPatchEmbed(nn.Module):
     """A patch embedding whose ``nn.Conv3d`` kernel is its stride, as ``F.linear`` on the flattened patches:
     (patches, channels * frames * rows * columns) in, (patches, embed_dim) out, as the embedding it replaces."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, conv: nn.Conv3d) -> None:
         super().__init__()
         self.embed_dim = conv.out_channels
-        self.weight = conv.weight.detach().reshape(self.embed_dim, -1)
-        self.bias = None if conv.bias is None else conv.bias.detach()
+        # Buffers, so that the module's tensors are the model's as the convolution's were.
+        self.register_buffer("weight", conv.weight.detach().reshape(self.embed_dim, -1))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
