@@ -17,16 +17,12 @@ from edgevl.engine.int4_kernel import GROUP, Int4Linear, Int4Rows, dequantized_g
 from edgevl.engine.kernels import quantize_rows
 from edgevl.errors import ModelError
 from tests.harness.disks import fill
+from tests.harness.int4 import levels
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return int4_kernel.library(tmp_path_factory.mktemp("kernels"))
-
-
-def levels(lib: ctypes.CDLL) -> list[int]:
-    """The instruction sets the kernel can use on this CPU, plain C always among them."""
-    return list(range(int4_kernel.level(lib) + 1))
 
 
 def groups_of(out_features: int, in_features: int, seed: int = 0) -> Int4Rows:

@@ -20,15 +20,12 @@ from edgevl.engine.loading import load_model
 from edgevl.engine.row_attention import RowAttention
 from edgevl.questions import Question
 from tests.harness.images import noise_image
+from tests.harness.int4 import levels
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return int4_kernel.library(tmp_path_factory.mktemp("kernels"))
-
-
-def levels(lib: ctypes.CDLL) -> list[int]:
-    return list(range(int4_kernel.level(lib) + 1))
 
 
 def cache(kv_heads: int, slots: int, dim: int, seed: int, room: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
